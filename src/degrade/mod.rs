@@ -1,0 +1,1 @@
+//! Synthetic degradations (light and heavy pipelines of the PFStorer supplement).

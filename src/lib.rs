@@ -1,0 +1,21 @@
+//! pfstorer: personalized face restoration and super-resolution (PFStorer, CVPR 2024) on candle.
+//!
+//! The base model is StableSR-face: an SD-2.1 UNet with SFT/SPADE conditioning from a time-aware
+//! LQ encoder ([`model::unet`], [`model::lq_encoder`]), an OpenCLIP ViT-H text encoder
+//! ([`model::text_encoder`]) and a VAE whose decoder fuses encoder features (CFW,
+//! [`model::vae`]). [`diffusion`] holds the schedule, the DDPM sampler with classifier-free
+//! guidance and the tiled canvas sampler; [`imaging`] the image work around them; [`degrade`] the
+//! synthetic degradations of the paper; [`metrics`] PSNR/SSIM.
+
+pub mod cli;
+pub mod config;
+pub mod degrade;
+pub mod device;
+pub mod diffusion;
+pub mod error;
+pub mod imaging;
+pub mod metrics;
+pub mod model;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,189 @@
+//! Small building blocks shared by the networks.
+//!
+//! candle's fused `softmax_last_dim` and fused `LayerNorm` kernels have no backward pass, so any
+//! gradient through them is silently dropped. The functions here switch to composed (and
+//! therefore differentiable) implementations while [`differentiable`] mode is on, which the
+//! personalization trainer and the gradient tests enable.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static DIFFERENTIABLE: AtomicBool = AtomicBool::new(false);
+
+/// Switches the whole process to differentiable kernels (training) or fused ones (inference).
+pub fn set_differentiable(on: bool) {
+    DIFFERENTIABLE.store(on, Ordering::SeqCst);
+}
+
+pub fn differentiable() -> bool {
+    DIFFERENTIABLE.load(Ordering::SeqCst)
+}
+
+/// Softmax over the last dimension, computed in f32.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let y = if differentiable() {
+        candle_nn::ops::softmax(&x, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&x)?
+    };
+    y.to_dtype(dtype)
+}
+
+/// `torch.nn.LayerNorm` over the last dimension, statistics in f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    pub fn from_tensors(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        LayerNorm { weight, bias, eps }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        if !differentiable() && x.is_contiguous() && dtype == DType::F32 {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let x = x.to_dtype(DType::F32)?;
+        let n = x.dim(D::Minus1)? as f64;
+        let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// `torch.nn.GroupNorm(groups, channels, eps, affine=True)` on NCHW (or NC...) tensors,
+/// statistics in f32. Composed of plain ops, so it is differentiable.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if channels % groups != 0 {
+            candle_core::bail!("GroupNorm: {channels} channels not divisible by {groups} groups");
+        }
+        Ok(GroupNorm {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let x = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
+        let n = x.dim(2)? as f64;
+        let mean = (x.sum_keepdim(2)? / n)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim(2)? / n)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut affine_shape = vec![1usize; dims.len()];
+        affine_shape[1] = c;
+        normed
+            .reshape(dims.as_slice())?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)
+    }
+}
+
+/// GroupNorm32 of the openaimodel blocks: 32 groups, eps 1e-5.
+pub fn group_norm32(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    GroupNorm::new(32, channels, 1e-5, vb)
+}
+
+/// 2-D convolution with `padding` and `stride`, weights `weight` / `bias` as in torch.
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<candle_nn::Conv2d> {
+    let cfg = candle_nn::Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+}
+
+/// `torch.nn.Linear` with bias.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
+    candle_nn::linear(in_dim, out_dim, vb)
+}
+
+/// `torch.nn.Linear` without bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
+    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+}
+
+/// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// Sinusoidal timestep embedding of the openaimodel code: `[cos(t f_k), sin(t f_k)]`,
+/// `f_k = exp(-ln(10000) k / (dim/2))`, computed in f32. `timesteps` holds one value per batch row.
+pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| (-(10000f64.ln()) * k as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), device)?;
+    let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let args = t.broadcast_mul(&freqs)?;
+    let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
+    if dim % 2 == 1 {
+        let pad = Tensor::zeros((emb.dim(0)?, 1), DType::F32, device)?;
+        Tensor::cat(&[emb, pad], 1)
+    } else {
+        Ok(emb)
+    }
+}
+
+/// Scaled dot-product attention on `[batch*heads, n, d]` tensors with an optional additive
+/// mask broadcastable to `[batch*heads, n_q, n_k]`. Scores and softmax are computed in f32.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = softmax_last_dim(&scores)?;
+    probs.to_dtype(dtype)?.matmul(v)
+}

@@ -1,0 +1,8 @@
+//! Weights: checkpoint formats, name/shape checking, hub download, conversion.
+
+pub mod checked;
+pub mod hub;
+pub mod store;
+
+pub use checked::{CheckedWeights, LoadReport, Source};
+pub use store::{detect_format, CheckpointFormat, TensorStore};
