@@ -3,3 +3,39 @@
 pub mod colorfix;
 pub mod io;
 pub mod resize;
+
+/// An interleaved (HWC) float image, values nominally in [0, 1], channels in RGB order
+/// (1 = gray, 3 = RGB, 4 = RGBA).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageF32 {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub data: Vec<f32>,
+}
+
+impl ImageF32 {
+    pub fn new(width: usize, height: usize, channels: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), width * height * channels, "ImageF32 size mismatch");
+        ImageF32 {
+            width,
+            height,
+            channels,
+            data,
+        }
+    }
+
+    pub fn zeros(width: usize, height: usize, channels: usize) -> Self {
+        Self::new(width, height, channels, vec![0.0; width * height * channels])
+    }
+
+    #[inline]
+    pub fn at(&self, x: usize, y: usize, c: usize) -> f32 {
+        self.data[(y * self.width + x) * self.channels + c]
+    }
+
+    #[inline]
+    pub fn at_mut(&mut self, x: usize, y: usize, c: usize) -> &mut f32 {
+        &mut self.data[(y * self.width + x) * self.channels + c]
+    }
+}
