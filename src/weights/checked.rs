@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// Where the tensors come from.
@@ -192,7 +192,8 @@ impl SimpleBackend for CheckedWeights {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let mut log = self.log.lock().unwrap();
-        log.requested.insert(name.to_string(), shape.dims().to_vec());
+        log.requested
+            .insert(name.to_string(), shape.dims().to_vec());
         match self.source.as_ref() {
             Source::ShapesOnly => placeholder(&shape, dtype, dev),
             Source::Store(store) => match store.shape(name) {
@@ -201,8 +202,11 @@ impl SimpleBackend for CheckedWeights {
                     placeholder(&shape, dtype, dev)
                 }
                 Some(found) if found.dims() != shape.dims() => {
-                    log.misshaped
-                        .push((name.to_string(), shape.dims().to_vec(), found.dims().to_vec()));
+                    log.misshaped.push((
+                        name.to_string(),
+                        shape.dims().to_vec(),
+                        found.dims().to_vec(),
+                    ));
                     placeholder(&shape, dtype, dev)
                 }
                 Some(_) => {
