@@ -107,7 +107,7 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Builds the tower from `vb` rooted at [`TEXT_PREFIX`].
     pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.heads == 0 || cfg.width % cfg.heads != 0 {
+        if cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
             return Err(Error::Config(format!(
                 "text width {} is not divisible by {} heads",
                 cfg.width, cfg.heads
@@ -257,9 +257,10 @@ pub fn text_config_from_checkpoint(
     }
     let shape_of = |name: &str| -> Result<Vec<usize>> {
         let key = format!("{TEXT_PREFIX}.{name}");
-        store.shape(&key).map(|s| s.dims().to_vec()).ok_or_else(|| {
-            Error::Weights(format!("{}: no tensor `{key}`", store.path().display()))
-        })
+        store
+            .shape(&key)
+            .map(|s| s.dims().to_vec())
+            .ok_or_else(|| Error::Weights(format!("{}: no tensor `{key}`", store.path().display())))
     };
     let width = match shape_of("token_embedding.weight")?.as_slice() {
         [_, width] => *width,

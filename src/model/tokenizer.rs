@@ -27,8 +27,7 @@ impl ClipTokenizer {
     /// Loads a Hugging Face `tokenizer.json` holding the CLIP BPE.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::from_bytes(&bytes)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+        Self::from_bytes(&bytes).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
     }
 
     /// The tokenizer shipped inside the binary (`assets/tokenizer.json`).
