@@ -9,8 +9,8 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use pfstorer::config::UNetConfig;
 use pfstorer::model::adapter::{
-    host_forward, otsu_mask, otsu_threshold, pers_loss, HostInputs, ImageCrossAttention,
-    ParamInit, PersonalizationBlock, TokenPositions,
+    host_forward, otsu_mask, otsu_threshold, pers_loss, HostInputs, ImageCrossAttention, ParamInit,
+    PersonalizationBlock, TokenPositions,
 };
 use pfstorer::model::nn;
 use pfstorer::model::unet::SpatialTransformer;
@@ -132,7 +132,9 @@ impl Fixture {
 
     fn gamma_random(&self, seed: u64) -> Tensor {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..self.width()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let v: Vec<f32> = (0..self.width())
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
         Tensor::from_vec(v, self.width(), &Device::Cpu).unwrap()
     }
 
@@ -194,7 +196,10 @@ fn vico_host_parity_gamma_one() {
     let _mode = kernel_mode(false);
     let fx = Fixture::load();
     let host = fx.host(DType::F32);
-    let block = fx.block(&fx.block_varmap(&fx.gamma_const(1.0), DType::F32), DType::F32);
+    let block = fx.block(
+        &fx.block_varmap(&fx.gamma_const(1.0), DType::F32),
+        DType::F32,
+    );
     let out = host_forward(&host, &block, &fx.inputs(fx.get("input.context")), 1.0).unwrap();
 
     let tol = 1e-5;
@@ -236,7 +241,13 @@ fn vico_host_parity_gamma_one() {
         fx.get("inter.mask").to_vec2::<u8>().unwrap(),
         "inter.mask from the computed placeholder attention"
     );
-    common::assert_close("inter.ica_in", &out.host_tokens, fx.get("inter.ica_in"), tol, 0.0);
+    common::assert_close(
+        "inter.ica_in",
+        &out.host_tokens,
+        fx.get("inter.ica_in"),
+        tol,
+        0.0,
+    );
     common::assert_close(
         "inter.ref_tokens",
         &out.ref_tokens,
@@ -252,7 +263,13 @@ fn vico_host_parity_gamma_one() {
         0.0,
     );
     let delta = (&out.gated_tokens - &out.host_tokens).unwrap();
-    common::assert_close("inter.ica_delta", &delta, fx.get("inter.ica_delta"), tol, 0.0);
+    common::assert_close(
+        "inter.ica_delta",
+        &delta,
+        fx.get("inter.ica_delta"),
+        tol,
+        0.0,
+    );
     let loss = scalar(&out.signals.loss);
     let reference = scalar(fx.get("output.loss_reg"));
     let err = (loss - reference).abs();
@@ -280,7 +297,13 @@ fn ica_module_on_recorded_tokens() {
     let r = fx.get("inter.ref_tokens");
     let mask = fx.get("inter.mask");
     let out = ica.forward(f, r, Some(mask)).unwrap();
-    common::assert_close("ica(ica_in, ref_tokens, mask)", &out, fx.get("inter.ica_out"), 1e-5, 0.0);
+    common::assert_close(
+        "ica(ica_in, ref_tokens, mask)",
+        &out,
+        fx.get("inter.ica_out"),
+        1e-5,
+        0.0,
+    );
     // The same mask as float 0/1 gives the same result.
     let out_f = ica
         .forward(f, r, Some(&mask.to_dtype(DType::F32).unwrap()))
@@ -316,14 +339,20 @@ fn otsu_on_recorded_attention() {
         }
         // Either way the threshold must reproduce the recorded mask on the recorded min-max map.
         let from_threshold: Vec<u8> = minmax[row].iter().map(|&m| u8::from(m >= ours)).collect();
-        assert_eq!(from_threshold, recorded_mask[row], "row {row}: mask of threshold");
+        assert_eq!(
+            from_threshold, recorded_mask[row],
+            "row {row}: mask of threshold"
+        );
     }
 }
 
 #[test]
 fn otsu_constant_row_keeps_everything() {
     let t = Tensor::new(&[[0.25f32; 7], [0.0; 7]], &Device::Cpu).unwrap();
-    assert_eq!(otsu_mask(&t).unwrap().to_vec2::<u8>().unwrap(), vec![vec![1u8; 7]; 2]);
+    assert_eq!(
+        otsu_mask(&t).unwrap().to_vec2::<u8>().unwrap(),
+        vec![vec![1u8; 7]; 2]
+    );
     assert_eq!(otsu_threshold(&t).unwrap(), vec![None, None]);
 }
 
@@ -358,7 +387,10 @@ fn otsu_ties_pick_the_lower_threshold() {
         otsu_mask(&t).unwrap().to_vec2::<u8>().unwrap(),
         vec![vec![0u8, 1, 1], vec![0, 1, 1]]
     );
-    assert_eq!(otsu_threshold(&t).unwrap(), vec![Some(0.1f32), Some(0.1f32)]);
+    assert_eq!(
+        otsu_threshold(&t).unwrap(),
+        vec![Some(0.1f32), Some(0.1f32)]
+    );
     // A clear split far from the lowest threshold: {0, 0.05, 0.1} | {0.9, 1}.
     let t = Tensor::new(&[[0f32, 0.05, 0.1, 0.9, 1.0]], &Device::Cpu).unwrap();
     let th = otsu_threshold(&t).unwrap()[0].unwrap();
@@ -404,7 +436,13 @@ fn zero_gate_or_zero_lambda_is_the_base_host() {
     let host = fx.host(DType::F32);
     let context = fx.get("input.context");
     let base = host.forward(fx.get("input.x"), context).unwrap();
-    common::assert_close("base host vs output.x_base", &base, fx.get("output.x_base"), 1e-5, 0.0);
+    common::assert_close(
+        "base host vs output.x_base",
+        &base,
+        fx.get("output.x_base"),
+        1e-5,
+        0.0,
+    );
     for (name, gamma, lambda) in [
         ("gamma = 0, lambda = 1", fx.gamma_const(0.0), 1.0),
         ("gamma random, lambda = 0", fx.gamma_random(3), 0.0),
@@ -467,9 +505,16 @@ fn loss_reg_gradient_reaches_only_the_context() {
         fx.get("grad.loss_reg_wrt_context"),
     );
     let vars = varmap.data().lock().unwrap();
-    assert_eq!(vars.len(), PersonalizationBlock::parameter_specs(fx.width()).len());
+    assert_eq!(
+        vars.len(),
+        PersonalizationBlock::parameter_specs(fx.width()).len()
+    );
     for (name, var) in vars.iter() {
-        assert_eq!(grad_or_zero(&grads, var), 0.0, "loss_reg gradient reaches {name}");
+        assert_eq!(
+            grad_or_zero(&grads, var),
+            0.0,
+            "loss_reg gradient reaches {name}"
+        );
     }
 }
 
@@ -508,7 +553,10 @@ fn output_gradients_with_zero_gate() {
     let _mode = kernel_mode(true);
     let fx = Fixture::load();
     let host = fx.host(DType::F32);
-    for (label, gamma) in [("gamma = 0", fx.gamma_const(0.0)), ("gamma random", fx.gamma_random(5))] {
+    for (label, gamma) in [
+        ("gamma = 0", fx.gamma_const(0.0)),
+        ("gamma random", fx.gamma_random(5)),
+    ] {
         let varmap = fx.block_varmap(&gamma, DType::F32);
         let block = fx.block(&varmap, DType::F32);
         let grads = output_scalar(&fx, &host, &block, DType::F32)
@@ -571,8 +619,15 @@ fn gamma_gradient_matches_finite_difference() {
         };
         let fd = (eval(step) - eval(-step)) / (2.0 * step);
         let err = (fd - analytic[j]).abs();
-        println!("dS/dgamma[{j}]: analytic {:.10e}, finite difference {fd:.10e}", analytic[j]);
-        assert!(err <= 1e-9 + 1e-7 * fd.abs(), "gamma[{j}]: {} vs {fd}", analytic[j]);
+        println!(
+            "dS/dgamma[{j}]: analytic {:.10e}, finite difference {fd:.10e}",
+            analytic[j]
+        );
+        assert!(
+            err <= 1e-9 + 1e-7 * fd.abs(),
+            "gamma[{j}]: {} vs {fd}",
+            analytic[j]
+        );
         assert!(fd.abs() > 1e-6, "gamma[{j}]: derivative too small to test");
         worst = worst.max(err);
     }
@@ -671,7 +726,9 @@ fn trainable_init_is_pytorch_default_and_identity() {
         assert_eq!(vars.len(), specs.len());
         for spec in specs {
             let name = format!("{prefix}.{}", spec.key);
-            let t = vars.get(&name).unwrap_or_else(|| panic!("{name} not a Var"));
+            let t = vars
+                .get(&name)
+                .unwrap_or_else(|| panic!("{name} not a Var"));
             assert_eq!(t.dims(), spec.shape.as_slice(), "{name}");
             let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             match spec.init {
@@ -687,10 +744,19 @@ fn trainable_init_is_pytorch_default_and_identity() {
                     } else {
                         fan_in
                     };
-                    assert!((bound - 1.0 / (fan_in as f64).sqrt()).abs() < 1e-12, "{name}");
-                    assert!(v.iter().all(|x| (x.abs() as f64) <= bound), "{name} out of bounds");
+                    assert!(
+                        (bound - 1.0 / (fan_in as f64).sqrt()).abs() < 1e-12,
+                        "{name}"
+                    );
+                    assert!(
+                        v.iter().all(|x| (x.abs() as f64) <= bound),
+                        "{name} out of bounds"
+                    );
                     let spread = v.iter().copied().fold(0f32, |m, x| m.max(x.abs()));
-                    assert!(spread as f64 > 0.5 * bound, "{name} not spread over U(±bound)");
+                    assert!(
+                        spread as f64 > 0.5 * bound,
+                        "{name} not spread over U(±bound)"
+                    );
                 }
                 ParamInit::Ones => assert!(v.iter().all(|&x| x == 1.0), "{name}"),
                 ParamInit::Zeros => assert!(v.iter().all(|&x| x == 0.0), "{name}"),
@@ -699,7 +765,12 @@ fn trainable_init_is_pytorch_default_and_identity() {
     }
     let f = fx.get("inter.ica_in");
     let out = block
-        .forward(f, fx.get("inter.ref_tokens"), Some(fx.get("inter.mask")), 1.0)
+        .forward(
+            f,
+            fx.get("inter.ref_tokens"),
+            Some(fx.get("inter.mask")),
+            1.0,
+        )
         .unwrap();
     assert_bit_equal("fresh block is the identity", &out, f);
     // A shared batch-1 reference row serves every host row.

@@ -49,9 +49,7 @@ impl ImageCrossAttention {
     /// (u8 or float, non-zero = reference token attended). Returns `u3` (`[B, N, d]`).
     pub fn forward(&self, f: &Tensor, r: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let b = &self.block;
-        let bias = mask
-            .map(|m| key_mask_bias(m, self.heads))
-            .transpose()?;
+        let bias = mask.map(|m| key_mask_bias(m, self.heads)).transpose()?;
         let u1 = (b.attn1.forward(&b.norm1.forward(f)?, None, None)? + f)?;
         let u2 = (b
             .attn2
@@ -199,7 +197,11 @@ impl PersonalizationBlock {
                 vec![dim],
                 ParamInit::Ones,
             ));
-            specs.push(spec(format!("ica.{norm}.bias"), vec![dim], ParamInit::Zeros));
+            specs.push(spec(
+                format!("ica.{norm}.bias"),
+                vec![dim],
+                ParamInit::Zeros,
+            ));
         }
         specs.push(spec("gamma".into(), vec![dim], ParamInit::Zeros));
         specs
