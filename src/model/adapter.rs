@@ -277,7 +277,7 @@ pub fn otsu_mask(attn_ph: &Tensor) -> Result<Tensor> {
         let normed = min_max_normalise(row);
         match otsu_row(&normed) {
             Some((_, tau)) => mask.extend(normed.iter().map(|&m| u8::from(m >= tau))),
-            None => mask.extend(std::iter::repeat(1u8).take(n)),
+            None => mask.extend(std::iter::repeat_n(1u8, n)),
         }
     }
     Ok(Tensor::from_vec(mask, (b, n), attn_ph.device())?)
