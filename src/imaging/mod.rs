@@ -16,7 +16,11 @@ pub struct ImageF32 {
 
 impl ImageF32 {
     pub fn new(width: usize, height: usize, channels: usize, data: Vec<f32>) -> Self {
-        assert_eq!(data.len(), width * height * channels, "ImageF32 size mismatch");
+        assert_eq!(
+            data.len(),
+            width * height * channels,
+            "ImageF32 size mismatch"
+        );
         ImageF32 {
             width,
             height,
@@ -26,7 +30,12 @@ impl ImageF32 {
     }
 
     pub fn zeros(width: usize, height: usize, channels: usize) -> Self {
-        Self::new(width, height, channels, vec![0.0; width * height * channels])
+        Self::new(
+            width,
+            height,
+            channels,
+            vec![0.0; width * height * channels],
+        )
     }
 
     #[inline]
