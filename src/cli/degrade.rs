@@ -103,9 +103,8 @@ fn degrade_one(
         .as_ref()
         .filter(|a| (a.width, a.height) == (degraded.width, degraded.height));
 
+    // The PNG text holds no paths, so the same image and seed give the same bytes anywhere.
     let mut record = serde_json::Map::new();
-    record.insert("input".into(), input.display().to_string().into());
-    record.insert("output".into(), output.display().to_string().into());
     record.insert("preset".into(), preset_name.into());
     record.insert("seed".into(), seed.into());
     match params {
@@ -114,13 +113,18 @@ fn degrade_one(
             record.insert("params".into(), other);
         }
     }
-    let line = serde_json::Value::Object(record).to_string();
+    let embedded = serde_json::Value::Object(record.clone()).to_string();
+    let mut line = serde_json::Map::new();
+    line.insert("input".into(), input.display().to_string().into());
+    line.insert("output".into(), output.display().to_string().into());
+    line.extend(record);
+    let line = serde_json::Value::Object(line).to_string();
     let text = [
         (
             "Software".to_string(),
             format!("pfstorer {}", env!("CARGO_PKG_VERSION")),
         ),
-        ("pfstorer:degrade".to_string(), line.clone()),
+        ("pfstorer:degrade".to_string(), embedded),
     ];
     save_png(output, &degraded, alpha, false, &text, policy.overwrite())
         .map_err(|e| reason(&e, output))?;
