@@ -91,8 +91,20 @@ pub struct BaseModelConfig {
     pub lq_encoder: LqEncoderConfig,
     pub vae: VaeConfig,
     pub text: TextConfig,
+    /// OpenCLIP architecture name of the text tower (`cond_stage_config.params.arch`).
+    pub text_arch: String,
     pub diffusion: DiffusionConfig,
 }
+
+impl BaseModelConfig {
+    /// True for the tiny towers the reference fixtures register at run time, whose exact size
+    /// is read from the checkpoint.
+    pub fn text_arch_is_fixture(&self) -> bool {
+        self.text_arch.starts_with(FIXTURE_TEXT_ARCH_PREFIX)
+    }
+}
+
+const FIXTURE_TEXT_ARCH_PREFIX: &str = "stablesr-fixture-text";
 
 /// Everything in `face_vqgan_cfw_00011.ckpt` (`AutoencoderKLResi`).
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +165,7 @@ impl Default for BaseModelConfig {
             },
             vae: VaeConfig::released(),
             text: TextConfig::from_arch("ViT-H-14").expect("known arch"),
+            text_arch: "ViT-H-14".to_string(),
             diffusion: DiffusionConfig {
                 parameterization_v: true,
                 linear_start: 0.00085,
@@ -410,12 +423,19 @@ impl BaseModelConfig {
 
         let t = p.child("cond_stage_config")?.params_of(&[TEXT_TARGET])?;
         let text = text_from(&t)?;
+        let text_arch = t
+            .opt("arch")
+            .map(|_| t.str("arch"))
+            .transpose()?
+            .unwrap_or("ViT-H-14")
+            .to_string();
 
         Ok(BaseModelConfig {
             unet,
             lq_encoder,
             vae,
             text,
+            text_arch,
             diffusion,
         })
     }

@@ -1,6 +1,7 @@
 //! Subcommands of the `pfstorer` binary, one file each. `anyhow` lives here, at the edge.
 
 pub mod batch;
+pub mod bench;
 pub mod convert;
 pub mod degrade;
 pub mod eval;
@@ -27,6 +28,8 @@ pub enum Command {
     Degrade(degrade::DegradeArgs),
     /// PSNR/SSIM of restored images against ground truth, per image and mean.
     Eval(eval::EvalArgs),
+    /// Time the networks (seconds and peak memory) for the performance notes.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -34,5 +37,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Degrade(args) => degrade::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

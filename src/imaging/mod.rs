@@ -2,6 +2,7 @@
 
 pub mod colorfix;
 pub mod io;
+pub mod patches;
 pub mod resize;
 
 /// An interleaved (HWC) float image, values nominally in [0, 1], channels in RGB order

@@ -187,9 +187,9 @@ fn abbreviate(items: &[String]) -> String {
 fn random_tensor(shape: &Shape, name: &str, seed: u64) -> candle_core::Result<Tensor> {
     use rand::{Rng, SeedableRng};
     // FNV-1a of the name: stable across Rust versions, unlike std's hasher.
-    let name_hash = name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash);
     let dims = shape.dims();
     let n = shape.elem_count();
@@ -224,7 +224,9 @@ impl SimpleBackend for CheckedWeights {
             .insert(name.to_string(), shape.dims().to_vec());
         match self.source.as_ref() {
             Source::ShapesOnly => placeholder(&shape, dtype, dev),
-            Source::Random(seed) => random_tensor(&shape, name, *seed)?.to_dtype(dtype)?.to_device(dev),
+            Source::Random(seed) => random_tensor(&shape, name, *seed)?
+                .to_dtype(dtype)?
+                .to_device(dev),
             Source::Store(store) => match store.shape(name) {
                 None => {
                     log.missing.push(name.to_string());
