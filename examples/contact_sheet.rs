@@ -26,7 +26,9 @@ fn paste(sheet: &mut ImageF32, tile: &ImageF32, column: usize, row: usize) {
 fn main() -> pfstorer::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let input = args.first().map_or("assets/astronaut.png", String::as_str);
-    let output = args.get(1).map_or("assets/degrade-contact-sheet.png", String::as_str);
+    let output = args
+        .get(1)
+        .map_or("assets/degrade-contact-sheet.png", String::as_str);
     let original = load_image(input)?.rgb;
     let (w, h) = (original.width, original.height);
     let columns = 1 + SEEDS.len();

@@ -43,7 +43,12 @@ fn face_like(w: u32, h: u32) -> RgbImage {
 fn make_inputs(dir: &Path) -> Vec<(&'static str, (u32, u32))> {
     let mut jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 92)
-        .write_image(face_like(48, 40).as_raw(), 48, 40, image::ExtendedColorType::Rgb8)
+        .write_image(
+            face_like(48, 40).as_raw(),
+            48,
+            40,
+            image::ExtendedColorType::Rgb8,
+        )
         .unwrap();
     std::fs::write(dir.join("good.jpg"), &jpeg).unwrap();
     std::fs::write(dir.join("cut.jpg"), &jpeg[..jpeg.len() * 2 / 3]).unwrap();
@@ -86,20 +91,41 @@ fn degrade_then_eval() {
 
     // First run: good images written at their size, bad ones named with a reason, exit != 0.
     let run = pfstorer(&[
-        "degrade", s(&inputs), "--preset", "light", "--seed", "7", "-o", s(&out), "--print-params",
+        "degrade",
+        s(&inputs),
+        "--preset",
+        "light",
+        "--seed",
+        "7",
+        "-o",
+        s(&out),
+        "--print-params",
         "--quiet",
     ]);
-    assert!(!run.status.success(), "bad inputs must make the exit code non-zero");
+    assert!(
+        !run.status.success(),
+        "bad inputs must make the exit code non-zero"
+    );
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("4 done, 0 skipped, 2 failed"), "{stderr}");
-    let cut_line = stderr.lines().find(|l| l.contains("cut.jpg")).expect("cut.jpg reported");
+    let cut_line = stderr
+        .lines()
+        .find(|l| l.contains("cut.jpg"))
+        .expect("cut.jpg reported");
     assert!(cut_line.contains("truncated or corrupt JPEG"), "{cut_line}");
-    let notes_line = stderr.lines().find(|l| l.contains("notes.jpg")).expect("notes.jpg reported");
+    let notes_line = stderr
+        .lines()
+        .find(|l| l.contains("notes.jpg"))
+        .expect("notes.jpg reported");
     assert!(notes_line.contains("not an image"), "{notes_line}");
     for (stem, (w, h)) in &good {
         let path = out.join(format!("{stem}_light.png"));
         let img = image::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!((img.width(), img.height()), (*w, *h), "{stem}: size changed");
+        assert_eq!(
+            (img.width(), img.height()),
+            (*w, *h),
+            "{stem}: size changed"
+        );
     }
     let rgba = image::open(out.join("rgba_light.png")).unwrap();
     assert!(rgba.color().has_alpha(), "alpha of the input is kept");
@@ -141,9 +167,16 @@ fn degrade_then_eval() {
     assert!(!rerun.status.success());
     let stderr = String::from_utf8_lossy(&rerun.stderr);
     assert!(stderr.contains("0 done, 0 skipped, 4 failed"), "{stderr}");
-    assert!(stderr.contains("exists") && stderr.contains("--force"), "{stderr}");
+    assert!(
+        stderr.contains("exists") && stderr.contains("--force"),
+        "{stderr}"
+    );
     for ((stem, _), bytes) in good.iter().zip(&before) {
-        assert_eq!(&read(&out.join(format!("{stem}_light.png"))), bytes, "{stem} changed");
+        assert_eq!(
+            &read(&out.join(format!("{stem}_light.png"))),
+            bytes,
+            "{stem} changed"
+        );
     }
     let mut skip = argv.clone();
     skip.push("--skip-existing");
@@ -155,15 +188,27 @@ fn degrade_then_eval() {
     let same = root.join("same");
     let mut args = vec!["degrade".to_string()];
     args.extend(good_args("7", &same));
-    assert!(pfstorer(&args.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+    assert!(
+        pfstorer(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .status
+            .success()
+    );
     let other = root.join("other");
     let mut args = vec!["degrade".to_string()];
     args.extend(good_args("8", &other));
-    assert!(pfstorer(&args.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+    assert!(
+        pfstorer(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .status
+            .success()
+    );
     let mut any_different = false;
     for ((stem, _), bytes) in good.iter().zip(&before) {
         let name = format!("{stem}_light.png");
-        assert_eq!(&read(&same.join(&name)), bytes, "{stem}: same seed, other bytes");
+        assert_eq!(
+            &read(&same.join(&name)),
+            bytes,
+            "{stem}: same seed, other bytes"
+        );
         any_different |= &read(&other.join(&name)) != bytes;
     }
     assert!(any_different, "another seed gave identical outputs");
@@ -186,7 +231,15 @@ fn degrade_then_eval() {
     }
     let report = root.join("report.csv");
     let eval = pfstorer(&[
-        "eval", "--restored", s(&other), "--gt", s(&gt), "--crop-border", "2", "-o", s(&report),
+        "eval",
+        "--restored",
+        s(&other),
+        "--gt",
+        s(&gt),
+        "--crop-border",
+        "2",
+        "-o",
+        s(&report),
         "--quiet",
     ]);
     assert!(eval.status.success());
@@ -213,9 +266,18 @@ fn degrade_then_eval() {
 
     // JSON to stdout, a missing ground truth and a size mismatch reported, exit != 0.
     std::fs::remove_file(gt.join("gray.png")).unwrap();
-    image::RgbImage::new(8, 8).save(gt.join("rgba.png")).unwrap();
+    image::RgbImage::new(8, 8)
+        .save(gt.join("rgba.png"))
+        .unwrap();
     let eval = pfstorer(&[
-        "eval", "--restored", s(&other), "--gt", s(&gt), "--format", "json", "--y-channel",
+        "eval",
+        "--restored",
+        s(&other),
+        "--gt",
+        s(&gt),
+        "--format",
+        "json",
+        "--y-channel",
         "--quiet",
     ]);
     assert!(!eval.status.success());
@@ -223,8 +285,14 @@ fn degrade_then_eval() {
     assert_eq!(json["images"].as_array().unwrap().len(), 2);
     assert_eq!(json["mean"]["count"], 2);
     let stderr = String::from_utf8_lossy(&eval.stderr);
-    assert!(stderr.contains("gray_light.png") && stderr.contains("no ground-truth"), "{stderr}");
-    assert!(stderr.contains("rgba_light.png") && stderr.contains("size mismatch"), "{stderr}");
+    assert!(
+        stderr.contains("gray_light.png") && stderr.contains("no ground-truth"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rgba_light.png") && stderr.contains("size mismatch"),
+        "{stderr}"
+    );
 
     std::fs::remove_dir_all(&root).unwrap();
 }
@@ -235,10 +303,18 @@ fn unknown_preset_and_missing_input() {
     let bad = pfstorer(&["degrade", "x.png", "--preset", "medium", "-o", s(&root)]);
     assert!(!bad.status.success());
     let run = pfstorer(&[
-        "degrade", s(&root.join("nope.png")), "--preset", "heavy", "-o", s(&root.join("o")),
+        "degrade",
+        s(&root.join("nope.png")),
+        "--preset",
+        "heavy",
+        "-o",
+        s(&root.join("o")),
     ]);
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("0 done, 0 skipped, 1 failed") && stderr.contains("nope.png"), "{stderr}");
+    assert!(
+        stderr.contains("0 done, 0 skipped, 1 failed") && stderr.contains("nope.png"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&root).unwrap();
 }

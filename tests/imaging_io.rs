@@ -9,10 +9,8 @@ use std::path::{Path, PathBuf};
 
 /// A fresh, empty directory for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "pfstorer-imaging-io-{}-{name}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("pfstorer-imaging-io-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -100,8 +98,14 @@ fn jpeg_exif_orientation_rotates() {
         .unwrap();
     let loaded = decode_image(&bytes).unwrap();
     assert_eq!((loaded.width(), loaded.height()), (16, 32));
-    assert!(loaded.rgb.at(8, 4, 2) > 0.7 && loaded.rgb.at(8, 4, 0) < 0.3, "top should be blue");
-    assert!(loaded.rgb.at(8, 28, 0) > 0.7 && loaded.rgb.at(8, 28, 2) < 0.3, "bottom should be red");
+    assert!(
+        loaded.rgb.at(8, 4, 2) > 0.7 && loaded.rgb.at(8, 4, 0) < 0.3,
+        "top should be blue"
+    );
+    assert!(
+        loaded.rgb.at(8, 28, 0) > 0.7 && loaded.rgb.at(8, 28, 2) < 0.3,
+        "bottom should be red"
+    );
     assert_eq!(loaded.bit_depth, 8);
     assert!(!loaded.gray && loaded.alpha.is_none());
 }
@@ -194,12 +198,20 @@ fn atomic_write_refuses_overwrite_and_is_deterministic() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("out.png") && err.contains("--force"), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), first, "refused write changed the file");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        first,
+        "refused write changed the file"
+    );
     assert_eq!(dir_names(&dir), ["out.png"]);
 
     let again = dir.join("again.png");
     save_png(&again, &img, None, false, &[], false).unwrap();
-    assert_eq!(std::fs::read(&again).unwrap(), first, "same input, different bytes");
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        first,
+        "same input, different bytes"
+    );
 
     save_png(&path, &pattern(2, 2), None, false, &[], true).unwrap();
     assert_eq!(load_image(&path).unwrap().width(), 2);
@@ -234,7 +246,10 @@ fn bad_inputs_give_one_line_errors() {
     let text = dir.join("notes.jpg");
     std::fs::write(&text, "just some text, not pixels\n").unwrap();
     let err = load_image(&text).unwrap_err().to_string();
-    assert_eq!(err, format!("{}: not an image (unrecognised format)", text.display()));
+    assert_eq!(
+        err,
+        format!("{}: not an image (unrecognised format)", text.display())
+    );
 
     let mut jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
@@ -248,13 +263,19 @@ fn bad_inputs_give_one_line_errors() {
     let cut = dir.join("cut.jpg");
     std::fs::write(&cut, &jpeg[..jpeg.len() / 2]).unwrap();
     let err = load_image(&cut).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("{}: truncated or corrupt JPEG (", cut.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("{}: truncated or corrupt JPEG (", cut.display())),
+        "{err}"
+    );
     assert!(!err.contains('\n'));
 
     let tiny = dir.join("tiny.png");
     save_png(&tiny, &pattern(1, 1), None, false, &[], false).unwrap();
     let err = load_image_with_min_size(&tiny, 8).unwrap_err().to_string();
-    assert_eq!(err, format!("{}: image is 1x1; at least 8x8 needed", tiny.display()));
+    assert_eq!(
+        err,
+        format!("{}: image is 1x1; at least 8x8 needed", tiny.display())
+    );
 
     let missing = dir.join("missing.png");
     let err = load_image(&missing).unwrap_err().to_string();

@@ -99,13 +99,19 @@ fn registry_metrics_agree_with_functions() {
             .unwrap()
             .compute(&a, &b)
             .unwrap();
-        assert!((got - want_psnr).abs() < 1e-9, "{case}: registry PSNR {got}");
+        assert!(
+            (got - want_psnr).abs() < 1e-9,
+            "{case}: registry PSNR {got}"
+        );
         let want_ssim = scalar(common::get(&map, &format!("metrics/ssim/{case}")));
         let got = metric_by_name("SSIM", options)
             .unwrap()
             .compute(&a, &b)
             .unwrap();
-        assert!((got - want_ssim).abs() < 1e-9, "{case}: registry SSIM {got}");
+        assert!(
+            (got - want_ssim).abs() < 1e-9,
+            "{case}: registry SSIM {got}"
+        );
     }
     assert!(metric_by_name("lpips-not-yet", MetricOptions::default()).is_err());
 }

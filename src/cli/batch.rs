@@ -11,9 +11,9 @@
 //! (`a.jpg`, `a.png`) carry their extension in the stem instead (`a_jpg<suffix>`, `a_png<suffix>`);
 //! inputs from different directories with the same file name get `_2`, `_3`, ... in input order.
 
+use crate::imaging::io::has_image_extension;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use crate::imaging::io::has_image_extension;
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -42,7 +42,7 @@ pub fn expand_inputs(args: &[PathBuf]) -> Vec<InputItem> {
             reason: reason.to_string(),
         };
         if arg.is_dir() {
-            match list_dir(arg, |p| has_image_extension(p)) {
+            match list_dir(arg, has_image_extension) {
                 Ok(files) if files.is_empty() => items.push(invalid("no image files in directory")),
                 Ok(files) => files.into_iter().for_each(|f| push(&mut items, f)),
                 Err(e) => items.push(invalid(&format!("cannot list directory ({e})"))),
@@ -101,7 +101,12 @@ pub fn wildcard_match(pattern: &[char], name: &[char]) -> bool {
         Some('*') => (0..=name.len()).any(|i| wildcard_match(&pattern[1..], &name[i..])),
         Some('?') => !name.is_empty() && wildcard_match(&pattern[1..], &name[1..]),
         Some('[') => {
-            let Some(close) = pattern.iter().skip(2).position(|&c| c == ']').map(|i| i + 2) else {
+            let Some(close) = pattern
+                .iter()
+                .skip(2)
+                .position(|&c| c == ']')
+                .map(|i| i + 2)
+            else {
                 return name.first() == Some(&'[') && wildcard_match(&pattern[1..], &name[1..]);
             };
             let Some(&c) = name.first() else { return false };
@@ -305,7 +310,10 @@ mod tests {
     use super::*;
 
     fn m(p: &str, n: &str) -> bool {
-        wildcard_match(&p.chars().collect::<Vec<_>>(), &n.chars().collect::<Vec<_>>())
+        wildcard_match(
+            &p.chars().collect::<Vec<_>>(),
+            &n.chars().collect::<Vec<_>>(),
+        )
     }
 
     #[test]
@@ -325,7 +333,10 @@ mod tests {
             .map(PathBuf::from)
             .collect();
         let outs = output_paths(&inputs, Path::new("o"), "_light", "png");
-        let names: Vec<_> = outs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let names: Vec<_> = outs
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(
             names,
             [

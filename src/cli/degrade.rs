@@ -9,10 +9,10 @@ use super::batch::{
     check_existing, expand_inputs, output_paths, per_image_seed, progress_bar, reason,
     ExistingPolicy, InputItem, Outcome, Summary,
 };
-use anyhow::{Context, Result};
-use clap::Args;
 use crate::degrade::{degrade_image, Preset};
 use crate::imaging::io::{load_image, save_png};
+use anyhow::{Context, Result};
+use clap::Args;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]

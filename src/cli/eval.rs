@@ -9,10 +9,10 @@
 //! as ambiguous. Each restored file gives one row; several may share one ground truth.
 
 use super::batch::{progress_bar, reason};
-use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
 use crate::imaging::io::{has_image_extension, load_image, write_atomically};
 use crate::metrics::{metric_by_name, Metric, MetricOptions};
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -135,9 +135,10 @@ fn pair_files(restored: &[PathBuf], gt: &[PathBuf]) -> Pairing {
                     format!("ambiguous ground truth: {}", names.join(", ")),
                 ));
             }
-            None => out
-                .failed
-                .push((r.clone(), "no ground-truth image with a matching name".into())),
+            None => out.failed.push((
+                r.clone(),
+                "no ground-truth image with a matching name".into(),
+            )),
         }
     }
     out.missing_restored = gt
@@ -155,9 +156,14 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
-fn evaluate_pair(restored: &Path, gt: &Path, metrics: &[Box<dyn Metric>]) -> Result<Vec<f64>, String> {
+fn evaluate_pair(
+    restored: &Path,
+    gt: &Path,
+    metrics: &[Box<dyn Metric>],
+) -> Result<Vec<f64>, String> {
     let r = load_image(restored).map_err(|e| format!("restored: {}", reason(&e, restored)))?;
-    let g = load_image(gt).map_err(|e| format!("ground truth {}: {}", file_name(gt), reason(&e, gt)))?;
+    let g = load_image(gt)
+        .map_err(|e| format!("ground truth {}: {}", file_name(gt), reason(&e, gt)))?;
     if (r.width(), r.height()) != (g.width(), g.height()) {
         return Err(format!(
             "size mismatch: restored {}x{}, ground truth {} {}x{}",
@@ -170,7 +176,10 @@ fn evaluate_pair(restored: &Path, gt: &Path, metrics: &[Box<dyn Metric>]) -> Res
     }
     metrics
         .iter()
-        .map(|m| m.compute(&r.rgb, &g.rgb).map_err(|e| format!("{}: {e}", m.name())))
+        .map(|m| {
+            m.compute(&r.rgb, &g.rgb)
+                .map_err(|e| format!("{}: {e}", m.name()))
+        })
         .collect()
 }
 
@@ -207,7 +216,9 @@ pub fn render_csv(names: &[&str], rows: &[Row]) -> String {
         ));
     }
     if !rows.is_empty() {
-        let means: Vec<String> = (0..names.len()).map(|k| format_value(mean(rows, k))).collect();
+        let means: Vec<String> = (0..names.len())
+            .map(|k| format_value(mean(rows, k)))
+            .collect();
         out.push_str(&format!("mean,,{}\n", means.join(",")));
     }
     out
@@ -259,7 +270,10 @@ fn render_json(
         "failed": failed.iter().map(|(p, why)| serde_json::json!({"restored": file_name(p), "reason": why})).collect::<Vec<_>>(),
         "missing_restored": pairing.missing_restored.iter().map(|p| file_name(p)).collect::<Vec<_>>(),
     });
-    format!("{}\n", serde_json::to_string_pretty(&report).unwrap_or_default())
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    )
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -317,7 +331,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         eprintln!("missing restored image for ground truth {}", g.display());
     }
     if !failed.is_empty() {
-        anyhow::bail!("{} of {} restored images failed", failed.len(), restored.len());
+        anyhow::bail!(
+            "{} of {} restored images failed",
+            failed.len(),
+            restored.len()
+        );
     }
     if rows.is_empty() {
         anyhow::bail!(
@@ -339,7 +357,13 @@ mod tests {
 
     #[test]
     fn pairing_by_stem_and_suffix() {
-        let gt = paths(&["g/face.jpg", "g/face_b.png", "g/x.png", "g/x.jpg", "g/lonely.png"]);
+        let gt = paths(&[
+            "g/face.jpg",
+            "g/face_b.png",
+            "g/x.png",
+            "g/x.jpg",
+            "g/lonely.png",
+        ]);
         let restored = paths(&[
             "r/face.png",
             "r/face_restored.png",

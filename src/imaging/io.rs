@@ -88,7 +88,8 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<LoadedImage, String> {
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| describe_decode_error(name, e))?;
+    let mut image =
+        DynamicImage::from_decoder(decoder).map_err(|e| describe_decode_error(name, e))?;
     image.apply_orientation(orientation);
     Ok(split_dynamic(image))
 }
@@ -158,7 +159,10 @@ fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), &'static str> {
 fn split_dynamic(image: DynamicImage) -> LoadedImage {
     use DynamicImage as D;
     let (width, height) = (image.width() as usize, image.height() as usize);
-    let gray = matches!(image, D::ImageLuma8(_) | D::ImageLumaA8(_) | D::ImageLuma16(_) | D::ImageLumaA16(_));
+    let gray = matches!(
+        image,
+        D::ImageLuma8(_) | D::ImageLumaA8(_) | D::ImageLuma16(_) | D::ImageLumaA16(_)
+    );
     let has_alpha = image.color().has_alpha();
     let (bit_depth, samples): (u8, Vec<f32>) = match image {
         D::ImageLuma8(_) | D::ImageLumaA8(_) | D::ImageRgb8(_) | D::ImageRgba8(_) => {
@@ -219,7 +223,10 @@ fn interleave(rgb: &ImageF32, alpha: Option<&ImageF32>, path: &Path) -> Result<V
     if rgb.channels != 1 && rgb.channels != 3 {
         return Err(input_error(
             path,
-            &format!("cannot save a {}-channel image (1 or 3 expected)", rgb.channels),
+            &format!(
+                "cannot save a {}-channel image (1 or 3 expected)",
+                rgb.channels
+            ),
         ));
     }
     if rgb.width == 0 || rgb.height == 0 {

@@ -40,7 +40,12 @@ impl Metric for Psnr {
         "psnr"
     }
     fn compute(&self, restored: &ImageF32, reference: &ImageF32) -> Result<f64> {
-        psnr(restored, reference, self.0.crop_border, self.0.test_y_channel)
+        psnr(
+            restored,
+            reference,
+            self.0.crop_border,
+            self.0.test_y_channel,
+        )
     }
 }
 
@@ -53,7 +58,12 @@ impl Metric for Ssim {
         "ssim"
     }
     fn compute(&self, restored: &ImageF32, reference: &ImageF32) -> Result<f64> {
-        ssim(restored, reference, self.0.crop_border, self.0.test_y_channel)
+        ssim(
+            restored,
+            reference,
+            self.0.crop_border,
+            self.0.test_y_channel,
+        )
     }
 }
 

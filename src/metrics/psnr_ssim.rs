@@ -41,7 +41,11 @@ impl Image255 {
                 self.width, self.height
             )));
         }
-        let (w, h, c) = (self.width - 2 * border, self.height - 2 * border, self.channels);
+        let (w, h, c) = (
+            self.width - 2 * border,
+            self.height - 2 * border,
+            self.channels,
+        );
         let mut data = Vec::with_capacity(w * h * c);
         for y in border..border + h {
             let row = (y * self.width + border) * c;
@@ -132,7 +136,12 @@ pub fn psnr(a: &ImageF32, b: &ImageF32, crop_border: usize, test_y_channel: bool
 }
 
 /// PSNR of two images already on the 0..255 scale (not re-quantised).
-pub fn psnr_255(a: &Image255, b: &Image255, crop_border: usize, test_y_channel: bool) -> Result<f64> {
+pub fn psnr_255(
+    a: &Image255,
+    b: &Image255,
+    crop_border: usize,
+    test_y_channel: bool,
+) -> Result<f64> {
     let (a, b) = prepare_255(a, b, crop_border, test_y_channel)?;
     Ok(psnr_prepared(&a, &b))
 }
@@ -158,7 +167,12 @@ pub fn ssim(a: &ImageF32, b: &ImageF32, crop_border: usize, test_y_channel: bool
 }
 
 /// SSIM of two images already on the 0..255 scale (not re-quantised).
-pub fn ssim_255(a: &Image255, b: &Image255, crop_border: usize, test_y_channel: bool) -> Result<f64> {
+pub fn ssim_255(
+    a: &Image255,
+    b: &Image255,
+    crop_border: usize,
+    test_y_channel: bool,
+) -> Result<f64> {
     let (a, b) = prepare_255(a, b, crop_border, test_y_channel)?;
     ssim_prepared(&a, &b)
 }
