@@ -543,8 +543,10 @@ fn isp_stages() {
     check("isp/m_cam2xyz_inv", &f64s(&isp::inverse3(&cam2xyz).unwrap()), fx.t("isp/m_cam2xyz_inv"), 1e-5);
     check("isp/m_xyz2rgb_inv", &f64s(&isp::inverse3(&isp::xyz_to_rgb_matrix()).unwrap()), fx.t("isp/m_xyz2rgb_inv"), 1e-5);
     let levels = fx.t("isp/noise_levels");
-    check("isp/shot", &[10f64.powf(levels[0])], &[levels[2]], 1e-15);
-    check("isp/read", &[10f64.powf(2.275 * levels[0] + 1.47 + levels[1])], &[levels[3]], 1e-15);
+    // The reference draws in float32: relative agreement to float32 precision.
+    check("isp/shot", &[10f64.powf(levels[0])], &[levels[2]], 1e-6 * levels[2]);
+    let read = 10f64.powf(2.275 * levels[0] + 1.47 + levels[1]);
+    check("isp/read", &[read], &[levels[3]], 1e-5 * levels[3]);
 
     // Tone LUTs from the control points.
     let lut = isp::ToneLut::new(&fx.f32s("isp/tone_x"), &fx.f32s("isp/tone_y")).unwrap();

@@ -182,8 +182,20 @@ impl ToneLut {
         let ys: Vec<f64> = ys.iter().map(|&v| v as f64).collect();
         let grid = || (0..LUT_LEN).map(|i| i as f64 / (LUT_LEN - 1) as f64);
         let yi = cubic_spline_eval(&xs, &ys, grid())?;
-        let xi: Vec<f64> = grid().collect();
-        let inv = cubic_spline_eval(&yi, &xi, grid())?;
+        // `yi` overshoots (decreases) where a curve is flat; `interp1d` sorts its nodes
+        // (stable), so the inverse spline runs through the (yi, xi) pairs in yi order.
+        let mut order: Vec<usize> = (0..LUT_LEN).collect();
+        order.sort_by(|&a, &b| yi[a].total_cmp(&yi[b]));
+        let mut nodes_x = Vec::with_capacity(LUT_LEN);
+        let mut nodes_y = Vec::with_capacity(LUT_LEN);
+        for &i in &order {
+            // Exact duplicates would make scipy fail; keep the first so ours stays defined.
+            if nodes_x.last() != Some(&yi[i]) {
+                nodes_x.push(yi[i]);
+                nodes_y.push(i as f64 / (LUT_LEN - 1) as f64);
+            }
+        }
+        let inv = cubic_spline_eval(&nodes_x, &nodes_y, grid())?;
         Ok(ToneLut {
             forward: yi.iter().map(|&v| v as f32).collect(),
             inverse: inv.iter().map(|&v| v as f32).collect(),
@@ -399,7 +411,7 @@ impl IspParams {
         let u_e: f32 = rng.gen();
         let (lo, hi) = (1e-4f64.log10(), 0.006f64.log10());
         let log_shot = lo + rng.gen::<f64>() * (hi - lo);
-        let offset = Normal::new(0.0, 0.25)
+        let offset: f64 = Normal::new(0.0f64, 0.25)
             .map(|n| n.sample(rng))
             .unwrap_or(0.0)
             .clamp(-1.5, 1.5);
