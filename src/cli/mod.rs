@@ -1,7 +1,10 @@
 //! Subcommands of the `pfstorer` binary, one file each. `anyhow` lives here, at the edge.
 
+pub mod batch;
 pub mod bench;
 pub mod convert;
+pub mod degrade;
+pub mod eval;
 pub mod model_args;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +24,10 @@ pub struct Cli {
 pub enum Command {
     /// Convert a PyTorch-Lightning .ckpt into a safetensors file (memory-mapped on later loads).
     Convert(convert::ConvertArgs),
+    /// Degrade images with the light or heavy synthetic pipeline (for tests and evaluation).
+    Degrade(degrade::DegradeArgs),
+    /// PSNR/SSIM of restored images against ground truth, per image and mean.
+    Eval(eval::EvalArgs),
     /// Time the networks (seconds and peak memory) for the performance notes.
     Bench(bench::BenchArgs),
 }
@@ -28,6 +35,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(args) => convert::run(args),
+        Command::Degrade(args) => degrade::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -1,1 +1,442 @@
-//! (in progress)
+//! Loading and saving images for every subcommand.
+//!
+//! Loading decodes JPEG, PNG, WebP, BMP and TIFF (8 or 16 bit, gray or colour, with or without
+//! alpha), applies the EXIF orientation and returns float RGB in [0, 1] plus the alpha plane.
+//! Saving is atomic (a temporary file in the target directory, then a rename), refuses to replace
+//! an existing file unless asked to, and produces the same bytes for the same input.
+
+use super::ImageF32;
+use crate::error::{Error, Result};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A decoded image: colour as RGB, the alpha plane apart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedImage {
+    /// Three channels, RGB, in [0, 1]; gray sources are replicated into all three.
+    pub rgb: ImageF32,
+    /// One channel in [0, 1], when the source had an alpha channel.
+    pub alpha: Option<ImageF32>,
+    /// Bits per sample of the source (8 or 16; float sources count as 16).
+    pub bit_depth: u8,
+    /// The source was grayscale.
+    pub gray: bool,
+}
+
+impl LoadedImage {
+    pub fn width(&self) -> usize {
+        self.rgb.width
+    }
+
+    pub fn height(&self) -> usize {
+        self.rgb.height
+    }
+}
+
+/// File extensions (lower case) that [`load_image`] is meant for.
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"];
+
+/// Whether `path` has one of [`IMAGE_EXTENSIONS`] (case-insensitive).
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+/// Reads and decodes an image file; see [`LoadedImage`].
+pub fn load_image(path: impl AsRef<Path>) -> Result<LoadedImage> {
+    load_image_with_min_size(path, 1)
+}
+
+/// As [`load_image`], and fails when either side (after orientation) is below `min_side`.
+pub fn load_image_with_min_size(path: impl AsRef<Path>, min_side: usize) -> Result<LoadedImage> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let loaded = decode_image(&bytes).map_err(|msg| input_error(path, &msg))?;
+    if loaded.width() < min_side || loaded.height() < min_side {
+        return Err(input_error(
+            path,
+            &format!(
+                "image is {}x{}; at least {min_side}x{min_side} needed",
+                loaded.width(),
+                loaded.height()
+            ),
+        ));
+    }
+    Ok(loaded)
+}
+
+/// Decodes an in-memory image. The error is a short description without the file name.
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<LoadedImage, String> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read ({e})"))?;
+    let format = reader
+        .format()
+        .ok_or_else(|| "not an image (unrecognised format)".to_string())?;
+    let name = format_name(format);
+    if format == ImageFormat::Jpeg {
+        check_jpeg_complete(bytes).map_err(|why| format!("truncated or corrupt JPEG ({why})"))?;
+    }
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| describe_decode_error(name, e))?;
+    // A broken EXIF block should not make an otherwise good image unreadable.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image =
+        DynamicImage::from_decoder(decoder).map_err(|e| describe_decode_error(name, e))?;
+    image.apply_orientation(orientation);
+    Ok(split_dynamic(image))
+}
+
+fn input_error(path: &Path, message: &str) -> Error {
+    Error::Input(format!("{}: {message}", path.display()))
+}
+
+fn format_name(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Jpeg => "JPEG",
+        ImageFormat::Png => "PNG",
+        ImageFormat::WebP => "WebP",
+        ImageFormat::Bmp => "BMP",
+        ImageFormat::Tiff => "TIFF",
+        ImageFormat::Gif => "GIF",
+        _ => "image",
+    }
+}
+
+fn describe_decode_error(format: &str, err: ImageError) -> String {
+    match err {
+        ImageError::Unsupported(e) => format!("unsupported {format} ({e})"),
+        ImageError::Limits(e) => format!("{format} too large ({e})"),
+        other => format!("truncated or corrupt {format} ({other})"),
+    }
+}
+
+/// The JPEG decoder tolerates missing data (it fills the rest with gray), so a cut-off file
+/// would load silently. Walk the marker segments to the first scan and require an
+/// end-of-image marker after it; entropy-coded data stuffs 0xFF bytes, so 0xFFD9 there is real.
+fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), &'static str> {
+    let mut pos = 2; // after SOI
+    loop {
+        if pos + 4 > bytes.len() {
+            return Err("file ends inside the header");
+        }
+        if bytes[pos] != 0xFF {
+            return Err("bad marker in the header");
+        }
+        let marker = bytes[pos + 1];
+        if marker == 0xFF {
+            pos += 1; // fill byte
+            continue;
+        }
+        if marker == 0xD8 || marker == 0x01 || (0xD0..=0xD7).contains(&marker) {
+            pos += 2;
+            continue;
+        }
+        let len = u16::from_be_bytes([bytes[pos + 2], bytes[pos + 3]]) as usize;
+        if marker == 0xDA {
+            pos += 2 + len;
+            break;
+        }
+        pos += 2 + len;
+    }
+    if pos > bytes.len() {
+        return Err("file ends inside the scan header");
+    }
+    if bytes[pos..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+        Ok(())
+    } else {
+        Err("no end-of-image marker; the file is cut off")
+    }
+}
+
+fn split_dynamic(image: DynamicImage) -> LoadedImage {
+    use DynamicImage as D;
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let gray = matches!(
+        image,
+        D::ImageLuma8(_) | D::ImageLumaA8(_) | D::ImageLuma16(_) | D::ImageLumaA16(_)
+    );
+    let has_alpha = image.color().has_alpha();
+    let (bit_depth, samples): (u8, Vec<f32>) = match image {
+        D::ImageLuma8(_) | D::ImageLumaA8(_) | D::ImageRgb8(_) | D::ImageRgba8(_) => {
+            let buf = if has_alpha {
+                image.to_rgba8().into_raw()
+            } else {
+                image.to_rgb8().into_raw()
+            };
+            (8, buf.into_iter().map(|v| v as f32 / 255.0).collect())
+        }
+        D::ImageLuma16(_) | D::ImageLumaA16(_) | D::ImageRgb16(_) | D::ImageRgba16(_) => {
+            let buf = if has_alpha {
+                image.to_rgba16().into_raw()
+            } else {
+                image.to_rgb16().into_raw()
+            };
+            (16, buf.into_iter().map(|v| v as f32 / 65535.0).collect())
+        }
+        _ => {
+            let buf = if has_alpha {
+                image.to_rgba32f().into_raw()
+            } else {
+                image.to_rgb32f().into_raw()
+            };
+            (16, buf.into_iter().map(|v| v.clamp(0.0, 1.0)).collect())
+        }
+    };
+    let channels = if has_alpha { 4 } else { 3 };
+    let pixels = width * height;
+    let mut rgb = Vec::with_capacity(pixels * 3);
+    let mut alpha = Vec::with_capacity(if has_alpha { pixels } else { 0 });
+    for px in samples.chunks_exact(channels) {
+        rgb.extend_from_slice(&px[..3]);
+        if has_alpha {
+            alpha.push(px[3]);
+        }
+    }
+    LoadedImage {
+        rgb: ImageF32::new(width, height, 3, rgb),
+        alpha: has_alpha.then(|| ImageF32::new(width, height, 1, alpha)),
+        bit_depth,
+        gray,
+    }
+}
+
+/// Float [0, 1] to 8 bit: clamp, scale, round half to even (as numpy/torch/OpenCV round).
+pub fn quantize_u8(v: f32) -> u8 {
+    (v.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8
+}
+
+/// Float [0, 1] to 16 bit, same rounding as [`quantize_u8`].
+pub fn quantize_u16(v: f32) -> u16 {
+    (v.clamp(0.0, 1.0) * 65535.0).round_ties_even() as u16
+}
+
+/// Interleaves colour (1 or 3 channels) and an optional alpha plane into samples.
+fn interleave(rgb: &ImageF32, alpha: Option<&ImageF32>, path: &Path) -> Result<Vec<f32>> {
+    if rgb.channels != 1 && rgb.channels != 3 {
+        return Err(input_error(
+            path,
+            &format!(
+                "cannot save a {}-channel image (1 or 3 expected)",
+                rgb.channels
+            ),
+        ));
+    }
+    if rgb.width == 0 || rgb.height == 0 {
+        return Err(input_error(path, "cannot save an empty image"));
+    }
+    let Some(alpha) = alpha else {
+        return Ok(rgb.data.clone());
+    };
+    if alpha.channels != 1 || alpha.width != rgb.width || alpha.height != rgb.height {
+        return Err(input_error(
+            path,
+            &format!(
+                "alpha plane is {}x{}x{}, image is {}x{}",
+                alpha.width, alpha.height, alpha.channels, rgb.width, rgb.height
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(rgb.data.len() + alpha.data.len());
+    for (px, a) in rgb.data.chunks_exact(rgb.channels).zip(&alpha.data) {
+        out.extend_from_slice(px);
+        out.push(*a);
+    }
+    Ok(out)
+}
+
+/// Writes a PNG (8 or 16 bit, RGB/gray with optional alpha) with tEXt chunks (iTXt for text
+/// outside Latin-1). Atomic; refuses to replace `path` unless `overwrite`.
+pub fn save_png(
+    path: impl AsRef<Path>,
+    rgb: &ImageF32,
+    alpha: Option<&ImageF32>,
+    sixteen_bit: bool,
+    text_metadata: &[(String, String)],
+    overwrite: bool,
+) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = encode_png(path, rgb, alpha, sixteen_bit, text_metadata)?;
+    write_atomically(path, &bytes, overwrite)
+}
+
+/// Encodes a PNG into memory; see [`save_png`].
+pub fn encode_png(
+    path: &Path,
+    rgb: &ImageF32,
+    alpha: Option<&ImageF32>,
+    sixteen_bit: bool,
+    text_metadata: &[(String, String)],
+) -> Result<Vec<u8>> {
+    let samples = interleave(rgb, alpha, path)?;
+    let color = match (rgb.channels, alpha.is_some()) {
+        (1, false) => png::ColorType::Grayscale,
+        (1, true) => png::ColorType::GrayscaleAlpha,
+        (_, false) => png::ColorType::Rgb,
+        (_, true) => png::ColorType::Rgba,
+    };
+    let data: Vec<u8> = if sixteen_bit {
+        samples
+            .iter()
+            .flat_map(|&v| quantize_u16(v).to_be_bytes())
+            .collect()
+    } else {
+        samples.iter().map(|&v| quantize_u8(v)).collect()
+    };
+    let encode_err = |e: png::EncodingError| input_error(path, &format!("cannot encode PNG ({e})"));
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, rgb.width as u32, rgb.height as u32);
+        encoder.set_color(color);
+        encoder.set_depth(if sixteen_bit {
+            png::BitDepth::Sixteen
+        } else {
+            png::BitDepth::Eight
+        });
+        for (key, value) in text_metadata {
+            let latin1 = key.chars().chain(value.chars()).all(|c| (c as u32) < 256);
+            if latin1 {
+                encoder.add_text_chunk(key.clone(), value.clone())
+            } else {
+                encoder.add_itxt_chunk(key.clone(), value.clone())
+            }
+            .map_err(encode_err)?;
+        }
+        let mut writer = encoder.write_header().map_err(encode_err)?;
+        writer.write_image_data(&data).map_err(encode_err)?;
+        writer.finish().map_err(encode_err)?;
+    }
+    Ok(out)
+}
+
+/// JPEG quality used by [`save_image`].
+pub const JPEG_QUALITY: u8 = 95;
+
+/// Saves by extension: `.png` (8 bit), `.jpg`/`.jpeg` (quality [`JPEG_QUALITY`], alpha dropped),
+/// `.webp` (lossless), `.bmp`, `.tif`/`.tiff`. Atomic; refuses to replace `path` unless `overwrite`.
+pub fn save_image(
+    path: impl AsRef<Path>,
+    rgb: &ImageF32,
+    alpha: Option<&ImageF32>,
+    overwrite: bool,
+) -> Result<()> {
+    let path = path.as_ref();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    let bytes = match ext.as_str() {
+        "png" => encode_png(path, rgb, alpha, false, &[])?,
+        "jpg" | "jpeg" => encode_with(path, rgb, None, |buf, data, w, h, color| {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(buf, JPEG_QUALITY)
+                .encode(data, w, h, color)
+        })?,
+        "webp" => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
+            image::codecs::webp::WebPEncoder::new_lossless(buf).encode(data, w, h, color)
+        })?,
+        "bmp" => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
+            image::codecs::bmp::BmpEncoder::new(buf).encode(data, w, h, color)
+        })?,
+        "tif" | "tiff" => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
+            use image::ImageEncoder;
+            image::codecs::tiff::TiffEncoder::new(buf).write_image(data, w, h, color)
+        })?,
+        _ => {
+            return Err(input_error(
+                path,
+                "unknown output format (use .png, .jpg, .webp, .bmp or .tif)",
+            ))
+        }
+    };
+    write_atomically(path, &bytes, overwrite)
+}
+
+fn encode_with(
+    path: &Path,
+    rgb: &ImageF32,
+    alpha: Option<&ImageF32>,
+    encode: impl FnOnce(
+        &mut Cursor<Vec<u8>>,
+        &[u8],
+        u32,
+        u32,
+        image::ExtendedColorType,
+    ) -> image::ImageResult<()>,
+) -> Result<Vec<u8>> {
+    let samples = interleave(rgb, alpha, path)?;
+    let data: Vec<u8> = samples.iter().map(|&v| quantize_u8(v)).collect();
+    let color = match (rgb.channels, alpha.is_some()) {
+        (1, false) => image::ExtendedColorType::L8,
+        (1, true) => image::ExtendedColorType::La8,
+        (_, false) => image::ExtendedColorType::Rgb8,
+        (_, true) => image::ExtendedColorType::Rgba8,
+    };
+    let mut buf = Cursor::new(Vec::new());
+    encode(&mut buf, &data, rgb.width as u32, rgb.height as u32, color)
+        .map_err(|e| input_error(path, &format!("cannot encode ({e})")))?;
+    Ok(buf.into_inner())
+}
+
+/// Error for an existing output that may not be replaced.
+pub fn exists_error(path: &Path) -> Error {
+    input_error(path, "already exists (use --force to overwrite)")
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn temp_path_for(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let unique = format!(
+        ".{name}.{}-{}.tmp",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    path.with_file_name(unique)
+}
+
+/// Writes `bytes` to a temporary file next to `path`, then moves it into place. Without
+/// `overwrite` the move is a hard link, which fails rather than replace a file that appeared
+/// meanwhile; file systems without hard links fall back to check-then-rename.
+pub fn write_atomically(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
+    if !overwrite && path.exists() {
+        return Err(exists_error(path));
+    }
+    let temp = temp_path_for(path);
+    let result = write_and_sync(&temp, bytes).and_then(|()| {
+        if overwrite {
+            std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
+        } else {
+            match std::fs::hard_link(&temp, path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists_error(path)),
+                Err(_) => {
+                    if path.exists() {
+                        return Err(exists_error(path));
+                    }
+                    std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
+                }
+            }
+        }
+    });
+    // After a rename the temporary name is gone already; after a hard link or a failure it
+    // still exists and must go.
+    let _ = std::fs::remove_file(&temp);
+    result
+}
+
+fn write_and_sync(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    file.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    file.sync_all().map_err(|e| Error::io(path, e))
+}

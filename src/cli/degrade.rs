@@ -1,0 +1,132 @@
+//! `pfstorer degrade`: synthetic light/heavy degradations of a batch of images.
+//!
+//! Each input gets its own seed, [`per_image_seed`]`(--seed, file name)`, so an image is
+//! degraded the same way whatever else is in the batch. Outputs are 8-bit PNGs named
+//! `<stem>_<preset>.png` (see `batch` for collisions) carrying the preset, seed and drawn
+//! parameters as PNG text; an alpha channel of the input is kept.
+
+use super::batch::{
+    check_existing, expand_inputs, output_paths, per_image_seed, progress_bar, reason,
+    ExistingPolicy, InputItem, Outcome, Summary,
+};
+use crate::degrade::{degrade_image, Preset};
+use crate::imaging::io::{load_image, save_png};
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Args)]
+pub struct DegradeArgs {
+    /// Image files, directories (their image files, not recursive) or patterns like `faces/*.jpg`.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Degradation preset.
+    #[arg(long, value_parser = ["light", "heavy"])]
+    pub preset: String,
+    /// Base seed; each image's seed is derived from it and the image's file name.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (created when missing).
+    #[arg(short = 'o', long = "out-dir")]
+    pub out_dir: PathBuf,
+    /// Replace existing outputs.
+    #[arg(long)]
+    pub force: bool,
+    /// Leave existing outputs alone and count them as skipped (not failed).
+    #[arg(long, conflicts_with = "force")]
+    pub skip_existing: bool,
+    /// Print one JSON line per written image (input, output, seed, drawn parameters) to stdout.
+    #[arg(long)]
+    pub print_params: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: DegradeArgs) -> Result<()> {
+    let preset: Preset = args
+        .preset
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--preset: {e}"))?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let policy = ExistingPolicy::from_flags(args.force, args.skip_existing);
+
+    let mut summary = Summary::default();
+    let mut files = Vec::new();
+    for item in expand_inputs(&args.inputs) {
+        match item {
+            InputItem::File(path) => files.push(path),
+            InputItem::Invalid { arg, reason } => summary.record(&arg, Outcome::Failed(reason)),
+        }
+    }
+    let suffix = format!("_{}", args.preset);
+    let outputs = output_paths(&files, &args.out_dir, &suffix, "png");
+
+    let bar = progress_bar(files.len(), args.quiet);
+    for (input, output) in files.iter().zip(&outputs) {
+        bar.set_message(input.display().to_string());
+        let seed = per_image_seed(args.seed, input);
+        let outcome = check_existing(output, policy).unwrap_or_else(|| {
+            match degrade_one(input, output, preset, &args.preset, seed, policy) {
+                Ok(line) => {
+                    if args.print_params {
+                        bar.suspend(|| println!("{line}"));
+                    }
+                    Outcome::Done
+                }
+                Err(why) => Outcome::Failed(why),
+            }
+        });
+        summary.record(input, outcome);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    summary.finish()
+}
+
+/// Degrades and writes one image; returns the `--print-params` JSON line.
+fn degrade_one(
+    input: &Path,
+    output: &Path,
+    preset: Preset,
+    preset_name: &str,
+    seed: u64,
+    policy: ExistingPolicy,
+) -> Result<String, String> {
+    let loaded = load_image(input).map_err(|e| reason(&e, input))?;
+    let (degraded, params) =
+        degrade_image(&loaded.rgb, preset, seed).map_err(|e| reason(&e, input))?;
+    let params = serde_json::to_value(&params).map_err(|e| format!("parameters: {e}"))?;
+    let alpha = loaded
+        .alpha
+        .as_ref()
+        .filter(|a| (a.width, a.height) == (degraded.width, degraded.height));
+
+    // The PNG text holds no paths, so the same image and seed give the same bytes anywhere.
+    let mut record = serde_json::Map::new();
+    record.insert("preset".into(), preset_name.into());
+    record.insert("seed".into(), seed.into());
+    match params {
+        serde_json::Value::Object(fields) => record.extend(fields),
+        other => {
+            record.insert("params".into(), other);
+        }
+    }
+    let embedded = serde_json::Value::Object(record.clone()).to_string();
+    let mut line = serde_json::Map::new();
+    line.insert("input".into(), input.display().to_string().into());
+    line.insert("output".into(), output.display().to_string().into());
+    line.extend(record);
+    let line = serde_json::Value::Object(line).to_string();
+    let text = [
+        (
+            "Software".to_string(),
+            format!("pfstorer {}", env!("CARGO_PKG_VERSION")),
+        ),
+        ("pfstorer:degrade".to_string(), embedded),
+    ];
+    save_png(output, &degraded, alpha, false, &text, policy.overwrite())
+        .map_err(|e| reason(&e, output))?;
+    Ok(line)
+}
