@@ -27,7 +27,11 @@ fn test_image(w: usize, h: usize) -> ImageF32 {
     for y in 0..h {
         for x in 0..w {
             let (u, v) = (x as f32 / w as f32, y as f32 / h as f32);
-            let disk = if (u - 0.5).powi(2) + (v - 0.5).powi(2) < 0.06 { 0.2 } else { 0.0 };
+            let disk = if (u - 0.5).powi(2) + (v - 0.5).powi(2) < 0.06 {
+                0.2
+            } else {
+                0.0
+            };
             data.push(0.5 + 0.3 * (6.0 * u + 2.0 * v).sin() + disk);
             data.push(0.5 + 0.3 * (4.0 * v - 3.0 * u).cos() - disk);
             data.push(0.4 + 0.25 * (9.0 * u * v).sin() + 0.5 * disk);
@@ -48,13 +52,23 @@ fn gaussian_noise_sigma_on_flat_image() {
             let out = add_gaussian_noise(&img, sigma, gray, &mut rng);
             let n = out.data.len() as f64;
             let mean: f64 = out.data.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var: f64 = out.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let var: f64 = out
+                .data
+                .iter()
+                .map(|&v| (v as f64 - mean).powi(2))
+                .sum::<f64>()
+                / n;
             let measured = var.sqrt() * 255.0;
             println!("sigma {sigma} gray {gray}: measured {measured:.3}");
-            assert!((measured - sigma).abs() < 0.05 * sigma, "sigma {sigma}: measured {measured}");
+            assert!(
+                (measured - sigma).abs() < 0.05 * sigma,
+                "sigma {sigma}: measured {measured}"
+            );
             if gray {
                 let hw = 128 * 128;
-                assert!((0..hw).all(|i| out.data[i] == out.data[hw + i] && out.data[i] == out.data[2 * hw + i]));
+                assert!((0..hw).all(
+                    |i| out.data[i] == out.data[hw + i] && out.data[i] == out.data[2 * hw + i]
+                ));
             }
         }
     }
@@ -74,7 +88,12 @@ fn poisson_noise_grows_with_intensity() {
             .collect();
         let img = Planar::new(3, h, w, data).unwrap();
         let out = add_poisson_noise(&img, 1.0, false, &mut rng);
-        let noise: Vec<f64> = out.data.iter().zip(&img.data).map(|(o, i)| (o - i) as f64).collect();
+        let noise: Vec<f64> = out
+            .data
+            .iter()
+            .zip(&img.data)
+            .map(|(o, i)| (o - i) as f64)
+            .collect();
         let n = noise.len() as f64;
         let mean: f64 = noise.iter().sum::<f64>() / n;
         let std = (noise.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
@@ -105,7 +124,11 @@ fn heavy_degrades_more_than_light() {
         light += psnr(&l.data, &img.data);
         heavy += psnr(&h.data, &img.data);
     }
-    println!("mean PSNR light {:.2} dB, heavy {:.2} dB", light / 20.0, heavy / 20.0);
+    println!(
+        "mean PSNR light {:.2} dB, heavy {:.2} dB",
+        light / 20.0,
+        heavy / 20.0
+    );
     assert!(heavy < light);
 }
 
@@ -130,7 +153,11 @@ fn output_size_equals_input_size() {
         for preset in [Preset::Light, Preset::Heavy] {
             for seed in 0..4 {
                 let (out, _) = degrade_image(&img, preset, seed).unwrap();
-                assert_eq!((out.width, out.height, out.channels), (w, h, 3), "{preset} {w}x{h}");
+                assert_eq!(
+                    (out.width, out.height, out.channels),
+                    (w, h, 3),
+                    "{preset} {w}x{h}"
+                );
                 assert!(out.data.iter().all(|v| (0.0..=1.0).contains(v)));
             }
         }

@@ -13,15 +13,16 @@ use pfstorer::degrade::kernels::{
     choose_kernel_type, circular_lowpass_kernel, kernel_from_draws, sigma_matrix2, Kernel,
     KernelType,
 };
-use pfstorer::degrade::motion::{finish_motion_kernel, kernel_from_trajectory, trajectory_kernel_size};
+use pfstorer::degrade::motion::{
+    finish_motion_kernel, kernel_from_trajectory, trajectory_kernel_size,
+};
 use pfstorer::degrade::noise::{
-    add_noise_clip, gaussian_noise_from_draws, poisson_noise_from_draws, poisson_vals,
-    rgb_to_gray, round_to_u8_levels,
+    add_noise_clip, gaussian_noise_from_draws, poisson_noise_from_draws, poisson_vals, rgb_to_gray,
+    round_to_u8_levels,
 };
 use pfstorer::degrade::Planar;
 use pfstorer::imaging::resize::{
-    resize_cv2_planar, resize_torch_planar, resize_torch_scale_factor_planar, CvInterp,
-    TorchInterp,
+    resize_cv2_planar, resize_torch_planar, resize_torch_scale_factor_planar, CvInterp, TorchInterp,
 };
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -155,7 +156,14 @@ fn kernel_of(fx: &Fx, name: &str) -> Kernel {
 fn fixed_kernels() {
     let fx = Fx::load();
     let mut n = 0;
-    for family in ["iso", "aniso", "gen_iso", "gen_aniso", "plateau_iso", "plateau_aniso"] {
+    for family in [
+        "iso",
+        "aniso",
+        "gen_iso",
+        "gen_aniso",
+        "plateau_iso",
+        "plateau_aniso",
+    ] {
         for name in fx.indexed(&format!("kernel/{family}/")) {
             let p = fx.t(&format!("{name}/params"));
             let k = p[0] as usize;
@@ -164,7 +172,9 @@ fn fixed_kernels() {
                 ("iso", _) => bivariate_gaussian(k, p[1], p[1], 0.0, true),
                 ("aniso", _) => bivariate_gaussian(k, p[1], p[2], p[3], false),
                 ("gen_iso", _) => bivariate_generalized_gaussian(k, p[1], p[1], 0.0, p[2], true),
-                ("gen_aniso", _) => bivariate_generalized_gaussian(k, p[1], p[2], p[3], p[4], false),
+                ("gen_aniso", _) => {
+                    bivariate_generalized_gaussian(k, p[1], p[2], p[3], p[4], false)
+                }
                 ("plateau_iso", _) => bivariate_plateau(k, p[1], p[1], 0.0, p[2], true),
                 _ => bivariate_plateau(k, p[1], p[2], p[3], p[4], false),
             }
@@ -172,7 +182,12 @@ fn fixed_kernels() {
             check(&name, &ours.data, fx.t(&name), 1e-12);
             if family == "aniso" {
                 let m = sigma_matrix2(p[1], p[2], p[3]);
-                check(&format!("{name}/sigma_matrix"), &m, fx.t(&format!("{name}/sigma_matrix")), 1e-12);
+                check(
+                    &format!("{name}/sigma_matrix"),
+                    &m,
+                    fx.t(&format!("{name}/sigma_matrix")),
+                    1e-12,
+                );
             }
             n += 1;
         }
@@ -212,7 +227,11 @@ fn random_kernels_from_draws() {
                 .iter()
                 .map(|v| v.as_f64().unwrap())
                 .collect();
-            assert_eq!(choose_kernel_type(&list, &prob, draws[0]).unwrap(), kind, "{case}: type choice");
+            assert_eq!(
+                choose_kernel_type(&list, &prob, draws[0]).unwrap(),
+                kind,
+                "{case}: type choice"
+            );
             &draws[1..]
         } else {
             draws
@@ -222,7 +241,12 @@ fn random_kernels_from_draws() {
         if fx.has(&noise_name) {
             k = apply_mult_noise(k, fx.t(&noise_name)).unwrap();
         }
-        check(&format!("rkernel/{case}"), &k.data, fx.t(&format!("rkernel/{case}/kernel")), 1e-12);
+        check(
+            &format!("rkernel/{case}"),
+            &k.data,
+            fx.t(&format!("rkernel/{case}/kernel")),
+            1e-12,
+        );
     }
 }
 
@@ -242,8 +266,18 @@ fn filter2d_torch_and_cv2() {
         let torch = format!("filter/torch/{name}");
         if fx.has(&torch) {
             let want = fx.t(&torch);
-            check(&format!("{torch} direct"), &f64s(&filter2d_direct(&rgb, &k).data), want, 2e-6);
-            check(&format!("{torch} fast"), &f64s(&filter2d(&rgb, &k).data), want, 2e-6);
+            check(
+                &format!("{torch} direct"),
+                &f64s(&filter2d_direct(&rgb, &k).data),
+                want,
+                2e-6,
+            );
+            check(
+                &format!("{torch} fast"),
+                &f64s(&filter2d(&rgb, &k).data),
+                want,
+                2e-6,
+            );
         }
         let cv = format!("filter/cv2/{name}");
         if fx.has(&cv) {
@@ -257,9 +291,16 @@ fn filter2d_torch_and_cv2() {
     let mut out = Vec::new();
     for i in 0..b {
         let k = Kernel::new(ks, kernels[i * ks * ks..(i + 1) * ks * ks].to_vec()).unwrap();
-        out.extend(f64s(&filter2d(&fx.nchw("filter/torch_batch/in", i), &k).data));
+        out.extend(f64s(
+            &filter2d(&fx.nchw("filter/torch_batch/in", i), &k).data,
+        ));
     }
-    check("filter/torch_batch/out", &out, fx.t("filter/torch_batch/out"), 2e-6);
+    check(
+        "filter/torch_batch/out",
+        &out,
+        fx.t("filter/torch_batch/out"),
+        2e-6,
+    );
 }
 
 #[test]
@@ -268,28 +309,51 @@ fn unsharp_masking() {
     let k = fx.shape("usm/kernel")[0];
     let radius = k / 2;
     let torch = usm_sharp(&fx.nchw("img/rgb_nchw", 0), 0.5, radius, 10.0);
-    check("usm/torch_out", &f64s(&torch.data), fx.t("usm/torch_out"), 1e-5);
+    check(
+        "usm/torch_out",
+        &f64s(&torch.data),
+        fx.t("usm/torch_out"),
+        1e-5,
+    );
     let np = usm_sharp(&fx.hwc("img/bgr_hwc"), 0.5, radius, 10.0);
-    check("usm/numpy_out", &planar_hwc(&np), fx.t("usm/numpy_out"), 1e-5);
+    check(
+        "usm/numpy_out",
+        &planar_hwc(&np),
+        fx.t("usm/numpy_out"),
+        1e-5,
+    );
 }
 
 #[test]
 fn resizes() {
     let fx = Fx::load();
-    let factors = fx.params["params"]["resize"]["factors"].as_object().expect("factors");
+    let factors = fx.params["params"]["resize"]["factors"]
+        .as_object()
+        .expect("factors");
     for (label, f) in factors {
         let f = f.as_f64().unwrap();
         let (src_cv, src_pt) = if f < 1.0 {
             (fx.hwc("img/bgr_hwc"), fx.nchw("img/rgb_nchw", 0))
         } else {
-            (fx.hwc("resize/crop_bgr_hwc"), fx.nchw("resize/crop_rgb_nchw", 0))
+            (
+                fx.hwc("resize/crop_bgr_hwc"),
+                fx.nchw("resize/crop_rgb_nchw", 0),
+            )
         };
         let (c, h, w) = (src_cv.channels, src_cv.height, src_cv.width);
-        for (mode, interp) in [("area", CvInterp::Area), ("linear", CvInterp::Linear), ("cubic", CvInterp::Cubic)] {
+        for (mode, interp) in [
+            ("area", CvInterp::Area),
+            ("linear", CvInterp::Linear),
+            ("cubic", CvInterp::Cubic),
+        ] {
             let name = format!("resize/cv2/{mode}/{label}");
             let s = fx.shape(&name);
             let (oh, ow) = (s[0], s[1]);
-            assert_eq!((oh, ow), ((h as f64 * f) as usize, (w as f64 * f) as usize), "{name}: size");
+            assert_eq!(
+                (oh, ow),
+                ((h as f64 * f) as usize, (w as f64 * f) as usize),
+                "{name}: size"
+            );
             let out = resize_cv2_planar(&src_cv.data, c, h, w, oh, ow, interp).unwrap();
             let out = Planar::new(c, oh, ow, out).unwrap();
             check(&name, &planar_hwc(&out), fx.t(&name), 2e-6);
@@ -322,7 +386,9 @@ fn numpy_noise_from_recorded_draws() {
     for case in ["gauss_color", "gauss_gray", "gauss_round"] {
         let draws = fx.t(&format!("noise/{case}/draws"));
         let gray_prob = noise_params[case]["kwargs"]["gray_prob"].as_f64().unwrap();
-        let rounds = noise_params[case]["kwargs"]["rounds"].as_bool().unwrap_or(false);
+        let rounds = noise_params[case]["kwargs"]["rounds"]
+            .as_bool()
+            .unwrap_or(false);
         let randn = fx.f32s(&format!("noise/{case}/randn"));
         // Colour draws are HWC; bring them to planar order.
         let hw = img.height * img.width;
@@ -331,12 +397,26 @@ fn numpy_noise_from_recorded_draws() {
         } else {
             (0..3 * hw).map(|i| randn[(i % hw) * 3 + i / hw]).collect()
         };
-        assert_eq!(randn.len() == img.height * img.width, draws[1] < gray_prob, "{case}: gray branch");
+        assert_eq!(
+            randn.len() == img.height * img.width,
+            draws[1] < gray_prob,
+            "{case}: gray branch"
+        );
         let noise = gaussian_noise_from_draws(&img, &randn, draws[0]).unwrap();
         let noise_img = Planar::new(3, img.height, img.width, noise.clone()).unwrap();
-        check(&format!("noise/{case}/noise"), &planar_hwc(&noise_img), fx.t(&format!("noise/{case}/noise")), 1e-7);
+        check(
+            &format!("noise/{case}/noise"),
+            &planar_hwc(&noise_img),
+            fx.t(&format!("noise/{case}/noise")),
+            1e-7,
+        );
         let out = add_noise_clip(&img, &noise, rounds);
-        check(&format!("noise/{case}/out"), &planar_hwc(&out), fx.t(&format!("noise/{case}/out")), 1e-7);
+        check(
+            &format!("noise/{case}/out"),
+            &planar_hwc(&out),
+            fx.t(&format!("noise/{case}/out")),
+            1e-7,
+        );
     }
     for case in ["poisson_color", "poisson_gray"] {
         let draws = fx.t(&format!("noise/{case}/draws"));
@@ -356,7 +436,12 @@ fn numpy_noise_from_recorded_draws() {
         } else {
             planar_hwc(&Planar::new(3, img.height, img.width, rounded.clone()).unwrap())
         };
-        check(&format!("noise/{case}/rounded"), &ours_rounded, want_rounded, 1e-7);
+        check(
+            &format!("noise/{case}/rounded"),
+            &ours_rounded,
+            want_rounded,
+            1e-7,
+        );
         let vals = poisson_vals(&rounded);
         assert_eq!(vals, draws[3], "{case}: vals");
         // Draws are HWC for colour; bring them to planar order.
@@ -365,13 +450,26 @@ fn numpy_noise_from_recorded_draws() {
             poisson.to_vec()
         } else {
             let hw = img.height * img.width;
-            (0..3 * hw).map(|i| poisson[(i % hw) * 3 + i / hw]).collect()
+            (0..3 * hw)
+                .map(|i| poisson[(i % hw) * 3 + i / hw])
+                .collect()
         };
-        let noise = poisson_noise_from_draws(&img, &rounded, &poisson_planar, vals, draws[0]).unwrap();
+        let noise =
+            poisson_noise_from_draws(&img, &rounded, &poisson_planar, vals, draws[0]).unwrap();
         let noise_img = Planar::new(3, img.height, img.width, noise.clone()).unwrap();
-        check(&format!("noise/{case}/noise"), &planar_hwc(&noise_img), fx.t(&format!("noise/{case}/noise")), 1e-7);
+        check(
+            &format!("noise/{case}/noise"),
+            &planar_hwc(&noise_img),
+            fx.t(&format!("noise/{case}/noise")),
+            1e-7,
+        );
         let out = add_noise_clip(&img, &noise, false);
-        check(&format!("noise/{case}/out"), &planar_hwc(&out), fx.t(&format!("noise/{case}/out")), 1e-7);
+        check(
+            &format!("noise/{case}/out"),
+            &planar_hwc(&out),
+            fx.t(&format!("noise/{case}/out")),
+            1e-7,
+        );
     }
 }
 
@@ -382,34 +480,64 @@ fn torch_noise_from_recorded_draws() {
     let noise_params = &fx.params["params"]["noise"];
     // Gaussian: per-sample sigma, one gray field shared by the batch.
     let kw = &noise_params["gauss_pt"]["kwargs"];
-    let (lo, hi) = (kw["sigma_range"][0].as_f64().unwrap() as f32, kw["sigma_range"][1].as_f64().unwrap() as f32);
+    let (lo, hi) = (
+        kw["sigma_range"][0].as_f64().unwrap() as f32,
+        kw["sigma_range"][1].as_f64().unwrap() as f32,
+    );
     let gray_prob = kw["gray_prob"].as_f64().unwrap() as f32;
     let u = fx.f32s("noise_pt/gauss_pt/u_param");
     let ug = fx.f32s("noise_pt/gauss_pt/u_gray");
     let sigma: Vec<f32> = u.iter().map(|&u| u * (hi - lo) + lo).collect();
-    check("noise_pt/gauss_pt/sigma", &f64s(&sigma), fx.t("noise_pt/gauss_pt/sigma"), 0.0);
+    check(
+        "noise_pt/gauss_pt/sigma",
+        &f64s(&sigma),
+        fx.t("noise_pt/gauss_pt/sigma"),
+        0.0,
+    );
     let gray_field = fx.f32s("noise_pt/gauss_pt/randn_gray");
     let color = fx.f32s("noise_pt/gauss_pt/randn_color");
     let (mut noise_all, mut out_all) = (Vec::new(), Vec::new());
     for i in 0..b {
         let img = fx.nchw("noise_pt/in", i);
         let n = img.data.len();
-        let field: &[f32] = if ug[i] < gray_prob { &gray_field } else { &color[i * n..(i + 1) * n] };
+        let field: &[f32] = if ug[i] < gray_prob {
+            &gray_field
+        } else {
+            &color[i * n..(i + 1) * n]
+        };
         let noise = gaussian_noise_from_draws(&img, field, sigma[i] as f64).unwrap();
         out_all.extend(f64s(&add_noise_clip(&img, &noise, false).data));
         noise_all.extend(f64s(&noise));
     }
-    check("noise_pt/gauss_pt/noise", &noise_all, fx.t("noise_pt/gauss_pt/noise"), 1e-7);
-    check("noise_pt/gauss_pt/out", &out_all, fx.t("noise_pt/gauss_pt/out"), 1e-7);
+    check(
+        "noise_pt/gauss_pt/noise",
+        &noise_all,
+        fx.t("noise_pt/gauss_pt/noise"),
+        1e-7,
+    );
+    check(
+        "noise_pt/gauss_pt/out",
+        &out_all,
+        fx.t("noise_pt/gauss_pt/out"),
+        1e-7,
+    );
 
     // Poisson: per-sample unique counts, gray via torchvision weights.
     let kw = &noise_params["poisson_pt"]["kwargs"];
-    let (lo, hi) = (kw["scale_range"][0].as_f64().unwrap() as f32, kw["scale_range"][1].as_f64().unwrap() as f32);
+    let (lo, hi) = (
+        kw["scale_range"][0].as_f64().unwrap() as f32,
+        kw["scale_range"][1].as_f64().unwrap() as f32,
+    );
     let gray_prob = kw["gray_prob"].as_f64().unwrap() as f32;
     let u = fx.f32s("noise_pt/poisson_pt/u_param");
     let ug = fx.f32s("noise_pt/poisson_pt/u_gray");
     let scale: Vec<f32> = u.iter().map(|&u| u * (hi - lo) + lo).collect();
-    check("noise_pt/poisson_pt/scale", &f64s(&scale), fx.t("noise_pt/poisson_pt/scale"), 0.0);
+    check(
+        "noise_pt/poisson_pt/scale",
+        &f64s(&scale),
+        fx.t("noise_pt/poisson_pt/scale"),
+        0.0,
+    );
     let n_unique = fx.t("noise_pt/poisson_pt/n_unique");
     let pg = fx.t("noise_pt/poisson_pt/poisson_gray");
     let pc = fx.t("noise_pt/poisson_pt/poisson_color");
@@ -421,25 +549,53 @@ fn torch_noise_from_recorded_draws() {
         let color_rounded = round_to_u8_levels(&img.data);
         let (vg, vc) = (poisson_vals(&gray_rounded), poisson_vals(&color_rounded));
         assert_eq!(vg, 2f64.powf(n_unique[i].log2().ceil()), "gray vals {i}");
-        assert_eq!(vc, 2f64.powf(n_unique[b + i].log2().ceil()), "colour vals {i}");
+        assert_eq!(
+            vc,
+            2f64.powf(n_unique[b + i].log2().ceil()),
+            "colour vals {i}"
+        );
         let noise = if ug[i] < gray_prob {
-            poisson_noise_from_draws(&img, &gray_rounded, &pg[i * hw..(i + 1) * hw], vg, scale[i] as f64)
+            poisson_noise_from_draws(
+                &img,
+                &gray_rounded,
+                &pg[i * hw..(i + 1) * hw],
+                vg,
+                scale[i] as f64,
+            )
         } else {
-            poisson_noise_from_draws(&img, &color_rounded, &pc[i * n..(i + 1) * n], vc, scale[i] as f64)
+            poisson_noise_from_draws(
+                &img,
+                &color_rounded,
+                &pc[i * n..(i + 1) * n],
+                vc,
+                scale[i] as f64,
+            )
         }
         .unwrap();
         out_all.extend(f64s(&add_noise_clip(&img, &noise, false).data));
         noise_all.extend(f64s(&noise));
     }
-    check("noise_pt/poisson_pt/noise", &noise_all, fx.t("noise_pt/poisson_pt/noise"), 1e-6);
-    check("noise_pt/poisson_pt/out", &out_all, fx.t("noise_pt/poisson_pt/out"), 1e-6);
+    check(
+        "noise_pt/poisson_pt/noise",
+        &noise_all,
+        fx.t("noise_pt/poisson_pt/noise"),
+        1e-6,
+    );
+    check(
+        "noise_pt/poisson_pt/out",
+        &out_all,
+        fx.t("noise_pt/poisson_pt/out"),
+        1e-6,
+    );
 }
 
 #[test]
 fn diffjpeg() {
     let fx = Fx::load();
     let img = fx.nchw("img/rgb_nchw", 0);
-    let qualities = fx.params["params"]["jpeg"]["qualities"].as_array().expect("qualities");
+    let qualities = fx.params["params"]["jpeg"]["qualities"]
+        .as_array()
+        .expect("qualities");
     for q in qualities {
         let q = q.as_f64().unwrap();
         let name = format!("jpeg/diffjpeg/q{q}/out");
@@ -449,7 +605,7 @@ fn diffjpeg() {
     let b = fx.shape("jpeg/diffjpeg/batch/out")[0];
     let q = fx.f32s("jpeg/diffjpeg/batch/quality");
     let mut all = Vec::new();
-    for i in 0..b {
+    for (i, &quality) in q.iter().enumerate().take(b) {
         let src = fx.nchw("jpeg/diffjpeg/batch/out", i);
         // The batch input is [img, img flipped left-right].
         let mut flipped = img.clone();
@@ -464,9 +620,18 @@ fn diffjpeg() {
             }
         }
         assert_eq!(src.data.len(), flipped.data.len());
-        all.extend(f64s(&diff_jpeg_factor(&flipped, quality_to_factor(q[i])).unwrap().data));
+        all.extend(f64s(
+            &diff_jpeg_factor(&flipped, quality_to_factor(quality))
+                .unwrap()
+                .data,
+        ));
     }
-    check("jpeg/diffjpeg/batch/out", &all, fx.t("jpeg/diffjpeg/batch/out"), 1e-5);
+    check(
+        "jpeg/diffjpeg/batch/out",
+        &all,
+        fx.t("jpeg/diffjpeg/batch/out"),
+        1e-5,
+    );
 }
 
 #[test]
@@ -477,11 +642,21 @@ fn median_blurs() {
     for k in [3usize, 5] {
         let name = format!("median/f32/k{k}");
         if fx.has(&name) {
-            check(&name, &planar_hwc(&median_blur(&f, k).unwrap()), fx.t(&name), 0.0);
+            check(
+                &name,
+                &planar_hwc(&median_blur(&f, k).unwrap()),
+                fx.t(&name),
+                0.0,
+            );
         }
         let name = format!("median/u8/k{k}");
         if fx.has(&name) {
-            check(&name, &planar_hwc(&median_blur(&u8img, k).unwrap()), fx.t(&name), 0.0);
+            check(
+                &name,
+                &planar_hwc(&median_blur(&u8img, k).unwrap()),
+                fx.t(&name),
+                0.0,
+            );
         }
     }
 }
@@ -499,13 +674,23 @@ fn motion_kernels_from_trajectory() {
         let steps = fx.shape(&format!("{case}/trajectory"))[1];
         let h = trajectory_kernel_size(fx.t(&format!("{case}/h_draws"))[0]);
         let k = kernel_from_trajectory(traj, steps, h).expect("non-empty histogram");
-        check(&format!("{case}/traj_kernel"), &k.data, fx.t(&format!("{case}/traj_kernel")), 1e-12);
+        check(
+            &format!("{case}/traj_kernel"),
+            &k.data,
+            fx.t(&format!("{case}/traj_kernel")),
+            1e-12,
+        );
         let ints = fx.t(&format!("{case}/int_draws"));
         let size = fx.shape(&format!("{case}/kernel"))[0];
         let enlarge = (ints[0] == 1.0).then(|| (ints[1] as usize, ints[2] as usize));
         let tol = if enlarge.is_some() { 1e-6 } else { 1e-12 };
         let fin = finish_motion_kernel(k, size, enlarge).unwrap();
-        check(&format!("{case}/kernel"), &fin.data, fx.t(&format!("{case}/kernel")), tol);
+        check(
+            &format!("{case}/kernel"),
+            &fin.data,
+            fx.t(&format!("{case}/kernel")),
+            tol,
+        );
     }
 }
 
@@ -521,38 +706,93 @@ fn isp_stages() {
     // Embedded profile data equals the fixture's.
     for (i, cam) in isp::CAMERAS.iter().enumerate() {
         let (fm1, fm2) = isp::forward_matrices(i).unwrap();
-        check(&format!("isp/profiles/{cam}/fm1"), &f64s(&fm1), fx.t(&format!("isp/profiles/{cam}/fm1")), 0.0);
-        check(&format!("isp/profiles/{cam}/fm2"), &f64s(&fm2), fx.t(&format!("isp/profiles/{cam}/fm2")), 0.0);
+        check(
+            &format!("isp/profiles/{cam}/fm1"),
+            &f64s(&fm1),
+            fx.t(&format!("isp/profiles/{cam}/fm1")),
+            0.0,
+        );
+        check(
+            &format!("isp/profiles/{cam}/fm2"),
+            &f64s(&fm2),
+            fx.t(&format!("isp/profiles/{cam}/fm2")),
+            0.0,
+        );
     }
     for (slot, idx) in isp::TONE_CURVES.iter().enumerate() {
         let (x, y) = isp::tone_curve(slot).unwrap();
         let mut xy = f64s(&x);
         xy.extend(f64s(&y));
-        check(&format!("isp/tonecurves/{idx}"), &xy, fx.t(&format!("isp/tonecurves/{idx}")), 0.0);
+        check(
+            &format!("isp/tonecurves/{idx}"),
+            &xy,
+            fx.t(&format!("isp/tonecurves/{idx}")),
+            0.0,
+        );
     }
-    check("isp/m_xyz2rgb", &f64s(&isp::xyz_to_rgb_matrix()), fx.t("isp/m_xyz2rgb"), 0.0);
+    check(
+        "isp/m_xyz2rgb",
+        &f64s(&isp::xyz_to_rgb_matrix()),
+        fx.t("isp/m_xyz2rgb"),
+        0.0,
+    );
 
     // Matrices from the recorded draws.
     let cam = p["camera_index"].as_u64().unwrap() as usize;
     let draws = fx.t("isp/draws_torch_rand");
     let fw = draws[0] as f32;
     let wb = fx.f32s("isp/wb_diag");
-    check("isp/wb_diag", &[1.2 + 1.2 * draws[1], 1.0, 1.2 + 1.2 * draws[2]], fx.t("isp/wb_diag"), 1e-6);
+    check(
+        "isp/wb_diag",
+        &[1.2 + 1.2 * draws[1], 1.0, 1.2 + 1.2 * draws[2]],
+        fx.t("isp/wb_diag"),
+        1e-6,
+    );
     let cam2xyz = isp::camera_to_xyz(cam, fw, [wb[0], wb[1], wb[2]]).unwrap();
-    check("isp/m_cam2xyz", &f64s(&cam2xyz), fx.t("isp/m_cam2xyz"), 1e-6);
-    check("isp/m_cam2xyz_inv", &f64s(&isp::inverse3(&cam2xyz).unwrap()), fx.t("isp/m_cam2xyz_inv"), 1e-5);
-    check("isp/m_xyz2rgb_inv", &f64s(&isp::inverse3(&isp::xyz_to_rgb_matrix()).unwrap()), fx.t("isp/m_xyz2rgb_inv"), 1e-5);
+    check(
+        "isp/m_cam2xyz",
+        &f64s(&cam2xyz),
+        fx.t("isp/m_cam2xyz"),
+        1e-6,
+    );
+    check(
+        "isp/m_cam2xyz_inv",
+        &f64s(&isp::inverse3(&cam2xyz).unwrap()),
+        fx.t("isp/m_cam2xyz_inv"),
+        1e-5,
+    );
+    check(
+        "isp/m_xyz2rgb_inv",
+        &f64s(&isp::inverse3(&isp::xyz_to_rgb_matrix()).unwrap()),
+        fx.t("isp/m_xyz2rgb_inv"),
+        1e-5,
+    );
     let levels = fx.t("isp/noise_levels");
     // The reference draws in float32: relative agreement to float32 precision.
-    check("isp/shot", &[10f64.powf(levels[0])], &[levels[2]], 1e-6 * levels[2]);
+    check(
+        "isp/shot",
+        &[10f64.powf(levels[0])],
+        &[levels[2]],
+        1e-6 * levels[2],
+    );
     let read = 10f64.powf(2.275 * levels[0] + 1.47 + levels[1]);
     check("isp/read", &[read], &[levels[3]], 1e-5 * levels[3]);
 
     // Tone LUTs from the control points.
     let lut = isp::ToneLut::new(&fx.f32s("isp/tone_x"), &fx.f32s("isp/tone_y")).unwrap();
     let every = |v: &[f32]| -> Vec<f64> { v.iter().step_by(100).map(|&x| x as f64).collect() };
-    check("isp/lut_yi_every100", &every(&lut.forward), fx.t("isp/lut_yi_every100"), 1e-6);
-    check("isp/lut_yi_inv_every100", &every(&lut.inverse), fx.t("isp/lut_yi_inv_every100"), 1e-6);
+    check(
+        "isp/lut_yi_every100",
+        &every(&lut.forward),
+        fx.t("isp/lut_yi_every100"),
+        1e-6,
+    );
+    check(
+        "isp/lut_yi_inv_every100",
+        &every(&lut.inverse),
+        fx.t("isp/lut_yi_inv_every100"),
+        1e-6,
+    );
 
     // Stage by stage, each from the reference's previous output.
     let stage = |name: &str| fx.nchw(&format!("isp/{name}"), 0);
@@ -564,46 +804,116 @@ fn isp_stages() {
     let tol = 1e-5;
     let mut x = stage("in_rgb_nchw");
     isp::gamma_reverse(&mut x);
-    check("isp/rev1_inverse_gamma", &f64s(&x.data), fx.t("isp/rev1_inverse_gamma"), 1e-6);
+    check(
+        "isp/rev1_inverse_gamma",
+        &f64s(&x.data),
+        fx.t("isp/rev1_inverse_gamma"),
+        1e-6,
+    );
     let mut x = stage("rev1_inverse_gamma");
     isp::tone_reverse(&mut x, &lut);
-    check("isp/rev2_inverse_tone", &f64s(&x.data), fx.t("isp/rev2_inverse_tone"), tol);
+    check(
+        "isp/rev2_inverse_tone",
+        &f64s(&x.data),
+        fx.t("isp/rev2_inverse_tone"),
+        tol,
+    );
     let mut x = stage("rev2_inverse_tone");
     isp::color_matrix(&mut x, &m_xyz2rgb_inv);
-    check("isp/rev3_linear_rgb_to_xyz", &f64s(&x.data), fx.t("isp/rev3_linear_rgb_to_xyz"), 1e-6);
+    check(
+        "isp/rev3_linear_rgb_to_xyz",
+        &f64s(&x.data),
+        fx.t("isp/rev3_linear_rgb_to_xyz"),
+        1e-6,
+    );
     let mut x = stage("rev3_linear_rgb_to_xyz");
     isp::color_matrix(&mut x, &m_cam_inv);
-    check("isp/rev4_xyz_to_camera", &f64s(&x.data), fx.t("isp/rev4_xyz_to_camera"), 1e-6);
+    check(
+        "isp/rev4_xyz_to_camera",
+        &f64s(&x.data),
+        fx.t("isp/rev4_xyz_to_camera"),
+        1e-6,
+    );
     let mut x = stage("rev4_xyz_to_camera");
     isp::exposure(&mut x, exposure, true);
-    check("isp/rev5_inverse_exposure", &f64s(&x.data), fx.t("isp/rev5_inverse_exposure"), 1e-6);
+    check(
+        "isp/rev5_inverse_exposure",
+        &f64s(&x.data),
+        fx.t("isp/rev5_inverse_exposure"),
+        1e-6,
+    );
     let raw = isp::mosaic(&stage("rev5_inverse_exposure"));
-    check("isp/rev6_mosaic", &f64s(&raw.data), fx.t("isp/rev6_mosaic"), 0.0);
+    check(
+        "isp/rev6_mosaic",
+        &f64s(&raw.data),
+        fx.t("isp/rev6_mosaic"),
+        0.0,
+    );
     let raw = stage("rev6_mosaic");
     let std = isp::noise_std(&raw, levels[2] as f32, levels[3] as f32);
     check("isp/noise_std", &f64s(&std), fx.t("isp/noise_std"), 1e-7);
     let noisy = isp::add_raw_noise(&raw, &fx.f32s("isp/noise"));
-    check("isp/rev7_noisy_raw", &f64s(&noisy.data), fx.t("isp/rev7_noisy_raw"), 0.0);
+    check(
+        "isp/rev7_noisy_raw",
+        &f64s(&noisy.data),
+        fx.t("isp/rev7_noisy_raw"),
+        0.0,
+    );
     let x = isp::demosaic(&stage("rev7_noisy_raw"));
-    check("isp/fwd1_demosaic", &f64s(&x.data), fx.t("isp/fwd1_demosaic"), 1e-6);
+    check(
+        "isp/fwd1_demosaic",
+        &f64s(&x.data),
+        fx.t("isp/fwd1_demosaic"),
+        1e-6,
+    );
     let mut x = stage("fwd1_demosaic");
     isp::exposure(&mut x, exposure, false);
-    check("isp/fwd2_exposure", &f64s(&x.data), fx.t("isp/fwd2_exposure"), 1e-6);
+    check(
+        "isp/fwd2_exposure",
+        &f64s(&x.data),
+        fx.t("isp/fwd2_exposure"),
+        1e-6,
+    );
     let mut x = stage("fwd2_exposure");
     isp::color_matrix(&mut x, &m_cam);
-    check("isp/fwd3_camera_to_xyz", &f64s(&x.data), fx.t("isp/fwd3_camera_to_xyz"), 1e-6);
+    check(
+        "isp/fwd3_camera_to_xyz",
+        &f64s(&x.data),
+        fx.t("isp/fwd3_camera_to_xyz"),
+        1e-6,
+    );
     let mut x = stage("fwd3_camera_to_xyz");
     isp::color_matrix(&mut x, &m_xyz2rgb);
-    check("isp/fwd4_xyz_to_linear_rgb", &f64s(&x.data), fx.t("isp/fwd4_xyz_to_linear_rgb"), 1e-6);
+    check(
+        "isp/fwd4_xyz_to_linear_rgb",
+        &f64s(&x.data),
+        fx.t("isp/fwd4_xyz_to_linear_rgb"),
+        1e-6,
+    );
     let mut x = stage("fwd4_xyz_to_linear_rgb");
     isp::tone_forward(&mut x, &lut);
     check("isp/fwd5_tone", &f64s(&x.data), fx.t("isp/fwd5_tone"), tol);
     let mut x = stage("fwd5_tone");
     isp::gamma_forward(&mut x);
-    check("isp/fwd6_gamma", &f64s(&x.data), fx.t("isp/fwd6_gamma"), 1e-6);
-    check("isp/out_noisy_rgb_hwc", &planar_hwc(&stage("fwd6_gamma")), fx.t("isp/out_noisy_rgb_hwc"), 0.0);
+    check(
+        "isp/fwd6_gamma",
+        &f64s(&x.data),
+        fx.t("isp/fwd6_gamma"),
+        1e-6,
+    );
+    check(
+        "isp/out_noisy_rgb_hwc",
+        &planar_hwc(&stage("fwd6_gamma")),
+        fx.t("isp/out_noisy_rgb_hwc"),
+        0.0,
+    );
 
     // Clean branch end to end.
     let clean = isp::isp_clean(&stage("in_rgb_nchw"), &lut, &m_cam, exposure).unwrap();
-    check("isp/out_clean_rgb_hwc", &planar_hwc(&clean), fx.t("isp/out_clean_rgb_hwc"), 1e-4);
+    check(
+        "isp/out_clean_rgb_hwc",
+        &planar_hwc(&clean),
+        fx.t("isp/out_clean_rgb_hwc"),
+        1e-4,
+    );
 }

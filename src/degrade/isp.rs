@@ -56,7 +56,9 @@ fn profile_f32(index: usize) -> f32 {
 /// (ForwardMatrix1, ForwardMatrix2) of a camera (row-major 3x3).
 pub fn forward_matrices(camera: usize) -> Result<([f32; 9], [f32; 9])> {
     if camera >= CAMERAS.len() {
-        return Err(Error::Input(format!("ISP camera index {camera} out of range")));
+        return Err(Error::Input(format!(
+            "ISP camera index {camera} out of range"
+        )));
     }
     let base = camera * 18;
     Ok((
@@ -68,11 +70,15 @@ pub fn forward_matrices(camera: usize) -> Result<([f32; 9], [f32; 9])> {
 /// Control points (x, y) of tone curve `TONE_CURVES[slot]`.
 pub fn tone_curve(slot: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     if slot >= TONE_CURVES.len() {
-        return Err(Error::Input(format!("ISP tone-curve slot {slot} out of range")));
+        return Err(Error::Input(format!(
+            "ISP tone-curve slot {slot} out of range"
+        )));
     }
     let base = CAMERAS.len() * 18 + slot * 2 * N_TONE_POINTS;
     let x = (0..N_TONE_POINTS).map(|i| profile_f32(base + i)).collect();
-    let y = (0..N_TONE_POINTS).map(|i| profile_f32(base + N_TONE_POINTS + i)).collect();
+    let y = (0..N_TONE_POINTS)
+        .map(|i| profile_f32(base + N_TONE_POINTS + i))
+        .collect();
     Ok((x, y))
 }
 
@@ -108,14 +114,22 @@ pub fn inverse3(m: &[f32; 9]) -> Result<[f32; 9]> {
 
 /// Not-a-knot cubic spline through (xs, ys) (scipy `interp1d(kind='cubic')`), evaluated at the
 /// increasing points `at`. Points outside the node range use the end polynomials.
-pub fn cubic_spline_eval(xs: &[f64], ys: &[f64], at: impl Iterator<Item = f64>) -> Result<Vec<f64>> {
+pub fn cubic_spline_eval(
+    xs: &[f64],
+    ys: &[f64],
+    at: impl Iterator<Item = f64>,
+) -> Result<Vec<f64>> {
     let n = xs.len();
     if n < 4 || ys.len() != n {
-        return Err(Error::Input("cubic spline needs at least 4 matching points".into()));
+        return Err(Error::Input(
+            "cubic spline needs at least 4 matching points".into(),
+        ));
     }
     let h: Vec<f64> = xs.windows(2).map(|w| w[1] - w[0]).collect();
     if h.iter().any(|&d| d.is_nan() || d <= 0.0) {
-        return Err(Error::Input("cubic spline nodes must increase strictly".into()));
+        return Err(Error::Input(
+            "cubic spline nodes must increase strictly".into(),
+        ));
     }
     let d: Vec<f64> = (0..n - 1).map(|i| (ys[i + 1] - ys[i]) / h[i]).collect();
     // Unknown second derivatives M_1..M_{n-2}; M_0 and M_{n-1} eliminated by not-a-knot.
@@ -225,12 +239,16 @@ fn lut_lookup(lut: &[f32], x: f32) -> f32 {
 
 /// `ToneMapping.forward`.
 pub fn tone_forward(img: &mut Planar, lut: &ToneLut) {
-    img.data.iter_mut().for_each(|v| *v = lut_lookup(&lut.forward, *v));
+    img.data
+        .iter_mut()
+        .for_each(|v| *v = lut_lookup(&lut.forward, *v));
 }
 
 /// `ToneMapping.reverse`.
 pub fn tone_reverse(img: &mut Planar, lut: &ToneLut) {
-    img.data.iter_mut().for_each(|v| *v = lut_lookup(&lut.inverse, *v));
+    img.data
+        .iter_mut()
+        .for_each(|v| *v = lut_lookup(&lut.inverse, *v));
 }
 
 /// `GammaCorrect.forward` (linear -> sRGB).
@@ -437,11 +455,18 @@ impl IspParams {
 /// `(fw*FM1 + (1-fw)*FM2) @ diag(wb)` for camera `camera` (float32, as the reference).
 pub fn camera_to_xyz(camera: usize, fw: f32, wb: [f32; 3]) -> Result<[f32; 9]> {
     let (fm1, fm2) = forward_matrices(camera)?;
-    Ok(std::array::from_fn(|i| (fw * fm1[i] + (1.0 - fw) * fm2[i]) * wb[i % 3]))
+    Ok(std::array::from_fn(|i| {
+        (fw * fm1[i] + (1.0 - fw) * fm2[i]) * wb[i % 3]
+    }))
 }
 
 /// The clean branch of `ISPModel` (reverse and forward without mosaic and noise).
-pub fn isp_clean(img: &Planar, lut: &ToneLut, cam2xyz: &[f32; 9], exposure_value: f32) -> Result<Planar> {
+pub fn isp_clean(
+    img: &Planar,
+    lut: &ToneLut,
+    cam2xyz: &[f32; 9],
+    exposure_value: f32,
+) -> Result<Planar> {
     let cam2xyz_inv = inverse3(cam2xyz)?;
     let xyz2rgb = xyz_to_rgb_matrix();
     let xyz2rgb_inv = inverse3(&xyz2rgb)?;

@@ -125,11 +125,13 @@ fn process_plane(plane: &mut [f32], h: usize, w: usize, chroma: bool, factor: f3
     for by in (0..h).step_by(8) {
         for bx in (0..w).step_by(8) {
             for i in 0..8 {
-                block[i * 8..i * 8 + 8].copy_from_slice(&plane[(by + i) * w + bx..(by + i) * w + bx + 8]);
+                block[i * 8..i * 8 + 8]
+                    .copy_from_slice(&plane[(by + i) * w + bx..(by + i) * w + bx + 8]);
             }
             dct.roundtrip(&mut block, chroma, factor);
             for i in 0..8 {
-                plane[(by + i) * w + bx..(by + i) * w + bx + 8].copy_from_slice(&block[i * 8..i * 8 + 8]);
+                plane[(by + i) * w + bx..(by + i) * w + bx + 8]
+                    .copy_from_slice(&block[i * 8..i * 8 + 8]);
             }
         }
     }
@@ -142,11 +144,17 @@ pub fn diff_jpeg(img: &Planar, quality: f32) -> Result<Planar> {
         return Err(Error::Input("DiffJPEG expects an RGB image".into()));
     }
     if quality.is_nan() || quality <= 0.0 || quality >= 100.0 {
-        return Err(Error::Input(format!("JPEG quality must be in (0, 100), got {quality}")));
+        return Err(Error::Input(format!(
+            "JPEG quality must be in (0, 100), got {quality}"
+        )));
     }
     // A scalar quality is converted in double precision, then multiplies the float32 tables.
     let q = quality as f64;
-    let factor = if q < 50.0 { 5000.0 / q / 100.0 } else { (200.0 - q * 2.0) / 100.0 };
+    let factor = if q < 50.0 {
+        5000.0 / q / 100.0
+    } else {
+        (200.0 - q * 2.0) / 100.0
+    };
     diff_jpeg_factor(img, factor as f32)
 }
 

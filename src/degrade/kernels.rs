@@ -62,7 +62,7 @@ impl Kernel {
 }
 
 fn check_size(kernel_size: usize) -> Result<()> {
-    if kernel_size == 0 || kernel_size % 2 == 0 {
+    if kernel_size == 0 || kernel_size.is_multiple_of(2) {
         return Err(Error::Input(format!(
             "kernel size must be odd and positive, got {kernel_size}"
         )));
@@ -188,8 +188,10 @@ pub fn bessel_j1(x: f64) -> f64 {
 /// when that is larger (0 = no padding).
 pub fn circular_lowpass_kernel(cutoff: f64, kernel_size: usize, pad_to: usize) -> Result<Kernel> {
     check_size(kernel_size)?;
-    if pad_to != 0 && pad_to % 2 == 0 {
-        return Err(Error::Input(format!("sinc pad_to must be odd, got {pad_to}")));
+    if pad_to != 0 && pad_to.is_multiple_of(2) {
+        return Err(Error::Input(format!(
+            "sinc pad_to must be odd, got {pad_to}"
+        )));
     }
     let c = (kernel_size as f64 - 1.0) / 2.0;
     let mut data = Vec::with_capacity(kernel_size * kernel_size);
@@ -288,7 +290,9 @@ pub struct MixedKernelSettings {
 /// index whose cumulative probability exceeds `u * total`.
 pub fn choose_kernel_type(list: &[KernelType], prob: &[f64], u: f64) -> Result<KernelType> {
     if list.is_empty() || list.len() != prob.len() {
-        return Err(Error::Input("kernel_list and kernel_prob must match".into()));
+        return Err(Error::Input(
+            "kernel_list and kernel_prob must match".into(),
+        ));
     }
     let total: f64 = prob.iter().sum();
     let target = u * total;

@@ -69,7 +69,9 @@ pub fn kernel_from_trajectory(traj: &[f64], steps: usize, h: usize) -> Option<Ke
     let ys = &traj[steps..2 * steps];
     let minmax = |v: &[f64]| {
         v.iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            })
     };
     let (xmin, xmax) = minmax(xs);
     let (ymin, ymax) = minmax(ys);
@@ -81,7 +83,9 @@ pub fn kernel_from_trajectory(traj: &[f64], steps: usize, h: usize) -> Option<Ke
             let n = xs
                 .iter()
                 .zip(ys)
-                .filter(|(&x, &y)| x >= xthr[i - 1] && x < xthr[i] && y >= ythr[j - 1] && y < ythr[j])
+                .filter(|(&x, &y)| {
+                    x >= xthr[i - 1] && x < xthr[i] && y >= ythr[j - 1] && y < ythr[j]
+                })
                 .count();
             if i - 1 < h && j - 1 < h {
                 k[(i - 1) * h + j - 1] = n as f64;
@@ -111,7 +115,8 @@ pub fn kernel_from_trajectory(traj: &[f64], steps: usize, h: usize) -> Option<Ke
                 for dx in -1..=1isize {
                     let (sy, sx) = (y - dy, x - dx);
                     if sy >= 0 && sx >= 0 && sy < h as isize && sx < h as isize {
-                        acc += g[((dy + 1) * 3 + dx + 1) as usize] * k[sy as usize * h + sx as usize];
+                        acc +=
+                            g[((dy + 1) * 3 + dx + 1) as usize] * k[sy as usize * h + sx as usize];
                     }
                 }
             }
@@ -123,7 +128,11 @@ pub fn kernel_from_trajectory(traj: &[f64], steps: usize, h: usize) -> Option<Ke
 
 /// Centre-pads (or crops the top-left `size x size`) as `blurkernel_synthesis` does, then
 /// optionally enlarges by `enlarge = Some((new_w, new_h))` with INTER_LINEAR and centre-crops.
-pub fn finish_motion_kernel(k: Kernel, size: usize, enlarge: Option<(usize, usize)>) -> Result<Kernel> {
+pub fn finish_motion_kernel(
+    k: Kernel,
+    size: usize,
+    enlarge: Option<(usize, usize)>,
+) -> Result<Kernel> {
     let mut k = if k.size <= size {
         k.padded_to(size)
     } else {
@@ -135,7 +144,9 @@ pub fn finish_motion_kernel(k: Kernel, size: usize, enlarge: Option<(usize, usiz
     };
     if let Some((nw, nh)) = enlarge {
         if nw < size || nh < size {
-            return Err(Error::Input("motion kernel enlargement must not shrink".into()));
+            return Err(Error::Input(
+                "motion kernel enlargement must not shrink".into(),
+            ));
         }
         let src: Vec<f32> = k.data.iter().map(|&v| v as f32).collect();
         let big = resize_cv2_planar(&src, 1, size, size, nh, nw, CvInterp::Linear)?;
@@ -165,7 +176,10 @@ pub fn random_motion_kernel<R: Rng>(rng: &mut R, size: usize) -> Result<Kernel> 
     }
     let kernel = kernel.unwrap_or_else(|| Kernel::pulse(size));
     let enlarge = if rng.gen_range(0..4) == 1 {
-        Some((rng.gen_range(size..=5 * size), rng.gen_range(size..=5 * size)))
+        Some((
+            rng.gen_range(size..=5 * size),
+            rng.gen_range(size..=5 * size),
+        ))
     } else {
         None
     };

@@ -17,7 +17,9 @@ pub fn gaussian_noise_from_draws(img: &Planar, randn: &[f32], sigma: f64) -> Res
     } else if randn.len() == hw * img.channels {
         false
     } else {
-        return Err(Error::Input("gaussian noise field has the wrong size".into()));
+        return Err(Error::Input(
+            "gaussian noise field has the wrong size".into(),
+        ));
     };
     Ok((0..img.data.len())
         .map(|i| {
@@ -77,7 +79,9 @@ pub fn rgb_to_gray(img: &Planar, weights: [f32; 3]) -> Vec<f32> {
     let hw = img.height * img.width;
     (0..hw)
         .map(|i| {
-            weights[0] * img.data[i] + weights[1] * img.data[hw + i] + weights[2] * img.data[2 * hw + i]
+            weights[0] * img.data[i]
+                + weights[1] * img.data[hw + i]
+                + weights[2] * img.data[2 * hw + i]
         })
         .collect()
 }

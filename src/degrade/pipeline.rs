@@ -25,7 +25,9 @@
 use super::filter::{filter2d, median_blur};
 use super::isp::{apply_isp, IspParams};
 use super::jpeg::diff_jpeg;
-use super::kernels::{circular_lowpass_kernel, random_mixed_kernel, KernelType, MixedKernelSettings};
+use super::kernels::{
+    circular_lowpass_kernel, random_mixed_kernel, KernelType, MixedKernelSettings,
+};
 use super::motion::random_motion_kernel;
 use super::noise::add_gaussian_noise;
 use super::{quantize_u8, Planar, Preset};
@@ -142,7 +144,13 @@ fn eq8(img: &Planar, ranges: &Eq8Ranges, rng: &mut StdRng) -> Result<(Planar, Eq
     let downscale = (rng.gen::<f64>() < ranges.scale_prob)
         .then(|| rng.gen_range(ranges.scale[0]..ranges.scale[1]));
     let mode = if ranges.torch_modes {
-        Some([TorchInterp::Area, TorchInterp::Bilinear, TorchInterp::Bicubic][rng.gen_range(0..3)])
+        Some(
+            [
+                TorchInterp::Area,
+                TorchInterp::Bilinear,
+                TorchInterp::Bicubic,
+            ][rng.gen_range(0..3)],
+        )
     } else {
         None
     };

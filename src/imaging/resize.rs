@@ -263,7 +263,11 @@ pub fn resize_torch_scale_factor_planar(
     check_dims(channels, h, w, data.len(), out_h, out_w)?;
     let ytaps = torch_taps(h, out_h, mode, 1.0 / factor);
     let xtaps = torch_taps(w, out_w, mode, 1.0 / factor);
-    Ok((apply_taps(data, channels, h, w, &ytaps, &xtaps), out_h, out_w))
+    Ok((
+        apply_taps(data, channels, h, w, &ytaps, &xtaps),
+        out_h,
+        out_w,
+    ))
 }
 
 /// `F.interpolate(x, size=(out_h, out_w), mode='bicubic', align_corners=False)` on planar
@@ -302,15 +306,41 @@ fn planar_to_hwc(data: &[f32], c: usize, h: usize, w: usize) -> ImageF32 {
 }
 
 /// `cv2.resize` of an HWC image to `out_w x out_h`.
-pub fn resize_cv2(img: &ImageF32, out_w: usize, out_h: usize, interp: CvInterp) -> Result<ImageF32> {
+pub fn resize_cv2(
+    img: &ImageF32,
+    out_w: usize,
+    out_h: usize,
+    interp: CvInterp,
+) -> Result<ImageF32> {
     let planar = hwc_to_planar(img);
-    let out = resize_cv2_planar(&planar, img.channels, img.height, img.width, out_h, out_w, interp)?;
+    let out = resize_cv2_planar(
+        &planar,
+        img.channels,
+        img.height,
+        img.width,
+        out_h,
+        out_w,
+        interp,
+    )?;
     Ok(planar_to_hwc(&out, img.channels, out_h, out_w))
 }
 
 /// `F.interpolate(size=...)` of an HWC image to `out_w x out_h`.
-pub fn resize_torch(img: &ImageF32, out_w: usize, out_h: usize, mode: TorchInterp) -> Result<ImageF32> {
+pub fn resize_torch(
+    img: &ImageF32,
+    out_w: usize,
+    out_h: usize,
+    mode: TorchInterp,
+) -> Result<ImageF32> {
     let planar = hwc_to_planar(img);
-    let out = resize_torch_planar(&planar, img.channels, img.height, img.width, out_h, out_w, mode)?;
+    let out = resize_torch_planar(
+        &planar,
+        img.channels,
+        img.height,
+        img.width,
+        out_h,
+        out_w,
+        mode,
+    )?;
     Ok(planar_to_hwc(&out, img.channels, out_h, out_w))
 }
