@@ -91,8 +91,20 @@ pub struct BaseModelConfig {
     pub lq_encoder: LqEncoderConfig,
     pub vae: VaeConfig,
     pub text: TextConfig,
+    /// OpenCLIP architecture name of the text tower (`cond_stage_config.params.arch`).
+    pub text_arch: String,
     pub diffusion: DiffusionConfig,
 }
+
+impl BaseModelConfig {
+    /// True for the tiny towers the reference fixtures register at run time, whose exact size
+    /// is read from the checkpoint.
+    pub fn text_arch_is_fixture(&self) -> bool {
+        self.text_arch.starts_with(FIXTURE_TEXT_ARCH_PREFIX)
+    }
+}
+
+const FIXTURE_TEXT_ARCH_PREFIX: &str = "stablesr-fixture-text";
 
 /// Everything in `face_vqgan_cfw_00011.ckpt` (`AutoencoderKLResi`).
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +165,7 @@ impl Default for BaseModelConfig {
             },
             vae: VaeConfig::released(),
             text: TextConfig::from_arch("ViT-H-14").expect("known arch"),
+            text_arch: "ViT-H-14".to_string(),
             diffusion: DiffusionConfig {
                 parameterization_v: true,
                 linear_start: 0.00085,
@@ -380,7 +393,9 @@ impl BaseModelConfig {
             num_res_blocks: u.usize("num_res_blocks")?,
             channel_mult: u.usize_list("channel_mult")?,
             num_head_channels: num_head_channels as usize,
-            transformer_depth: u.opt("transformer_depth").map_or(Ok(1), |_| u.usize("transformer_depth"))?,
+            transformer_depth: u
+                .opt("transformer_depth")
+                .map_or(Ok(1), |_| u.usize("transformer_depth"))?,
             context_dim: u.usize("context_dim")?,
             use_linear_in_transformer: u.bool_or("use_linear_in_transformer", false)?,
             semb_channels: u.usize("semb_channels")?,
@@ -389,7 +404,9 @@ impl BaseModelConfig {
         let e = p
             .child("structcond_stage_config")?
             .params_of(&[LQ_ENCODER_TARGET])?;
-        let head_channels = e.opt("num_head_channels").map_or(Ok(-1), |_| e.i64("num_head_channels"))?;
+        let head_channels = e
+            .opt("num_head_channels")
+            .map_or(Ok(-1), |_| e.i64("num_head_channels"))?;
         let lq_encoder = LqEncoderConfig {
             in_channels: e.usize("in_channels")?,
             model_channels: e.usize("model_channels")?,
@@ -406,12 +423,19 @@ impl BaseModelConfig {
 
         let t = p.child("cond_stage_config")?.params_of(&[TEXT_TARGET])?;
         let text = text_from(&t)?;
+        let text_arch = t
+            .opt("arch")
+            .map(|_| t.str("arch"))
+            .transpose()?
+            .unwrap_or("ViT-H-14")
+            .to_string();
 
         Ok(BaseModelConfig {
             unet,
             lq_encoder,
             vae,
             text,
+            text_arch,
             diffusion,
         })
     }
@@ -421,7 +445,11 @@ impl BaseModelConfig {
 /// architecture; explicit `width`/`heads`/`layers`/`embed_dim` keys override it, which is how a
 /// tiny test tower is described.
 fn text_from(t: &Node) -> Result<TextConfig> {
-    let arch = t.opt("arch").map(|_| t.str("arch")).transpose()?.unwrap_or("ViT-H-14");
+    let arch = t
+        .opt("arch")
+        .map(|_| t.str("arch"))
+        .transpose()?
+        .unwrap_or("ViT-H-14");
     let mut cfg = match TextConfig::from_arch(arch) {
         Some(cfg) => cfg,
         None => tiny_text_arch(arch).ok_or_else(|| {
@@ -466,15 +494,16 @@ fn text_from(t: &Node) -> Result<TextConfig> {
 /// (width 32, 2 heads of 16 channels, 3 layers). Other variants keep 16-channel heads; width and
 /// depth are then taken from the checkpoint (see `TextConfig::fit_to_checkpoint`).
 fn tiny_text_arch(arch: &str) -> Option<TextConfig> {
-    arch.starts_with("stablesr-fixture-text").then_some(TextConfig {
-        width: 32,
-        heads: 2,
-        layers: 3,
-        vocab_size: 49408,
-        context_length: 77,
-        embed_dim: 32,
-        skip_last_layers: 1,
-    })
+    arch.starts_with("stablesr-fixture-text")
+        .then_some(TextConfig {
+            width: 32,
+            heads: 2,
+            layers: 3,
+            vocab_size: 49408,
+            context_length: 77,
+            embed_dim: 32,
+            skip_last_layers: 1,
+        })
 }
 
 impl TextConfig {

@@ -13,6 +13,7 @@ pub mod degrade;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod fsutil;
 pub mod imaging;
 pub mod metrics;
 pub mod model;

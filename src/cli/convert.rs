@@ -1,1 +1,35 @@
-//! (in progress)
+//! `pfstorer convert IN.ckpt OUT.safetensors [--dtype f32|f16|bf16]`.
+
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Input checkpoint (PyTorch-Lightning .ckpt or safetensors).
+    pub input: PathBuf,
+    /// Output safetensors file.
+    pub output: PathBuf,
+    /// Precision of the floating-point tensors written.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    let dtype = pfstorer_dtype(&args.dtype)?;
+    let report =
+        crate::weights::convert::convert_checkpoint(&args.input, &args.output, dtype, args.force)?;
+    println!(
+        "wrote {} ({} tensors, {:.1} MB)",
+        args.output.display(),
+        report.tensors,
+        report.bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn pfstorer_dtype(s: &str) -> anyhow::Result<candle_core::DType> {
+    Ok(crate::device::parse_dtype(s)?)
+}

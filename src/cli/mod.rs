@@ -1,5 +1,6 @@
 //! Subcommands of the `pfstorer` binary, one file each. `anyhow` lives here, at the edge.
 
+pub mod bench;
 pub mod convert;
 pub mod model_args;
 
@@ -20,10 +21,13 @@ pub struct Cli {
 pub enum Command {
     /// Convert a PyTorch-Lightning .ckpt into a safetensors file (memory-mapped on later loads).
     Convert(convert::ConvertArgs),
+    /// Time the networks (seconds and peak memory) for the performance notes.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(args) => convert::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

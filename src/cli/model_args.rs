@@ -1,1 +1,89 @@
-//! (in progress)
+//! The model flags every command shares, and their resolution to configs and files.
+
+use crate::config::{BaseModelConfig, CfwConfig};
+use crate::weights::hub;
+use candle_core::{DType, Device};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Diffusion checkpoint (.ckpt or .safetensors); default: face_stablesr_000050.ckpt from the
+    /// Hugging Face hub (Iceclear/StableSR), cached by hf-hub.
+    #[arg(long, value_name = "FILE")]
+    pub base: Option<PathBuf>,
+    /// StableSR YAML describing --base; default: the released face model's architecture.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// CFW autoencoder checkpoint; default: face_vqgan_cfw_00011.ckpt from the hub.
+    #[arg(long, value_name = "FILE")]
+    pub cfw: Option<PathBuf>,
+    /// StableSR YAML describing --cfw; default: the released CFW autoencoder's architecture.
+    #[arg(long, value_name = "FILE")]
+    pub cfw_config: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight and activation precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl ModelArgs {
+    pub fn base_config(&self) -> anyhow::Result<BaseModelConfig> {
+        Ok(match &self.config {
+            Some(path) => BaseModelConfig::from_yaml_file(path)?,
+            None => BaseModelConfig::default(),
+        })
+    }
+
+    pub fn cfw_config(&self) -> anyhow::Result<CfwConfig> {
+        Ok(match &self.cfw_config {
+            Some(path) => CfwConfig::from_yaml_file(path)?,
+            None => CfwConfig::default(),
+        })
+    }
+
+    /// The diffusion checkpoint: `--base` or the hub file.
+    pub fn base_path(&self, progress: bool) -> anyhow::Result<PathBuf> {
+        match &self.base {
+            Some(p) => Ok(p.clone()),
+            None => Ok(hub::fetch_release_file(
+                hub::FACE_DIFFUSION_FILE,
+                "--base",
+                progress,
+            )?),
+        }
+    }
+
+    /// The CFW checkpoint: `--cfw` or the hub file.
+    pub fn cfw_path(&self, progress: bool) -> anyhow::Result<PathBuf> {
+        match &self.cfw {
+            Some(p) => Ok(p.clone()),
+            None => Ok(hub::fetch_release_file(
+                hub::FACE_CFW_FILE,
+                "--cfw",
+                progress,
+            )?),
+        }
+    }
+
+    pub fn device_dtype(&self) -> anyhow::Result<(Device, DType)> {
+        parse_device_dtype(&self.device, &self.dtype)
+    }
+}
+
+pub fn parse_device_dtype(device: &str, dtype: &str) -> anyhow::Result<(Device, DType)> {
+    Ok((
+        crate::device::parse_device(device)?,
+        crate::device::parse_dtype(dtype)?,
+    ))
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

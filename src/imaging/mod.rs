@@ -2,6 +2,7 @@
 
 pub mod colorfix;
 pub mod io;
+pub mod patches;
 pub mod resize;
 
 /// An interleaved (HWC) float image, values nominally in [0, 1], channels in RGB order
@@ -16,7 +17,11 @@ pub struct ImageF32 {
 
 impl ImageF32 {
     pub fn new(width: usize, height: usize, channels: usize, data: Vec<f32>) -> Self {
-        assert_eq!(data.len(), width * height * channels, "ImageF32 size mismatch");
+        assert_eq!(
+            data.len(),
+            width * height * channels,
+            "ImageF32 size mismatch"
+        );
         ImageF32 {
             width,
             height,
@@ -26,7 +31,12 @@ impl ImageF32 {
     }
 
     pub fn zeros(width: usize, height: usize, channels: usize) -> Self {
-        Self::new(width, height, channels, vec![0.0; width * height * channels])
+        Self::new(
+            width,
+            height,
+            channels,
+            vec![0.0; width * height * channels],
+        )
     }
 
     #[inline]

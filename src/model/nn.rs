@@ -160,8 +160,10 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let device = timesteps.device();
+    // f32 arithmetic in the reference's order, so the phases at t ~ 1000 round the same way.
+    let neg_log_period = -(10000f64.ln()) as f32;
     let freqs: Vec<f32> = (0..half)
-        .map(|k| (-(10000f64.ln()) * k as f64 / half as f64).exp() as f32)
+        .map(|k| (neg_log_period * k as f32 / half as f32).exp())
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), device)?;
     let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
@@ -177,9 +179,18 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// Scaled dot-product attention on `[batch*heads, n, d]` tensors with an optional additive
 /// mask broadcastable to `[batch*heads, n_q, n_k]`. Scores and softmax are computed in f32.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
-    let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+    let scores = (q
+        .to_dtype(DType::F32)?
+        .matmul(&k.to_dtype(DType::F32)?.t()?)?
+        * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 /// Where the tensors come from.
@@ -19,6 +19,11 @@ pub enum Source {
     /// Records names and shapes only; every tensor is a zero broadcast to the requested shape,
     /// so full-size models can be "built" without allocating their weights.
     ShapesOnly,
+    /// Seeded random weights for benchmarks: matrices and kernels N(0, 1/fan_in), 1-D
+    /// `*weight` 1 + 0.1 N(0, 1), everything else 0.1 N(0, 1) (the fixtures' recipe). Each tensor
+    /// is drawn from its own generator seeded by the seed and its name, so values do not depend
+    /// on construction order.
+    Random(u64),
 }
 
 #[derive(Default)]
@@ -96,6 +101,7 @@ impl CheckedWeights {
         let what = match self.source.as_ref() {
             Source::Store(s) => s.path().display().to_string(),
             Source::ShapesOnly => "shape check".to_string(),
+            Source::Random(_) => "random weights".to_string(),
         };
         if !log.missing.is_empty() || !log.misshaped.is_empty() {
             let mut parts = Vec::new();
@@ -178,6 +184,28 @@ fn abbreviate(items: &[String]) -> String {
     s
 }
 
+fn random_tensor(shape: &Shape, name: &str, seed: u64) -> candle_core::Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    // FNV-1a of the name: stable across Rust versions, unlike std's hasher.
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash);
+    let dims = shape.dims();
+    let n = shape.elem_count();
+    let (mean, std) = if dims.len() >= 2 {
+        (0.0, 1.0 / ((n / dims[0]).max(1) as f32).sqrt())
+    } else if name.ends_with("weight") {
+        (1.0, 0.1)
+    } else {
+        (0.0, 0.1)
+    };
+    let values: Vec<f32> = (0..n)
+        .map(|_| mean + std * rng.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect();
+    Tensor::from_vec(values, dims, &Device::Cpu)
+}
+
 fn placeholder(shape: &Shape, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
     Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
 }
@@ -192,17 +220,24 @@ impl SimpleBackend for CheckedWeights {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let mut log = self.log.lock().unwrap();
-        log.requested.insert(name.to_string(), shape.dims().to_vec());
+        log.requested
+            .insert(name.to_string(), shape.dims().to_vec());
         match self.source.as_ref() {
             Source::ShapesOnly => placeholder(&shape, dtype, dev),
+            Source::Random(seed) => random_tensor(&shape, name, *seed)?
+                .to_dtype(dtype)?
+                .to_device(dev),
             Source::Store(store) => match store.shape(name) {
                 None => {
                     log.missing.push(name.to_string());
                     placeholder(&shape, dtype, dev)
                 }
                 Some(found) if found.dims() != shape.dims() => {
-                    log.misshaped
-                        .push((name.to_string(), shape.dims().to_vec(), found.dims().to_vec()));
+                    log.misshaped.push((
+                        name.to_string(),
+                        shape.dims().to_vec(),
+                        found.dims().to_vec(),
+                    ));
                     placeholder(&shape, dtype, dev)
                 }
                 Some(_) => {
@@ -217,8 +252,8 @@ impl SimpleBackend for CheckedWeights {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match self.source.as_ref() {
-            Source::ShapesOnly => Err(candle_core::Error::Msg(format!(
-                "shape check cannot serve `{name}` without a shape"
+            Source::ShapesOnly | Source::Random(_) => Err(candle_core::Error::Msg(format!(
+                "a generated source cannot serve `{name}` without a shape"
             ))),
             Source::Store(store) => {
                 if let Some(s) = store.shape(name) {
@@ -237,7 +272,7 @@ impl SimpleBackend for CheckedWeights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         match self.source.as_ref() {
-            Source::ShapesOnly => true,
+            Source::ShapesOnly | Source::Random(_) => true,
             Source::Store(store) => store.contains(name),
         }
     }

@@ -1,6 +1,7 @@
 //! Weights: checkpoint formats, name/shape checking, hub download, conversion.
 
 pub mod checked;
+pub mod convert;
 pub mod hub;
 pub mod store;
 

@@ -73,7 +73,10 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
             max_abs = err;
         }
     }
-    println!("{name}: max abs error {max_abs:.3e} over {} elements", a.len());
+    println!(
+        "{name}: max abs error {max_abs:.3e} over {} elements",
+        a.len()
+    );
     if let Some((i, x, y)) = worst {
         panic!("{name}: element {i} = {x} vs reference {y} (max abs error {max_abs:.3e}, tolerance {atol} + {rtol}*|ref|)");
     }
