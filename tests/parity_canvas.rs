@@ -100,31 +100,40 @@ fn canvas_replays_reference_run() {
 
     let mut calls = 0usize;
     let mut worst_in = 0f64;
-    let mut denoiser = |x: &Tensor,
-                        lq: &Tensor,
-                        t_orig: usize,
-                        branches: Branches|
-     -> pfstorer::Result<Tensor> {
-        let (step, tile) = (calls / offsets.len(), calls % offsets.len());
-        calls += 1;
-        let prefix = format!("step{step}.tile{tile}");
-        assert_eq!(branches, Branches::for_guidance(Some(guidance)));
-        assert_eq!(t_orig, ints(&fx, &format!("step{step}.t_orig"))[0], "{prefix}: t_orig");
-        let (y, xo) = offsets[tile];
-        let lq_ref = init_latent
-            .narrow(2, y, tiling.tile_size)?
-            .narrow(3, xo, tiling.tile_size)?;
-        common::assert_close(&format!("{prefix}.lq_tile"), lq, &lq_ref, 0.0, 0.0);
-        let key = format!("{prefix}.unet_in_x");
-        worst_in = worst_in.max(common::assert_module_close(&key, x, common::get(&fx, &key)));
-        Ok(common::get(&fx, &format!("{prefix}.unet_out")).clone())
-    };
+    let mut denoiser =
+        |x: &Tensor, lq: &Tensor, t_orig: usize, branches: Branches| -> pfstorer::Result<Tensor> {
+            let (step, tile) = (calls / offsets.len(), calls % offsets.len());
+            calls += 1;
+            let prefix = format!("step{step}.tile{tile}");
+            assert_eq!(branches, Branches::for_guidance(Some(guidance)));
+            assert_eq!(
+                t_orig,
+                ints(&fx, &format!("step{step}.t_orig"))[0],
+                "{prefix}: t_orig"
+            );
+            let (y, xo) = offsets[tile];
+            let lq_ref =
+                init_latent
+                    .narrow(2, y, tiling.tile_size)?
+                    .narrow(3, xo, tiling.tile_size)?;
+            common::assert_close(&format!("{prefix}.lq_tile"), lq, &lq_ref, 0.0, 0.0);
+            let key = format!("{prefix}.unet_in_x");
+            worst_in = worst_in.max(common::assert_module_close(&key, x, common::get(&fx, &key)));
+            Ok(common::get(&fx, &format!("{prefix}.unet_out")).clone())
+        };
     let opts = SampleOptions {
         guidance_scale: Some(guidance),
         record_steps: true,
     };
     let out = canvas
-        .sample_from(x_t, &mut denoiser, &init_latent, &mut noise, &opts, &mut |_| {})
+        .sample_from(
+            x_t,
+            &mut denoiser,
+            &init_latent,
+            &mut noise,
+            &opts,
+            &mut |_| {},
+        )
         .unwrap();
     println!("tile inputs: max abs error {worst_in:.3e}");
 
@@ -138,7 +147,13 @@ fn canvas_replays_reference_run() {
             common::assert_module_close(&key, t, common::get(&fx, &key));
         }
     }
-    common::assert_close("samples", &out.latent, common::get(&fx, "samples"), 1e-3, 1e-2);
+    common::assert_close(
+        "samples",
+        &out.latent,
+        common::get(&fx, "samples"),
+        1e-3,
+        1e-2,
+    );
 }
 
 #[test]
@@ -158,17 +173,14 @@ fn grouped_tiles_give_the_same_blend() {
         };
         let canvas = CanvasSampler::new(&sampler, tiling).unwrap();
         let mut noise = pfstorer::diffusion::noise::SeededNoise::new(3);
-        let mut denoiser = |x: &Tensor,
-                            lq: &Tensor,
-                            t: usize,
-                            branches: Branches|
-         -> pfstorer::Result<Tensor> {
-            let lq = match branches {
-                Branches::Cond => lq.clone(),
-                Branches::UncondCond => Tensor::cat(&[lq, &lq.affine(0.5, 0.0)?], 0)?,
+        let mut denoiser =
+            |x: &Tensor, lq: &Tensor, t: usize, branches: Branches| -> pfstorer::Result<Tensor> {
+                let lq = match branches {
+                    Branches::Cond => lq.clone(),
+                    Branches::UncondCond => Tensor::cat(&[lq, &lq.affine(0.5, 0.0)?], 0)?,
+                };
+                Ok((x.affine(0.1, 0.0)? + lq.affine(t as f64 * 1e-3, 0.0)?)?.tanh()?)
             };
-            Ok((x.affine(0.1, 0.0)? + lq.affine(t as f64 * 1e-3, 0.0)?)?.tanh()?)
-        };
         let opts = SampleOptions {
             guidance_scale: Some(3.0),
             record_steps: false,

@@ -55,15 +55,26 @@ fn sampler_replays_reference_run() {
 
     // Schedule as the run used it.
     let map: Vec<i64> = common::get(&fx, "timestep_map").to_vec1().unwrap();
-    let ours: Vec<i64> = sampler.respaced().timestep_map.iter().map(|&t| t as i64).collect();
+    let ours: Vec<i64> = sampler
+        .respaced()
+        .timestep_map
+        .iter()
+        .map(|&t| t as i64)
+        .collect();
     assert_eq!(ours, map, "timestep_map");
     let r = sampler.respaced();
     for (name, values) in [
         ("sqrt_alphas_cumprod", &r.sqrt_alphas_cumprod),
-        ("sqrt_one_minus_alphas_cumprod", &r.sqrt_one_minus_alphas_cumprod),
+        (
+            "sqrt_one_minus_alphas_cumprod",
+            &r.sqrt_one_minus_alphas_cumprod,
+        ),
         ("posterior_mean_coef1", &r.posterior_mean_coef1),
         ("posterior_mean_coef2", &r.posterior_mean_coef2),
-        ("posterior_log_variance_clipped", &r.posterior_log_variance_clipped),
+        (
+            "posterior_log_variance_clipped",
+            &r.posterior_log_variance_clipped,
+        ),
     ] {
         let key = format!("respaced.{name}");
         let t = Tensor::new(r.buffer(values), &candle_core::Device::Cpu).unwrap();
@@ -80,24 +91,25 @@ fn sampler_replays_reference_run() {
     common::assert_module_close("x_T", &x_t, common::get(&fx, "x_T"));
 
     let mut calls = 0usize;
-    let mut denoiser = |x: &Tensor,
-                        lq: &Tensor,
-                        t_orig: usize,
-                        branches: Branches|
-     -> pfstorer::Result<Tensor> {
-        let k = calls;
-        calls += 1;
-        let expected_branches = Branches::for_guidance(Some(guidance));
-        assert_eq!(branches, expected_branches, "step{k}: branches");
-        assert_eq!(t_orig, scalar_i64(&fx, &format!("step{k}.t_orig")), "step{k}.t_orig");
-        common::assert_close(&format!("step{k}.lq_latent"), lq, &init_latent, 0.0, 0.0);
-        common::assert_module_close(
-            &format!("step{k}.unet_in_x"),
-            x,
-            common::get(&fx, &format!("step{k}.unet_in_x")),
-        );
-        Ok(common::get(&fx, &format!("step{k}.unet_out")).clone())
-    };
+    let mut denoiser =
+        |x: &Tensor, lq: &Tensor, t_orig: usize, branches: Branches| -> pfstorer::Result<Tensor> {
+            let k = calls;
+            calls += 1;
+            let expected_branches = Branches::for_guidance(Some(guidance));
+            assert_eq!(branches, expected_branches, "step{k}: branches");
+            assert_eq!(
+                t_orig,
+                scalar_i64(&fx, &format!("step{k}.t_orig")),
+                "step{k}.t_orig"
+            );
+            common::assert_close(&format!("step{k}.lq_latent"), lq, &init_latent, 0.0, 0.0);
+            common::assert_module_close(
+                &format!("step{k}.unet_in_x"),
+                x,
+                common::get(&fx, &format!("step{k}.unet_in_x")),
+            );
+            Ok(common::get(&fx, &format!("step{k}.unet_out")).clone())
+        };
     let opts = SampleOptions {
         guidance_scale: Some(guidance),
         record_steps: true,
@@ -137,7 +149,13 @@ fn sampler_replays_reference_run() {
         }
     }
     println!("per-step max abs error {worst:.3e}");
-    common::assert_close("samples", &out.latent, common::get(&fx, "samples"), 1e-3, 1e-2);
+    common::assert_close(
+        "samples",
+        &out.latent,
+        common::get(&fx, "samples"),
+        1e-3,
+        1e-2,
+    );
 }
 
 #[test]
@@ -147,15 +165,12 @@ fn unguided_run_calls_denoiser_on_single_batch() {
     let cfg = BaseModelConfig::default().diffusion;
     let sampler = DdpmSampler::new(&cfg, 3).unwrap();
     let mut noise = pfstorer::diffusion::noise::SeededNoise::new(42);
-    let mut denoiser = |x: &Tensor,
-                        lq: &Tensor,
-                        _t: usize,
-                        branches: Branches|
-     -> pfstorer::Result<Tensor> {
-        assert_eq!(branches, Branches::Cond);
-        assert_eq!(x.dims(), lq.dims());
-        Ok(x.zeros_like()?)
-    };
+    let mut denoiser =
+        |x: &Tensor, lq: &Tensor, _t: usize, branches: Branches| -> pfstorer::Result<Tensor> {
+            assert_eq!(branches, Branches::Cond);
+            assert_eq!(x.dims(), lq.dims());
+            Ok(x.zeros_like()?)
+        };
     let opts = SampleOptions::default();
     let out = sampler
         .sample(&mut denoiser, &init_latent, &mut noise, &opts, &mut |_| {})

@@ -23,7 +23,10 @@ fn arrays(s: &Schedule) -> Vec<(&'static str, &Vec<f64>)> {
             &s.log_one_minus_alphas_cumprod,
         ),
         ("sqrt_recip_alphas_cumprod", &s.sqrt_recip_alphas_cumprod),
-        ("sqrt_recipm1_alphas_cumprod", &s.sqrt_recipm1_alphas_cumprod),
+        (
+            "sqrt_recipm1_alphas_cumprod",
+            &s.sqrt_recipm1_alphas_cumprod,
+        ),
         ("posterior_variance", &s.posterior_variance),
         (
             "posterior_log_variance_clipped",
@@ -76,7 +79,12 @@ fn respaced_schedules_match_reference() {
     let full = full_schedule(&fx);
     let mut counts: Vec<usize> = fx
         .keys()
-        .filter_map(|k| k.strip_prefix('r')?.strip_suffix(".timestep_map")?.parse().ok())
+        .filter_map(|k| {
+            k.strip_prefix('r')?
+                .strip_suffix(".timestep_map")?
+                .parse()
+                .ok()
+        })
         .collect();
     counts.sort_unstable();
     assert!(!counts.is_empty(), "{FILE} holds no respaced schedule");

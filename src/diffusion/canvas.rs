@@ -63,7 +63,13 @@ fn axis_offsets(size: usize, tile: usize, overlap: usize) -> Vec<usize> {
         count += 1;
     }
     (0..count)
-        .map(|k| if k + 1 == count { size - tile } else { k * stride })
+        .map(|k| {
+            if k + 1 == count {
+                size - tile
+            } else {
+                k * stride
+            }
+        })
         .collect()
 }
 

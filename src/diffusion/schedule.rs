@@ -191,9 +191,7 @@ impl Schedule {
                 .map(|i| betas[i] * acp_prev[i].sqrt() / one_minus32[i] as f64)
                 .collect(),
             posterior_mean_coef2: (0..steps)
-                .map(|i| {
-                    (1.0 - acp_prev[i]) * alphas32[i].sqrt() as f64 / one_minus32[i] as f64
-                })
+                .map(|i| (1.0 - acp_prev[i]) * alphas32[i].sqrt() as f64 / one_minus32[i] as f64)
                 .collect(),
             posterior_variance,
             timestep_map,
