@@ -54,7 +54,14 @@ fn wavelet_blur_and_bands_match_reference() {
 
 /// HWC u8 -> NCHW f32 in [0, 1] (torchvision `ToTensor`).
 fn u8_to_tensor(image: &Tensor) -> Tensor {
-    (image.to_dtype(DType::F32).unwrap().permute((2, 0, 1)).unwrap().unsqueeze(0).unwrap() / 255.0)
+    (image
+        .to_dtype(DType::F32)
+        .unwrap()
+        .permute((2, 0, 1))
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        / 255.0)
         .unwrap()
 }
 

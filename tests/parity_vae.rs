@@ -45,8 +45,16 @@ fn check_vae(rel: &str) {
     let moments = Tensor::cat(&[&posterior.mean, &posterior.logvar], 1).unwrap();
     assert_module_close("vae.enc.moments", &moments, get(&io, "vae.enc.moments"));
     assert_module_close("vae.post.mean", &posterior.mean, get(&io, "vae.post.mean"));
-    assert_module_close("vae.post.logvar", &posterior.logvar, get(&io, "vae.post.logvar"));
-    assert_module_close("vae.post.std", &posterior.std().unwrap(), get(&io, "vae.post.std"));
+    assert_module_close(
+        "vae.post.logvar",
+        &posterior.logvar,
+        get(&io, "vae.post.logvar"),
+    );
+    assert_module_close(
+        "vae.post.std",
+        &posterior.std().unwrap(),
+        get(&io, "vae.post.std"),
+    );
 
     let sample = posterior.sample(get(&io, "vae.post.noise")).unwrap();
     assert_module_close("vae.post.sample", &sample, get(&io, "vae.post.sample"));
@@ -101,16 +109,30 @@ fn check_cfw(rel: &str) {
     let cfg = CfwConfig::from_yaml_file(&fixture("stablesr/cfw.yaml")).unwrap();
     let weights = checked(rel);
     let cfw = CfwAutoencoder::new(&cfg.vae, weights.var_builder(DType::F32, &Device::Cpu)).unwrap();
-    let report = weights.finish(&[""]).unwrap_or_else(|e| panic!("{rel}: {e}"));
-    assert!(report.unused.is_empty(), "{rel}: tensors never used: {:?}", report.unused);
+    let report = weights
+        .finish(&[""])
+        .unwrap_or_else(|e| panic!("{rel}: {e}"));
+    assert!(
+        report.unused.is_empty(),
+        "{rel}: tensors never used: {:?}",
+        report.unused
+    );
 
     let io = load("stablesr/io.safetensors");
     println!("[{rel}]");
     let (posterior, features) = cfw.encode_with_features(get(&io, "cfw.in.image")).unwrap();
     assert_module_close("cfw.post.mean", &posterior.mean, get(&io, "cfw.post.mean"));
-    assert_module_close("cfw.post.logvar", &posterior.logvar, get(&io, "cfw.post.logvar"));
+    assert_module_close(
+        "cfw.post.logvar",
+        &posterior.logvar,
+        get(&io, "cfw.post.logvar"),
+    );
     let expected_features = numbered::<usize>(&io, "cfw.enc_fea.");
-    assert_eq!(features.len(), expected_features.len(), "number of encoder features");
+    assert_eq!(
+        features.len(),
+        expected_features.len(),
+        "number of encoder features"
+    );
     for ((i, expected), actual) in expected_features.iter().zip(&features) {
         assert_module_close(&format!("cfw.enc_fea.{i}"), actual, expected);
     }
@@ -155,15 +177,30 @@ fn manifest() -> BTreeMap<String, Vec<usize>> {
 }
 
 fn assert_same_keys(built: &BTreeMap<String, Vec<usize>>, expected: &BTreeMap<String, Vec<usize>>) {
-    let missing: Vec<_> = expected.keys().filter(|k| !built.contains_key(*k)).collect();
-    let extra: Vec<_> = built.keys().filter(|k| !expected.contains_key(*k)).collect();
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !built.contains_key(*k))
+        .collect();
+    let extra: Vec<_> = built
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
     let misshaped: Vec<_> = expected
         .iter()
         .filter_map(|(k, s)| built.get(k).filter(|b| *b != s).map(|b| (k, b, s)))
         .collect();
-    assert!(missing.is_empty(), "keys the model does not request: {missing:?}");
-    assert!(extra.is_empty(), "keys the model requests beyond the manifest: {extra:?}");
-    assert!(misshaped.is_empty(), "shape mismatches (key, model, manifest): {misshaped:?}");
+    assert!(
+        missing.is_empty(),
+        "keys the model does not request: {missing:?}"
+    );
+    assert!(
+        extra.is_empty(),
+        "keys the model requests beyond the manifest: {extra:?}"
+    );
+    assert!(
+        misshaped.is_empty(),
+        "shape mismatches (key, model, manifest): {misshaped:?}"
+    );
 }
 
 #[test]
@@ -176,7 +213,11 @@ fn full_size_cfw_requests_exactly_the_manifest_keys() {
     )
     .unwrap();
     let built = weights.requested();
-    println!("full-size CFW: {} keys requested, manifest {}", built.len(), expected.len());
+    println!(
+        "full-size CFW: {} keys requested, manifest {}",
+        built.len(),
+        expected.len()
+    );
     assert_same_keys(&built, &expected);
 }
 

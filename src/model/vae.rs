@@ -300,12 +300,23 @@ impl Encoder {
             )?);
             block_in = block_out;
             if i + 1 != n_levels {
-                let conv = nn::conv2d(block_in, block_in, 3, 2, 0, vb_level.pp("downsample").pp("conv"))?;
+                let conv = nn::conv2d(
+                    block_in,
+                    block_in,
+                    3,
+                    2,
+                    0,
+                    vb_level.pp("downsample").pp("conv"),
+                )?;
                 downsamples.push(Downsample { conv });
                 curr_res /= 2;
             }
         }
-        let out_c = if cfg.double_z { 2 * cfg.z_channels } else { cfg.z_channels };
+        let out_c = if cfg.double_z {
+            2 * cfg.z_channels
+        } else {
+            cfg.z_channels
+        };
         Ok(Encoder {
             conv_in,
             levels,
@@ -348,7 +359,11 @@ impl ResidualDenseBlock {
         let mut convs = Vec::with_capacity(5);
         for i in 0..5 {
             let out_c = if i == 4 { features } else { grow };
-            convs.push(conv3x3(features + i * grow, out_c, vb.pp(format!("conv{}", i + 1)))?);
+            convs.push(conv3x3(
+                features + i * grow,
+                out_c,
+                vb.pp(format!("conv{}", i + 1)),
+            )?);
         }
         Ok(ResidualDenseBlock { convs })
     }
@@ -406,7 +421,12 @@ impl FusionLayer {
             .map(|i| Rrdb::new(channels, FUSE_GROW_CHANNELS, vb.pp("encode_enc_2").pp(i)))
             .collect::<Result<_>>()?;
         Ok(FusionLayer {
-            encode_enc_1: ResnetBlock::new(2 * channels, channels, "conv_out", vb.pp("encode_enc_1"))?,
+            encode_enc_1: ResnetBlock::new(
+                2 * channels,
+                channels,
+                "conv_out",
+                vb.pp("encode_enc_1"),
+            )?,
             encode_enc_2,
             encode_enc_3: ResnetBlock::new(channels, channels, "conv_out", vb.pp("encode_enc_3"))?,
         })
@@ -543,7 +563,8 @@ impl AutoencoderKL {
 
     /// Unscaled latent `z` (divide a diffusion latent by the scale factor first) to an image.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.decoder.forward(&self.post_quant_conv.forward(z)?, None)
+        self.decoder
+            .forward(&self.post_quant_conv.forward(z)?, None)
     }
 }
 
@@ -578,7 +599,12 @@ impl CfwAutoencoder {
 
     /// Unscaled latent `z` to an image, fusing `enc_features` with weight `fusion_w`
     /// (`dec_w`; 0 gives the plain decoder's output).
-    pub fn decode_fused(&self, z: &Tensor, enc_features: &[Tensor], fusion_w: f64) -> Result<Tensor> {
+    pub fn decode_fused(
+        &self,
+        z: &Tensor,
+        enc_features: &[Tensor],
+        fusion_w: f64,
+    ) -> Result<Tensor> {
         let h = self.post_quant_conv.forward(z)?;
         self.decoder.forward(&h, Some((enc_features, fusion_w)))
     }
