@@ -1,6 +1,7 @@
 //! The networks of StableSR-face, each with `VarBuilder` paths equal to the checkpoint's keys.
 
 pub mod adapter;
+pub mod base;
 pub mod lq_encoder;
 pub mod nn;
 pub mod text_encoder;
