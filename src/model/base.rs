@@ -63,8 +63,12 @@ impl BaseModel {
     ) -> Result<(Self, UnusedSummary)> {
         let mut config = config;
         if let Some(store) = store {
-            config.text =
-                text_config_from_checkpoint(&config.text, config.text_arch_is_fixture(), store)?;
+            // A file without the text tower fails below with the full list of missing keys.
+            if let Ok(text) =
+                text_config_from_checkpoint(&config.text, config.text_arch_is_fixture(), store)
+            {
+                config.text = text;
+            }
         }
         let vb = weights.var_builder(dtype, device);
         let unet = UNet::new(&config.unet, vb.pp(UNET_PREFIX))?;
