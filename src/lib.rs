@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod imaging;
 pub mod metrics;
 pub mod model;
+pub mod restore;
 pub mod weights;
 
 pub use error::{Error, Result};

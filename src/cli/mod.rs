@@ -6,6 +6,7 @@ pub mod convert;
 pub mod degrade;
 pub mod eval;
 pub mod model_args;
+pub mod restore;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Restore degraded face photos (files, folders or globs) with the diffusion model.
+    Restore(Box<restore::RestoreArgs>),
     /// Convert a PyTorch-Lightning .ckpt into a safetensors file (memory-mapped on later loads).
     Convert(convert::ConvertArgs),
     /// Degrade images with the light or heavy synthetic pipeline (for tests and evaluation).
@@ -34,6 +37,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Restore(args) => restore::run(*args),
         Command::Convert(args) => convert::run(args),
         Command::Degrade(args) => degrade::run(args),
         Command::Eval(args) => eval::run(args),

@@ -1,0 +1,276 @@
+//! `pfstorer restore <inputs...>`: restore photos with the base model (or, later, an identity).
+
+use super::batch::{self, ExistingPolicy, InputItem, Outcome, Summary};
+use super::model_args::ModelArgs;
+use crate::imaging::colorfix::ColorFix;
+use crate::imaging::io::{load_image_with_min_size, save_png, LoadedImage};
+use crate::imaging::ImageF32;
+use crate::model::base::{BaseModel, CfwModel};
+use crate::restore::{Restorer, RestoreSettings, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT};
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Inputs smaller than this on a side are refused: there is no face to restore in them.
+pub const MIN_INPUT_SIDE: usize = 8;
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Image files, directories (their images, not recursive) or glob patterns.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Output file (one input) or directory (default: next to each input).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Upscaling factor (fractional allowed).
+    #[arg(long, default_value_t = 4.0, conflicts_with_all = ["size", "long_side"])]
+    pub scale: f64,
+    /// Exact output size, WIDTHxHEIGHT.
+    #[arg(long, value_name = "WxH")]
+    pub size: Option<String>,
+    /// Output long side in pixels (aspect kept).
+    #[arg(long, value_name = "N")]
+    pub long_side: Option<usize>,
+    /// DDPM steps (the 1000-step schedule respaced).
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (paper Eq. 9); 1 turns the negative prompt off.
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg: f64,
+    /// Random seed; the same seed gives the same output.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Positive prompt; `*` is the identity's token (or "person" without --id).
+    #[arg(long, default_value = DEFAULT_PROMPT)]
+    pub prompt: String,
+    /// Negative prompt (the unconditional branch of CFG).
+    #[arg(long, default_value = DEFAULT_NEGATIVE_PROMPT)]
+    pub negative_prompt: String,
+    /// Overlap of the 64-latent tiles, in latents.
+    #[arg(long, default_value_t = 32)]
+    pub tile_overlap: usize,
+    /// CFW fusion weight of the decoder (0 = pure diffusion output, 1 = most LQ detail kept).
+    #[arg(long, default_value_t = 0.5)]
+    pub dec_w: f64,
+    /// Colour correction after decoding: adain, wavelet or none.
+    #[arg(long, default_value = "adain")]
+    pub color_fix: String,
+    /// Output name suffix before `.png`.
+    #[arg(long, default_value = "_restored")]
+    pub suffix: String,
+    /// Replace existing outputs.
+    #[arg(long)]
+    pub force: bool,
+    /// Skip inputs whose output exists (resume a batch).
+    #[arg(long)]
+    pub skip_existing: bool,
+    /// No progress bars.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Identity (name or file) from `pfstorer personalize`.
+    #[arg(long, value_name = "NAME|PATH")]
+    pub id: Option<String>,
+    /// Weight of the identity's image cross-attention (the paper's lambda_att); 0 keeps only the learned token.
+    #[arg(long, default_value_t = 1.0)]
+    pub id_strength: f64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("--size {s}: expected WIDTHxHEIGHT, e.g. 2048x1536"))?;
+    let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|&n| n > 0);
+    match (parse(w), parse(h)) {
+        (Some(w), Some(h)) => Ok((w, h)),
+        _ => bail!("--size {s}: expected WIDTHxHEIGHT with positive integers"),
+    }
+}
+
+impl RestoreArgs {
+    fn target(&self) -> anyhow::Result<TargetSize> {
+        Ok(if let Some(s) = &self.size {
+            let (w, h) = parse_size(s)?;
+            TargetSize::Size(w, h)
+        } else if let Some(n) = self.long_side {
+            TargetSize::LongSide(n)
+        } else {
+            TargetSize::Scale(self.scale)
+        })
+    }
+}
+
+/// The output path of every input: `-o FILE` for a single input, else `DIR/<stem><suffix>.png`
+/// (DIR = `-o` or the input's own directory).
+fn output_paths(inputs: &[PathBuf], output: Option<&Path>, suffix: &str) -> anyhow::Result<Vec<PathBuf>> {
+    if let Some(out) = output {
+        let is_file = out.extension().is_some() && !out.is_dir();
+        if is_file {
+            if inputs.len() != 1 {
+                bail!("-o {}: a file name takes exactly one input; give a directory for {} inputs", out.display(), inputs.len());
+            }
+            return Ok(vec![out.to_path_buf()]);
+        }
+        return Ok(batch::output_paths(inputs, out, suffix, "png"));
+    }
+    // Next to each input, grouped by directory so names stay collision-free.
+    Ok(inputs
+        .iter()
+        .map(|p| {
+            let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+            let siblings: Vec<PathBuf> = inputs.iter().filter(|q| q.parent() == p.parent()).cloned().collect();
+            let idx = siblings.iter().position(|q| q == p).unwrap_or(0);
+            batch::output_paths(&siblings, &dir, suffix, "png")[idx].clone()
+        })
+        .collect())
+}
+
+pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    if args.id.is_some() {
+        bail!("--id: personalized restoration is not available yet (identity files come with `pfstorer personalize`); run without --id to use the base model");
+    }
+    let target = args.target()?;
+    let color_fix: ColorFix = args.color_fix.parse()?;
+    let mut summary = Summary::default();
+    let mut files = Vec::new();
+    for item in batch::expand_inputs(&args.inputs) {
+        match item {
+            InputItem::File(p) => files.push(p),
+            InputItem::Invalid { arg, reason } => summary.record(&arg, Outcome::Failed(reason)),
+        }
+    }
+    let outputs = output_paths(&files, args.output.as_deref(), &args.suffix)?;
+    let policy = ExistingPolicy::from_flags(args.force, args.skip_existing);
+
+    // Decide what to do before loading the model, so a batch with nothing to do is quick.
+    let mut todo = Vec::new();
+    for (input, output) in files.iter().zip(&outputs) {
+        match batch::check_existing(output, policy) {
+            Some(outcome) => summary.record(input, outcome),
+            None => todo.push((input.clone(), output.clone())),
+        }
+    }
+    if todo.is_empty() {
+        return summary.finish();
+    }
+
+    let (device, dtype) = args.model.device_dtype()?;
+    let base_path = args.model.base_path(!args.quiet)?;
+    let cfw_path = args.model.cfw_path(!args.quiet)?;
+    let (base, unused) = BaseModel::load(&base_path, args.model.base_config()?, dtype, &device)?;
+    if let Some(line) = unused {
+        eprintln!("note: {}: {line}", base_path.display());
+    }
+    let (cfw, unused) = CfwModel::load(&cfw_path, args.model.cfw_config()?, dtype, &device)?;
+    if let Some(line) = unused {
+        eprintln!("note: {}: {line}", cfw_path.display());
+    }
+
+    let prompt = args.prompt.replace('*', BASE_SUBJECT);
+    let cond = Restorer::text_context(&base, &prompt)?;
+    let uncond = Restorer::text_context(&base, &args.negative_prompt)?;
+    let settings = RestoreSettings {
+        steps: args.steps,
+        guidance: args.cfg,
+        seed: args.seed,
+        dec_w: args.dec_w,
+        color_fix,
+        tile_overlap: args.tile_overlap,
+        ..RestoreSettings::default()
+    };
+    let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
+    let metadata_common = vec![
+        ("Software".to_string(), format!("pfstorer {}", env!("CARGO_PKG_VERSION"))),
+        ("pfstorer:base".to_string(), file_name(&base_path)),
+        ("pfstorer:cfw".to_string(), file_name(&cfw_path)),
+        ("pfstorer:seed".to_string(), args.seed.to_string()),
+        ("pfstorer:steps".to_string(), args.steps.to_string()),
+        ("pfstorer:cfg".to_string(), args.cfg.to_string()),
+        ("pfstorer:dec_w".to_string(), args.dec_w.to_string()),
+        ("pfstorer:color_fix".to_string(), args.color_fix.clone()),
+        ("pfstorer:prompt".to_string(), prompt.clone()),
+        ("pfstorer:negative_prompt".to_string(), args.negative_prompt.clone()),
+        ("pfstorer:identity".to_string(), "none (base model)".to_string()),
+    ];
+
+    let bars = MultiProgress::new();
+    let images = bars.add(batch::progress_bar(todo.len(), args.quiet));
+    images.set_message("images");
+    for (input, output) in &todo {
+        let steps = bars.add(step_bar(args.quiet));
+        steps.set_message(file_name(input));
+        let started = Instant::now();
+        let outcome = match restore_one(&restorer, input, output, target, &metadata_common, policy.overwrite(), &steps) {
+            Ok(()) => {
+                if args.quiet {
+                    // nothing
+                } else {
+                    bars.println(format!("{} -> {} ({:.1} s)", input.display(), output.display(), started.elapsed().as_secs_f64())).ok();
+                }
+                Outcome::Done
+            }
+            Err(e) => Outcome::Failed(batch::reason(&e, input)),
+        };
+        steps.finish_and_clear();
+        summary.record(input, outcome);
+        images.inc(1);
+    }
+    images.finish_and_clear();
+    summary.finish()
+}
+
+fn step_bar(quiet: bool) -> ProgressBar {
+    let bar = batch::progress_bar(0, quiet);
+    if let Ok(style) = ProgressStyle::with_template("{msg} {bar:30} step {pos}/{len} [{elapsed_precise}<{eta_precise}]") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+}
+
+fn restore_one(
+    restorer: &Restorer,
+    input: &Path,
+    output: &Path,
+    target: TargetSize,
+    metadata: &[(String, String)],
+    overwrite: bool,
+    steps: &ProgressBar,
+) -> crate::Result<()> {
+    let loaded: LoadedImage = load_image_with_min_size(input, MIN_INPUT_SIDE)?;
+    let mut on_step = |done: usize, total: usize| {
+        steps.set_length(total as u64);
+        steps.set_position(done as u64);
+    };
+    let restored = restorer.restore(&loaded.rgb, target, &mut on_step)?;
+    let (w, h) = (restored.width, restored.height);
+    let alpha = match &loaded.alpha {
+        Some(a) => Some(clamp01(crate::imaging::resize::resize_torch(a, w, h, crate::imaging::resize::TorchInterp::Bicubic)?)),
+        None => None,
+    };
+    let rgb = if loaded.gray { to_gray_rgb(&restored) } else { restored };
+    let mut meta = metadata.to_vec();
+    meta.push(("pfstorer:input".to_string(), file_name(input)));
+    save_png(output, &rgb, alpha.as_ref(), loaded.bit_depth > 8, &meta, overwrite)
+}
+
+fn clamp01(mut img: ImageF32) -> ImageF32 {
+    img.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+    img
+}
+
+/// Gray sources stay gray: BT.601 luma replicated into the three channels.
+fn to_gray_rgb(img: &ImageF32) -> ImageF32 {
+    let mut out = img.clone();
+    for px in out.data.chunks_mut(3) {
+        let y = 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2];
+        px.fill(y);
+    }
+    out
+}

@@ -1,0 +1,343 @@
+//! The restoration pipeline of `pfstorer restore`, reading straight through:
+//! image -> bicubic upscale -> pad -> (pixel patches when large) -> VAE encode -> DDPM over
+//! latent tiles with classifier-free guidance -> CFW decode -> colour fix -> crop -> resize.
+//!
+//! It follows StableSR's tile script (`sr_val_ddpm_text_T_vqganfin_oldcanvas_tile.py`): the
+//! LQ latent comes from the diffusion checkpoint's VAE, the fusion features from the CFW
+//! encoder, sampling starts from the LQ latent noised to t = 999, images above 1280 px are
+//! processed in 1280-px patches with stride 1000 blended with Gaussian weights, and each patch
+//! restarts the random sequence from the seed.
+
+use crate::diffusion::canvas::{CanvasSampler, Tiling};
+use crate::diffusion::noise::{NoiseSource, SeededNoise};
+use crate::diffusion::sampler::{Branches, DdpmSampler, SampleOptions, StepProgress, VDenoiser};
+use crate::error::{Error, Result};
+use crate::imaging::colorfix::ColorFix;
+use crate::imaging::patches::{patches, PatchBlender};
+use crate::imaging::ImageF32;
+use crate::model::base::{BaseModel, CfwModel};
+use crate::model::unet::UNetInputs;
+use candle_core::{DType, Device, Tensor};
+
+/// The paper's prompts. `*` stands for the identity's learned token; the base model without an
+/// identity gets the positive prompt with `*` replaced by [`BASE_SUBJECT`].
+pub const DEFAULT_PROMPT: &str =
+    "a Photo of *, masterpiece, best quality, realistic, very clear, professional";
+pub const DEFAULT_NEGATIVE_PROMPT: &str = "3d, cartoon, anime, sketches, worst quality, low quality";
+/// What `*` becomes without an identity ("person", the learned token's initialisation word).
+pub const BASE_SUBJECT: &str = "person";
+
+/// How large the output should be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TargetSize {
+    /// Multiply both sides (fractional allowed).
+    Scale(f64),
+    /// Exact width and height.
+    Size(usize, usize),
+    /// Longest side in pixels, aspect kept.
+    LongSide(usize),
+}
+
+impl TargetSize {
+    /// Output `(width, height)` for an input of `width x height` (sizes truncate like the
+    /// reference's `int()`).
+    pub fn output_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
+        let (w, h) = match *self {
+            TargetSize::Scale(s) => {
+                if !(s.is_finite() && s > 0.0) {
+                    return Err(Error::Input(format!("--scale {s}: must be a positive number")));
+                }
+                ((width as f64 * s) as usize, (height as f64 * s) as usize)
+            }
+            TargetSize::Size(w, h) => (w, h),
+            TargetSize::LongSide(n) => {
+                let s = n as f64 / width.max(height) as f64;
+                ((width as f64 * s).round() as usize, (height as f64 * s).round() as usize)
+            }
+        };
+        if w == 0 || h == 0 {
+            return Err(Error::Input(format!("output size {w}x{h} is empty")));
+        }
+        Ok((w, h))
+    }
+}
+
+/// Sampling and post-processing settings, with the defaults of `pfstorer restore`.
+#[derive(Debug, Clone)]
+pub struct RestoreSettings {
+    pub steps: usize,
+    /// Classifier-free guidance scale (paper Eq. 9); 1 disables the negative branch.
+    pub guidance: f64,
+    pub seed: u64,
+    /// CFW fusion weight of the decoder.
+    pub dec_w: f64,
+    pub color_fix: ColorFix,
+    /// Overlap of latent tiles, in latents.
+    pub tile_overlap: usize,
+    /// Pixel patch size and stride above which an image is processed in patches.
+    pub patch_size: usize,
+    pub patch_stride: usize,
+    /// The model's native image size in pixels (short sides below it are processed at it, and
+    /// latent tiles are this size / 8); `None` takes `image_size` of the diffusion config.
+    pub native_size: Option<usize>,
+}
+
+impl Default for RestoreSettings {
+    fn default() -> Self {
+        RestoreSettings {
+            steps: 200,
+            guidance: 4.0,
+            seed: 42,
+            dec_w: 0.5,
+            color_fix: ColorFix::Adain,
+            tile_overlap: 32,
+            patch_size: 1280,
+            patch_stride: 1000,
+            native_size: None,
+        }
+    }
+}
+
+/// The UNet and time-aware encoder as the samplers' denoiser, with the two text contexts.
+pub struct ModelDenoiser<'a> {
+    pub model: &'a BaseModel,
+    /// `[1, 77, d]` positive (conditional) context.
+    pub cond: Tensor,
+    /// `[1, 77, d]` negative (unconditional) context.
+    pub uncond: Tensor,
+}
+
+impl VDenoiser for ModelDenoiser<'_> {
+    fn predict_v(&mut self, x_t: &Tensor, lq_latent: &Tensor, t_orig: usize, branches: Branches) -> Result<Tensor> {
+        let dtype = self.model.dtype;
+        let device = &self.model.device;
+        let b = lq_latent.dim(0)?;
+        let t_lq = Tensor::full(t_orig as f32, b, device)?;
+        let struct_cond = self.model.lq_encoder.forward(&lq_latent.to_dtype(dtype)?, &t_lq)?;
+        let context = match branches {
+            Branches::Cond => self.cond.repeat((b, 1, 1))?,
+            Branches::UncondCond => Tensor::cat(&[self.uncond.repeat((b, 1, 1))?, self.cond.repeat((b, 1, 1))?], 0)?,
+        };
+        let t = Tensor::full(t_orig as f32, x_t.dim(0)?, device)?;
+        let inputs = UNetInputs {
+            timesteps: &t,
+            context: &context,
+            struct_cond: Some(&struct_cond),
+        };
+        let v = self
+            .model
+            .unet
+            .forward(&x_t.to_dtype(dtype)?, &inputs)?;
+        Ok(v.to_dtype(DType::F32)?)
+    }
+}
+
+/// Everything loaded once per batch.
+pub struct Restorer<'a> {
+    pub base: &'a BaseModel,
+    pub cfw: &'a CfwModel,
+    pub settings: RestoreSettings,
+    sampler: DdpmSampler,
+    cond: Tensor,
+    uncond: Tensor,
+}
+
+impl<'a> Restorer<'a> {
+    /// `cond` / `uncond` are the `[1, 77, d]` text contexts (see [`Restorer::text_context`]).
+    pub fn new(base: &'a BaseModel, cfw: &'a CfwModel, settings: RestoreSettings, cond: Tensor, uncond: Tensor) -> Result<Self> {
+        if settings.steps == 0 || settings.steps > base.config.diffusion.timesteps {
+            return Err(Error::Input(format!(
+                "--steps {}: must be between 1 and {}",
+                settings.steps, base.config.diffusion.timesteps
+            )));
+        }
+        let sampler = DdpmSampler::new(&base.config.diffusion, settings.steps)?;
+        Ok(Restorer {
+            base,
+            cfw,
+            settings,
+            sampler,
+            cond,
+            uncond,
+        })
+    }
+
+    /// The text context of a prompt through the frozen text encoder.
+    pub fn text_context(base: &BaseModel, prompt: &str) -> Result<Tensor> {
+        let ids = base.tokenizer.encode(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), &base.device)?.unsqueeze(0)?;
+        Ok(base.text_encoder.forward(&ids)?)
+    }
+
+    /// Latent tile size: the model's native image size in latents (64 for 512 px).
+    fn latent_tile(&self) -> usize {
+        self.native_size() / self.base.config.vae.downsample_factor()
+    }
+
+    fn native_size(&self) -> usize {
+        self.settings
+            .native_size
+            .unwrap_or(self.base.config.diffusion.image_size)
+    }
+
+    /// Restores an RGB image in [0, 1] to `target`. `on_step(done, total)` reports progress over
+    /// all patches.
+    pub fn restore(
+        &self,
+        rgb: &ImageF32,
+        target: TargetSize,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<ImageF32> {
+        let (out_w, out_h) = target.output_size(rgb.width, rgb.height)?;
+        let device = &self.base.device;
+        let native = self.native_size();
+        // Process at the output size, or larger so the short side reaches the model's native
+        // size (as the reference), and resize back at the end.
+        let up = (native as f64 / out_w.min(out_h) as f64).max(1.0);
+        let (proc_w, proc_h) = ((out_w as f64 * up) as usize, (out_h as f64 * up) as usize);
+        let lq = image_to_tensor(rgb, device)?;
+        let lq = resize_bicubic_nchw(&lq, proc_h, proc_w)?.clamp(-1f32, 1f32)?;
+        let lq = pad_reflect_to_multiple(&lq, 32)?;
+        let sr = self.restore_padded(&lq, on_step)?;
+        let sr = sr.narrow(2, 0, proc_h)?.narrow(3, 0, proc_w)?;
+        let sr = ((sr + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
+        let sr = if (proc_w, proc_h) != (out_w, out_h) {
+            resize_bicubic_nchw(&sr, out_h, out_w)?.clamp(0f32, 1f32)?
+        } else {
+            sr
+        };
+        tensor_to_image(&sr)
+    }
+
+    /// Restores a padded `[1, 3, H, W]` LQ in [-1, 1]; returns the result in [-1, 1].
+    pub fn restore_padded(
+        &self,
+        lq: &Tensor,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = lq.dims4()?;
+        let s = &self.settings;
+        if h <= s.patch_size && w <= s.patch_size {
+            let mut noise = SeededNoise::new(s.seed);
+            return self.restore_piece(lq, &mut noise, &mut |d| on_step(d, self.settings.steps));
+        }
+        let pieces = patches(h, w, s.patch_size, s.patch_stride);
+        let total = pieces.len() * s.steps;
+        let mut blender = PatchBlender::new(b, c, h, w, lq.device())?;
+        for (k, p) in pieces.iter().enumerate() {
+            let piece = lq.narrow(2, p.y, p.h)?.narrow(3, p.x, p.w)?;
+            // The reference re-seeds before every patch.
+            let mut noise = SeededNoise::new(s.seed);
+            let out = self.restore_piece(&piece, &mut noise, &mut |d| on_step(k * s.steps + d, total))?;
+            blender.add(*p, &out)?;
+        }
+        Ok(blender.finish()?)
+    }
+
+    /// One piece: encode, sample over latent tiles, decode with CFW, colour fix.
+    pub fn restore_piece(
+        &self,
+        lq: &Tensor,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let base = self.base;
+        let dtype = base.dtype;
+        let scale = base.config.diffusion.scale_factor;
+        let lq_model = lq.to_dtype(dtype)?;
+        let posterior = base.vae.encode(&lq_model)?;
+        let eps = noise.next(posterior.mean.dims(), &base.device)?;
+        let init_latent = (posterior.sample(&eps.to_dtype(dtype)?)?.to_dtype(DType::F32)? * scale)?;
+
+        let mut denoiser = ModelDenoiser {
+            model: base,
+            cond: self.cond.clone(),
+            uncond: self.uncond.clone(),
+        };
+        let opts = SampleOptions {
+            guidance_scale: Some(self.settings.guidance),
+            record_steps: false,
+        };
+        let tile = self.latent_tile();
+        let tiling = Tiling {
+            tile_size: tile,
+            tile_overlap: self.settings.tile_overlap.min(tile.saturating_sub(1)),
+            tiles_per_batch: 1,
+        };
+        let mut progress = |p: &StepProgress| on_step(p.done);
+        let (_, _, lh, lw) = init_latent.dims4()?;
+        let latent = if lh <= tile && lw <= tile {
+            self.sampler.sample(&mut denoiser, &init_latent, noise, &opts, &mut progress)?.latent
+        } else {
+            CanvasSampler::new(&self.sampler, tiling)?
+                .sample(&mut denoiser, &init_latent, noise, &opts, &mut progress)?
+                .latent
+        };
+        let (_, enc_features) = self.cfw.autoencoder.encode_with_features(&lq_model)?;
+        let z = (latent / scale)?.to_dtype(dtype)?;
+        let decoded = self
+            .cfw
+            .autoencoder
+            .decode_fused(&z, &enc_features, self.settings.dec_w)?
+            .to_dtype(DType::F32)?;
+        self.settings.color_fix.apply(&decoded, lq)
+    }
+}
+
+/// PyTorch `F.interpolate(mode="bicubic", align_corners=False)` of an NCHW tensor (on the CPU).
+pub fn resize_bicubic_nchw(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    let data: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    let out = crate::imaging::resize::resize_bicubic_torch(&data, b * c, h, w, out_h, out_w)?;
+    Ok(Tensor::from_vec(out, (b, c, out_h, out_w), &Device::Cpu)?.to_device(x.device())?)
+}
+
+/// HWC RGB [0, 1] image -> `[1, 3, H, W]` tensor in [-1, 1].
+pub fn image_to_tensor(img: &ImageF32, device: &Device) -> Result<Tensor> {
+    if img.channels != 3 {
+        return Err(Error::Input(format!("expected an RGB image, got {} channels", img.channels)));
+    }
+    let t = Tensor::from_vec(img.data.clone(), (img.height, img.width, 3), &Device::Cpu)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?;
+    Ok(((t * 2.0)? - 1.0)?.to_device(device)?)
+}
+
+/// `[1, C, H, W]` in [0, 1] -> HWC image.
+pub fn tensor_to_image(t: &Tensor) -> Result<ImageF32> {
+    let (_, c, h, w) = t.dims4()?;
+    let data: Vec<f32> = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1()?;
+    Ok(ImageF32::new(w, h, c, data))
+}
+
+/// Reflect-pads the bottom and right to a multiple of `m` (no padding when already aligned).
+pub fn pad_reflect_to_multiple(x: &Tensor, m: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let pad_h = (m - h % m) % m;
+    let pad_w = (m - w % m) % m;
+    let x = reflect_pad_end(x, 2, pad_h)?;
+    reflect_pad_end(&x, 3, pad_w)
+}
+
+/// Appends `pad` reflected rows/columns (edge not repeated, as torch's `reflect`).
+fn reflect_pad_end(x: &Tensor, dim: usize, pad: usize) -> Result<Tensor> {
+    if pad == 0 {
+        return Ok(x.clone());
+    }
+    let n = x.dim(dim)?;
+    if pad >= n {
+        return Err(Error::Input(format!("image side {n} too small to reflect-pad by {pad}")));
+    }
+    let idx: Vec<u32> = (0..pad).map(|i| (n - 2 - i) as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), x.device())?;
+    Ok(Tensor::cat(&[x.clone(), x.index_select(&idx, dim)?], dim)?)
+}

@@ -1,0 +1,145 @@
+//! The restoration pipeline with the real tiny networks against whole reference runs:
+//! - the face script's CFG DDPM run (`diffusion/sampler.safetensors`): CFW-encoded LQ latent,
+//!   every step through the real time-aware encoder and UNet, CFW decode;
+//! - the tile script's canvas run (`diffusion/canvas.safetensors`): bicubic upscaling, VAE
+//!   encoding, tiled sampling, CFW decode and the colour fixes, through `Restorer::restore_piece`.
+//! Random draws are replayed from the recordings. Trajectory tolerance 1e-3 + 1e-2*|ref|.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use pfstorer::config::{BaseModelConfig, CfwConfig};
+use pfstorer::diffusion::noise::RecordedNoise;
+use pfstorer::diffusion::sampler::{DdpmSampler, SampleOptions};
+use pfstorer::imaging::colorfix::ColorFix;
+use pfstorer::model::base::{BaseModel, CfwModel};
+use pfstorer::restore::{resize_bicubic_nchw, ModelDenoiser, RestoreSettings, Restorer};
+use std::collections::HashMap;
+
+fn models() -> (BaseModel, CfwModel) {
+    let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
+    let (base, _) = BaseModel::load(&common::fixture("stablesr/model.safetensors"), cfg, DType::F32, &Device::Cpu).unwrap();
+    let cfw_cfg = CfwConfig::from_yaml_file(&common::fixture("stablesr/cfw.yaml")).unwrap();
+    let (cfw, _) = CfwModel::load(&common::fixture("stablesr/cfw.safetensors"), cfw_cfg, DType::F32, &Device::Cpu).unwrap();
+    (base, cfw)
+}
+
+fn noise_draws(f: &HashMap<String, Tensor>) -> Vec<Tensor> {
+    let mut names: Vec<&String> = f.keys().filter(|k| k.starts_with("noise.")).collect();
+    names.sort();
+    names.into_iter().map(|k| f[k].clone()).collect()
+}
+
+fn meta(rel: &str) -> HashMap<String, String> {
+    let bytes = std::fs::read(common::fixture(rel)).unwrap();
+    let (_, st) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    st.metadata().clone().unwrap_or_default()
+}
+
+fn trajectory_close(name: &str, a: &Tensor, b: &Tensor) -> f64 {
+    common::assert_close(name, a, b, 1e-3, 1e-2)
+}
+
+#[test]
+fn face_script_cfg_run_with_the_real_networks() {
+    let (base, cfw) = models();
+    let f = common::load("diffusion/sampler.safetensors");
+    let m = meta("diffusion/sampler.safetensors");
+    let steps: usize = m["steps"].parse().unwrap();
+    let guidance: f64 = m["guidance"].parse().unwrap();
+    let dec_w: f64 = m["dec_w"].parse().unwrap();
+    let scale = base.config.diffusion.scale_factor;
+
+    let lq = common::get(&f, "in.lq_image");
+    let (posterior, features) = cfw.autoencoder.encode_with_features(lq).unwrap();
+    for (i, feat) in features.iter().enumerate() {
+        common::assert_module_close(&format!("enc_fea_lq.{i}"), feat, common::get(&f, &format!("enc_fea_lq.{i}")));
+    }
+    let mut draws = noise_draws(&f);
+    let first = draws.remove(0);
+    let init_latent = (posterior.sample(&first).unwrap() * scale).unwrap();
+    common::assert_module_close("init_latent", &init_latent, common::get(&f, "init_latent"));
+
+    let sampler = DdpmSampler::new(&base.config.diffusion, steps).unwrap();
+    let mut denoiser = ModelDenoiser {
+        model: &base,
+        cond: common::get(&f, "in.cond").clone(),
+        uncond: common::get(&f, "in.uncond").clone(),
+    };
+    let mut noise = RecordedNoise::new(draws);
+    let opts = SampleOptions {
+        guidance_scale: Some(guidance),
+        record_steps: true,
+    };
+    let out = sampler.sample(&mut denoiser, &init_latent, &mut noise, &opts, &mut |_| {}).unwrap();
+    assert_eq!(noise.remaining(), 0, "every recorded draw consumed");
+    for (k, step) in out.steps.iter().enumerate() {
+        trajectory_close(&format!("step{k}.x0"), &step.x0, common::get(&f, &format!("step{k}.x0")));
+        trajectory_close(&format!("step{k}.x_out"), &step.x_out, common::get(&f, &format!("step{k}.x_out")));
+    }
+    trajectory_close("samples", &out.latent, common::get(&f, "samples"));
+    let decoded = cfw.autoencoder.decode_fused(&(out.latent / scale).unwrap(), &features, dec_w).unwrap();
+    trajectory_close("decoded", &decoded, common::get(&f, "decoded"));
+    let final01 = ((decoded + 1.0).unwrap() / 2.0).unwrap().clamp(0f32, 1f32).unwrap();
+    trajectory_close("final_01", &final01, common::get(&f, "final_01"));
+}
+
+#[test]
+fn text_contexts_of_the_fixture_come_from_the_tiny_text_encoder() {
+    let (base, _) = models();
+    let f = common::load("diffusion/sampler.safetensors");
+    let io = common::load("stablesr/io.safetensors");
+    let tokens = common::get(&io, "text.tokens").to_dtype(DType::U32).unwrap();
+    let ctx = base.text_encoder.forward(&tokens.narrow(0, 0, 2).unwrap()).unwrap();
+    common::assert_module_close("in.cond", &ctx.narrow(0, 0, 1).unwrap(), common::get(&f, "in.cond"));
+    common::assert_module_close("in.uncond", &ctx.narrow(0, 1, 1).unwrap(), common::get(&f, "in.uncond"));
+}
+
+#[test]
+fn tile_script_canvas_run_through_the_restorer() {
+    let (base, cfw) = models();
+    let f = common::load("diffusion/canvas.safetensors");
+    let m = meta("diffusion/canvas.safetensors");
+    let steps: usize = m["steps"].parse().unwrap();
+    let tile: usize = m["tile"].parse().unwrap();
+    let overlap: usize = m["overlap"].parse().unwrap();
+    let upscale: f64 = m["upsample_scale"].parse().unwrap();
+
+    let small = common::get(&f, "in.lq_small");
+    let (_, _, h, w) = small.dims4().unwrap();
+    let lq = resize_bicubic_nchw(small, (h as f64 * upscale) as usize, (w as f64 * upscale) as usize)
+        .unwrap()
+        .clamp(-1f32, 1f32)
+        .unwrap();
+    common::assert_module_close("in.lq_up", &lq, common::get(&f, "in.lq_up"));
+
+    for (fix, expected_u8) in [(ColorFix::None, "final.nofix_u8"), (ColorFix::Adain, "final.adain_u8"), (ColorFix::Wavelet, "final.wavelet_u8")] {
+        let settings = RestoreSettings {
+            steps,
+            guidance: m["guidance"].parse().unwrap(),
+            dec_w: m["dec_w"].parse().unwrap(),
+            color_fix: fix,
+            tile_overlap: overlap,
+            native_size: Some(tile * base.config.vae.downsample_factor()),
+            ..RestoreSettings::default()
+        };
+        let restorer = Restorer::new(&base, &cfw, settings, common::get(&f, "in.cond").clone(), common::get(&f, "in.uncond").clone()).unwrap();
+        let mut noise = RecordedNoise::new(noise_draws(&f));
+        let out = restorer.restore_piece(&lq, &mut noise, &mut |_| {}).unwrap();
+        assert_eq!(noise.remaining(), 0, "every recorded draw consumed");
+        if fix == ColorFix::None {
+            trajectory_close("decoded", &out, common::get(&f, "decoded"));
+        }
+        // The script saves truncated uint8 of clamp((x+1)/2): allow one level.
+        let ours = (((out + 1.0).unwrap() / 2.0).unwrap().clamp(0f32, 1f32).unwrap() * 255.0)
+            .unwrap()
+            .floor()
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .permute((1, 2, 0))
+            .unwrap();
+        let reference = common::get(&f, expected_u8).squeeze(0).unwrap().to_dtype(DType::F32).unwrap();
+        common::assert_close(expected_u8, &ours, &reference, 1.0, 0.0);
+    }
+}
