@@ -23,7 +23,8 @@ use candle_core::{DType, Device, Tensor};
 /// identity gets the positive prompt with `*` replaced by [`BASE_SUBJECT`].
 pub const DEFAULT_PROMPT: &str =
     "a Photo of *, masterpiece, best quality, realistic, very clear, professional";
-pub const DEFAULT_NEGATIVE_PROMPT: &str = "3d, cartoon, anime, sketches, worst quality, low quality";
+pub const DEFAULT_NEGATIVE_PROMPT: &str =
+    "3d, cartoon, anime, sketches, worst quality, low quality";
 /// What `*` becomes without an identity ("person", the learned token's initialisation word).
 pub const BASE_SUBJECT: &str = "person";
 
@@ -45,14 +46,19 @@ impl TargetSize {
         let (w, h) = match *self {
             TargetSize::Scale(s) => {
                 if !(s.is_finite() && s > 0.0) {
-                    return Err(Error::Input(format!("--scale {s}: must be a positive number")));
+                    return Err(Error::Input(format!(
+                        "--scale {s}: must be a positive number"
+                    )));
                 }
                 ((width as f64 * s) as usize, (height as f64 * s) as usize)
             }
             TargetSize::Size(w, h) => (w, h),
             TargetSize::LongSide(n) => {
                 let s = n as f64 / width.max(height) as f64;
-                ((width as f64 * s).round() as usize, (height as f64 * s).round() as usize)
+                (
+                    (width as f64 * s).round() as usize,
+                    (height as f64 * s).round() as usize,
+                )
             }
         };
         if w == 0 || h == 0 {
@@ -108,15 +114,27 @@ pub struct ModelDenoiser<'a> {
 }
 
 impl VDenoiser for ModelDenoiser<'_> {
-    fn predict_v(&mut self, x_t: &Tensor, lq_latent: &Tensor, t_orig: usize, branches: Branches) -> Result<Tensor> {
+    fn predict_v(
+        &mut self,
+        x_t: &Tensor,
+        lq_latent: &Tensor,
+        t_orig: usize,
+        branches: Branches,
+    ) -> Result<Tensor> {
         let dtype = self.model.dtype;
         let device = &self.model.device;
         let b = lq_latent.dim(0)?;
         let t_lq = Tensor::full(t_orig as f32, b, device)?;
-        let struct_cond = self.model.lq_encoder.forward(&lq_latent.to_dtype(dtype)?, &t_lq)?;
+        let struct_cond = self
+            .model
+            .lq_encoder
+            .forward(&lq_latent.to_dtype(dtype)?, &t_lq)?;
         let context = match branches {
             Branches::Cond => self.cond.repeat((b, 1, 1))?,
-            Branches::UncondCond => Tensor::cat(&[self.uncond.repeat((b, 1, 1))?, self.cond.repeat((b, 1, 1))?], 0)?,
+            Branches::UncondCond => Tensor::cat(
+                &[self.uncond.repeat((b, 1, 1))?, self.cond.repeat((b, 1, 1))?],
+                0,
+            )?,
         };
         let t = Tensor::full(t_orig as f32, x_t.dim(0)?, device)?;
         let inputs = UNetInputs {
@@ -124,10 +142,7 @@ impl VDenoiser for ModelDenoiser<'_> {
             context: &context,
             struct_cond: Some(&struct_cond),
         };
-        let v = self
-            .model
-            .unet
-            .forward(&x_t.to_dtype(dtype)?, &inputs)?;
+        let v = self.model.unet.forward(&x_t.to_dtype(dtype)?, &inputs)?;
         Ok(v.to_dtype(DType::F32)?)
     }
 }
@@ -144,11 +159,42 @@ pub struct Restorer<'a> {
 
 impl<'a> Restorer<'a> {
     /// `cond` / `uncond` are the `[1, 77, d]` text contexts (see [`Restorer::text_context`]).
-    pub fn new(base: &'a BaseModel, cfw: &'a CfwModel, settings: RestoreSettings, cond: Tensor, uncond: Tensor) -> Result<Self> {
+    pub fn new(
+        base: &'a BaseModel,
+        cfw: &'a CfwModel,
+        settings: RestoreSettings,
+        cond: Tensor,
+        uncond: Tensor,
+    ) -> Result<Self> {
         if settings.steps == 0 || settings.steps > base.config.diffusion.timesteps {
             return Err(Error::Input(format!(
                 "--steps {}: must be between 1 and {}",
                 settings.steps, base.config.diffusion.timesteps
+            )));
+        }
+        let native = settings
+            .native_size
+            .unwrap_or(base.config.diffusion.image_size);
+        let tile = native / base.config.vae.downsample_factor();
+        if tile == 0 || native % base.config.vae.downsample_factor() != 0 {
+            return Err(Error::Input(format!(
+                "--input-size {native}: must be a positive multiple of {}",
+                base.config.vae.downsample_factor()
+            )));
+        }
+        if settings.tile_overlap >= tile {
+            return Err(Error::Input(format!(
+                "--tile-overlap {}: must be smaller than the latent tile ({tile})",
+                settings.tile_overlap
+            )));
+        }
+        if settings.patch_stride == 0
+            || settings.patch_stride > settings.patch_size
+            || settings.patch_size % 32 != 0
+        {
+            return Err(Error::Input(format!(
+                "--patch-size {} / --patch-stride {}: the size must be a multiple of 32 and the stride between 1 and the size",
+                settings.patch_size, settings.patch_stride
             )));
         }
         let sampler = DdpmSampler::new(&base.config.diffusion, settings.steps)?;
@@ -228,7 +274,8 @@ impl<'a> Restorer<'a> {
             let piece = lq.narrow(2, p.y, p.h)?.narrow(3, p.x, p.w)?;
             // The reference re-seeds before every patch.
             let mut noise = SeededNoise::new(s.seed);
-            let out = self.restore_piece(&piece, &mut noise, &mut |d| on_step(k * s.steps + d, total))?;
+            let out =
+                self.restore_piece(&piece, &mut noise, &mut |d| on_step(k * s.steps + d, total))?;
             blender.add(*p, &out)?;
         }
         Ok(blender.finish()?)
@@ -247,7 +294,10 @@ impl<'a> Restorer<'a> {
         let lq_model = lq.to_dtype(dtype)?;
         let posterior = base.vae.encode(&lq_model)?;
         let eps = noise.next(posterior.mean.dims(), &base.device)?;
-        let init_latent = (posterior.sample(&eps.to_dtype(dtype)?)?.to_dtype(DType::F32)? * scale)?;
+        let init_latent = (posterior
+            .sample(&eps.to_dtype(dtype)?)?
+            .to_dtype(DType::F32)?
+            * scale)?;
 
         let mut denoiser = ModelDenoiser {
             model: base,
@@ -261,13 +311,15 @@ impl<'a> Restorer<'a> {
         let tile = self.latent_tile();
         let tiling = Tiling {
             tile_size: tile,
-            tile_overlap: self.settings.tile_overlap.min(tile.saturating_sub(1)),
+            tile_overlap: self.settings.tile_overlap,
             tiles_per_batch: 1,
         };
         let mut progress = |p: &StepProgress| on_step(p.done);
         let (_, _, lh, lw) = init_latent.dims4()?;
         let latent = if lh <= tile && lw <= tile {
-            self.sampler.sample(&mut denoiser, &init_latent, noise, &opts, &mut progress)?.latent
+            self.sampler
+                .sample(&mut denoiser, &init_latent, noise, &opts, &mut progress)?
+                .latent
         } else {
             CanvasSampler::new(&self.sampler, tiling)?
                 .sample(&mut denoiser, &init_latent, noise, &opts, &mut progress)?
@@ -290,7 +342,11 @@ pub fn resize_bicubic_nchw(x: &Tensor, out_h: usize, out_w: usize) -> Result<Ten
     if (h, w) == (out_h, out_w) {
         return Ok(x.clone());
     }
-    let data: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    let data: Vec<f32> = x
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?;
     let out = crate::imaging::resize::resize_bicubic_torch(&data, b * c, h, w, out_h, out_w)?;
     Ok(Tensor::from_vec(out, (b, c, out_h, out_w), &Device::Cpu)?.to_device(x.device())?)
 }
@@ -298,7 +354,10 @@ pub fn resize_bicubic_nchw(x: &Tensor, out_h: usize, out_w: usize) -> Result<Ten
 /// HWC RGB [0, 1] image -> `[1, 3, H, W]` tensor in [-1, 1].
 pub fn image_to_tensor(img: &ImageF32, device: &Device) -> Result<Tensor> {
     if img.channels != 3 {
-        return Err(Error::Input(format!("expected an RGB image, got {} channels", img.channels)));
+        return Err(Error::Input(format!(
+            "expected an RGB image, got {} channels",
+            img.channels
+        )));
     }
     let t = Tensor::from_vec(img.data.clone(), (img.height, img.width, 3), &Device::Cpu)?
         .permute((2, 0, 1))?
@@ -335,7 +394,9 @@ fn reflect_pad_end(x: &Tensor, dim: usize, pad: usize) -> Result<Tensor> {
     }
     let n = x.dim(dim)?;
     if pad >= n {
-        return Err(Error::Input(format!("image side {n} too small to reflect-pad by {pad}")));
+        return Err(Error::Input(format!(
+            "image side {n} too small to reflect-pad by {pad}"
+        )));
     }
     let idx: Vec<u32> = (0..pad).map(|i| (n - 2 - i) as u32).collect();
     let idx = Tensor::new(idx.as_slice(), x.device())?;

@@ -13,13 +13,19 @@ use std::path::PathBuf;
 
 fn manifest(rel: &str) -> BTreeMap<String, Vec<usize>> {
     let path = common::fixture(rel);
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     json["keys"]
         .as_array()
         .expect("manifest has a `keys` list")
         .iter()
         .map(|e| {
-            let shape = e["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let shape = e["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
             (e["key"].as_str().unwrap().to_string(), shape)
         })
         .collect()
@@ -35,17 +41,33 @@ fn tmp_dir(name: &str) -> PathBuf {
 #[test]
 fn full_size_base_model_requests_exactly_the_released_keys() {
     let w = CheckedWeights::shapes_only();
-    BaseModel::from_weights(BaseModelConfig::default(), &w, None, DType::F32, &Device::Cpu).unwrap();
+    BaseModel::from_weights(
+        BaseModelConfig::default(),
+        &w,
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let requested = w.requested();
     let expected = manifest("manifests/face_stablesr.json");
-    let missing: Vec<_> = expected.keys().filter(|k| !requested.contains_key(*k)).collect();
-    let extra: Vec<_> = requested.keys().filter(|k| !expected.contains_key(*k)).collect();
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !requested.contains_key(*k))
+        .collect();
+    let extra: Vec<_> = requested
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
     assert!(missing.is_empty(), "never requested: {missing:?}");
     assert!(extra.is_empty(), "not in the release: {extra:?}");
     for (k, shape) in &expected {
         assert_eq!(&requested[k], shape, "shape of {k}");
     }
-    println!("{} keys of face_stablesr requested with their shapes", expected.len());
+    println!(
+        "{} keys of face_stablesr requested with their shapes",
+        expected.len()
+    );
 }
 
 #[test]
@@ -59,13 +81,20 @@ fn full_size_cfw_requests_exactly_the_released_keys() {
 fn tiny_model_loads_from_both_formats_using_every_tensor() {
     let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
     for rel in ["stablesr/model.safetensors", "stablesr/model.ckpt"] {
-        let (model, unused) = BaseModel::load(&common::fixture(rel), cfg.clone(), DType::F32, &Device::Cpu).unwrap();
+        let (model, unused) =
+            BaseModel::load(&common::fixture(rel), cfg.clone(), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(unused, None, "{rel}: every tensor is used");
         assert_eq!(model.config.unet, cfg.unet);
     }
     let cfw_cfg = CfwConfig::from_yaml_file(&common::fixture("stablesr/cfw.yaml")).unwrap();
     for rel in ["stablesr/cfw.safetensors", "stablesr/cfw.ckpt"] {
-        let (_, unused) = CfwModel::load(&common::fixture(rel), cfw_cfg.clone(), DType::F32, &Device::Cpu).unwrap();
+        let (_, unused) = CfwModel::load(
+            &common::fixture(rel),
+            cfw_cfg.clone(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(unused, None, "{rel}: every tensor is used");
     }
 }
@@ -86,7 +115,12 @@ fn extra_tensors_are_summarised_by_prefix() {
     let (_, unused) = CfwModel::load(&path, cfg, DType::F32, &Device::Cpu).unwrap();
     let line = unused.expect("extras are reported");
     assert!(line.contains("3 tensors not used"), "{line}");
-    assert!(line.contains("loss.discriminator.* (1)") && line.contains("loss.* (1)") && line.contains("model_ema.decoder.* (1)"), "{line}");
+    assert!(
+        line.contains("loss.discriminator.* (1)")
+            && line.contains("loss.* (1)")
+            && line.contains("model_ema.decoder.* (1)"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -99,28 +133,51 @@ fn bad_checkpoints_give_clear_errors() {
         let bytes = std::fs::read(common::fixture(rel)).unwrap();
         let path = dir.join(format!("truncated-{}", rel.replace('/', "_")));
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-        let err = BaseModel::load(&path, cfg.clone(), DType::F32, &Device::Cpu).err().expect("truncated file fails");
+        let err = BaseModel::load(&path, cfg.clone(), DType::F32, &Device::Cpu)
+            .err()
+            .expect("truncated file fails");
         let msg = err.to_string();
         assert!(matches!(err, Error::Weights(_)), "{msg}");
-        assert!(msg.contains(path.to_str().unwrap()), "names the file: {msg}");
+        assert!(
+            msg.contains(path.to_str().unwrap()),
+            "names the file: {msg}"
+        );
         assert!(!msg.contains('\n'), "one line: {msg}");
     }
 
     // Not a checkpoint at all.
     let path = dir.join("notes.ckpt");
     std::fs::write(&path, "these are not weights\n").unwrap();
-    let msg = BaseModel::load(&path, cfg.clone(), DType::F32, &Device::Cpu).err().unwrap().to_string();
-    assert!(msg.contains("not a checkpoint") && msg.contains("notes.ckpt"), "{msg}");
+    let msg = BaseModel::load(&path, cfg.clone(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("not a checkpoint") && msg.contains("notes.ckpt"),
+        "{msg}"
+    );
 
     // A checkpoint of another architecture: the CFW autoencoder given as the diffusion model.
     let cfw = common::fixture("stablesr/cfw.safetensors");
-    let msg = BaseModel::load(&cfw, cfg.clone(), DType::F32, &Device::Cpu).err().unwrap().to_string();
-    assert!(msg.contains("does not match the configured architecture"), "{msg}");
-    assert!(msg.contains("missing: model.diffusion_model."), "lists missing keys: {msg}");
+    let msg = BaseModel::load(&cfw, cfg.clone(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("does not match the configured architecture"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("missing: model.diffusion_model."),
+        "lists missing keys: {msg}"
+    );
 
     // The tiny checkpoint against the full-size architecture: wrong shapes are listed.
     let tiny = common::fixture("stablesr/model.safetensors");
-    let msg = BaseModel::load(&tiny, BaseModelConfig::default(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    let msg = BaseModel::load(&tiny, BaseModelConfig::default(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("with the wrong shape"), "{msg}");
 }
 
@@ -132,23 +189,44 @@ fn bad_yaml_gives_clear_errors() {
     let unknown = text.replace("UNetModelDualcondV2", "UNetModelSomethingElse");
     let path = dir.join("unknown.yaml");
     std::fs::write(&path, unknown).unwrap();
-    let msg = BaseModelConfig::from_yaml_file(&path).err().unwrap().to_string();
-    assert!(msg.contains("unknown.yaml") && msg.contains("UNetModelSomethingElse"), "{msg}");
+    let msg = BaseModelConfig::from_yaml_file(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("unknown.yaml") && msg.contains("UNetModelSomethingElse"),
+        "{msg}"
+    );
 
     let missing = text.replace("        context_dim: 32\n", "");
     assert_ne!(missing, text, "fixture config has a context_dim line");
     let path = dir.join("missing.yaml");
     std::fs::write(&path, missing).unwrap();
-    let msg = BaseModelConfig::from_yaml_file(&path).err().unwrap().to_string();
-    assert!(msg.contains("missing field") && msg.contains("context_dim"), "{msg}");
+    let msg = BaseModelConfig::from_yaml_file(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("missing field") && msg.contains("context_dim"),
+        "{msg}"
+    );
 
     let path = dir.join("broken.yaml");
     std::fs::write(&path, "model: [unclosed").unwrap();
-    let msg = BaseModelConfig::from_yaml_file(&path).err().unwrap().to_string();
-    assert!(msg.contains("broken.yaml") && msg.contains("not valid YAML"), "{msg}");
+    let msg = BaseModelConfig::from_yaml_file(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("broken.yaml") && msg.contains("not valid YAML"),
+        "{msg}"
+    );
 
     // The CFW YAML is not a diffusion YAML.
-    let msg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/cfw.yaml")).err().unwrap().to_string();
+    let msg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/cfw.yaml"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("AutoencoderKLResi"), "{msg}");
 }
 

@@ -18,9 +18,21 @@ use std::collections::HashMap;
 
 fn models() -> (BaseModel, CfwModel) {
     let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
-    let (base, _) = BaseModel::load(&common::fixture("stablesr/model.safetensors"), cfg, DType::F32, &Device::Cpu).unwrap();
+    let (base, _) = BaseModel::load(
+        &common::fixture("stablesr/model.safetensors"),
+        cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let cfw_cfg = CfwConfig::from_yaml_file(&common::fixture("stablesr/cfw.yaml")).unwrap();
-    let (cfw, _) = CfwModel::load(&common::fixture("stablesr/cfw.safetensors"), cfw_cfg, DType::F32, &Device::Cpu).unwrap();
+    let (cfw, _) = CfwModel::load(
+        &common::fixture("stablesr/cfw.safetensors"),
+        cfw_cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     (base, cfw)
 }
 
@@ -53,7 +65,11 @@ fn face_script_cfg_run_with_the_real_networks() {
     let lq = common::get(&f, "in.lq_image");
     let (posterior, features) = cfw.autoencoder.encode_with_features(lq).unwrap();
     for (i, feat) in features.iter().enumerate() {
-        common::assert_module_close(&format!("enc_fea_lq.{i}"), feat, common::get(&f, &format!("enc_fea_lq.{i}")));
+        common::assert_module_close(
+            &format!("enc_fea_lq.{i}"),
+            feat,
+            common::get(&f, &format!("enc_fea_lq.{i}")),
+        );
     }
     let mut draws = noise_draws(&f);
     let first = draws.remove(0);
@@ -71,16 +87,32 @@ fn face_script_cfg_run_with_the_real_networks() {
         guidance_scale: Some(guidance),
         record_steps: true,
     };
-    let out = sampler.sample(&mut denoiser, &init_latent, &mut noise, &opts, &mut |_| {}).unwrap();
+    let out = sampler
+        .sample(&mut denoiser, &init_latent, &mut noise, &opts, &mut |_| {})
+        .unwrap();
     assert_eq!(noise.remaining(), 0, "every recorded draw consumed");
     for (k, step) in out.steps.iter().enumerate() {
-        trajectory_close(&format!("step{k}.x0"), &step.x0, common::get(&f, &format!("step{k}.x0")));
-        trajectory_close(&format!("step{k}.x_out"), &step.x_out, common::get(&f, &format!("step{k}.x_out")));
+        trajectory_close(
+            &format!("step{k}.x0"),
+            &step.x0,
+            common::get(&f, &format!("step{k}.x0")),
+        );
+        trajectory_close(
+            &format!("step{k}.x_out"),
+            &step.x_out,
+            common::get(&f, &format!("step{k}.x_out")),
+        );
     }
     trajectory_close("samples", &out.latent, common::get(&f, "samples"));
-    let decoded = cfw.autoencoder.decode_fused(&(out.latent / scale).unwrap(), &features, dec_w).unwrap();
+    let decoded = cfw
+        .autoencoder
+        .decode_fused(&(out.latent / scale).unwrap(), &features, dec_w)
+        .unwrap();
     trajectory_close("decoded", &decoded, common::get(&f, "decoded"));
-    let final01 = ((decoded + 1.0).unwrap() / 2.0).unwrap().clamp(0f32, 1f32).unwrap();
+    let final01 = ((decoded + 1.0).unwrap() / 2.0)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap();
     trajectory_close("final_01", &final01, common::get(&f, "final_01"));
 }
 
@@ -89,10 +121,23 @@ fn text_contexts_of_the_fixture_come_from_the_tiny_text_encoder() {
     let (base, _) = models();
     let f = common::load("diffusion/sampler.safetensors");
     let io = common::load("stablesr/io.safetensors");
-    let tokens = common::get(&io, "text.tokens").to_dtype(DType::U32).unwrap();
-    let ctx = base.text_encoder.forward(&tokens.narrow(0, 0, 2).unwrap()).unwrap();
-    common::assert_module_close("in.cond", &ctx.narrow(0, 0, 1).unwrap(), common::get(&f, "in.cond"));
-    common::assert_module_close("in.uncond", &ctx.narrow(0, 1, 1).unwrap(), common::get(&f, "in.uncond"));
+    let tokens = common::get(&io, "text.tokens")
+        .to_dtype(DType::U32)
+        .unwrap();
+    let ctx = base
+        .text_encoder
+        .forward(&tokens.narrow(0, 0, 2).unwrap())
+        .unwrap();
+    common::assert_module_close(
+        "in.cond",
+        &ctx.narrow(0, 0, 1).unwrap(),
+        common::get(&f, "in.cond"),
+    );
+    common::assert_module_close(
+        "in.uncond",
+        &ctx.narrow(0, 1, 1).unwrap(),
+        common::get(&f, "in.uncond"),
+    );
 }
 
 #[test]
@@ -107,13 +152,21 @@ fn tile_script_canvas_run_through_the_restorer() {
 
     let small = common::get(&f, "in.lq_small");
     let (_, _, h, w) = small.dims4().unwrap();
-    let lq = resize_bicubic_nchw(small, (h as f64 * upscale) as usize, (w as f64 * upscale) as usize)
-        .unwrap()
-        .clamp(-1f32, 1f32)
-        .unwrap();
+    let lq = resize_bicubic_nchw(
+        small,
+        (h as f64 * upscale) as usize,
+        (w as f64 * upscale) as usize,
+    )
+    .unwrap()
+    .clamp(-1f32, 1f32)
+    .unwrap();
     common::assert_module_close("in.lq_up", &lq, common::get(&f, "in.lq_up"));
 
-    for (fix, expected_u8) in [(ColorFix::None, "final.nofix_u8"), (ColorFix::Adain, "final.adain_u8"), (ColorFix::Wavelet, "final.wavelet_u8")] {
+    for (fix, expected_u8) in [
+        (ColorFix::None, "final.nofix_u8"),
+        (ColorFix::Adain, "final.adain_u8"),
+        (ColorFix::Wavelet, "final.wavelet_u8"),
+    ] {
         let settings = RestoreSettings {
             steps,
             guidance: m["guidance"].parse().unwrap(),
@@ -123,15 +176,28 @@ fn tile_script_canvas_run_through_the_restorer() {
             native_size: Some(tile * base.config.vae.downsample_factor()),
             ..RestoreSettings::default()
         };
-        let restorer = Restorer::new(&base, &cfw, settings, common::get(&f, "in.cond").clone(), common::get(&f, "in.uncond").clone()).unwrap();
+        let restorer = Restorer::new(
+            &base,
+            &cfw,
+            settings,
+            common::get(&f, "in.cond").clone(),
+            common::get(&f, "in.uncond").clone(),
+        )
+        .unwrap();
         let mut noise = RecordedNoise::new(noise_draws(&f));
-        let out = restorer.restore_piece(&lq, &mut noise, &mut |_| {}).unwrap();
+        let out = restorer
+            .restore_piece(&lq, &mut noise, &mut |_| {})
+            .unwrap();
         assert_eq!(noise.remaining(), 0, "every recorded draw consumed");
         if fix == ColorFix::None {
             trajectory_close("decoded", &out, common::get(&f, "decoded"));
         }
         // The script saves truncated uint8 of clamp((x+1)/2): allow one level.
-        let ours = (((out + 1.0).unwrap() / 2.0).unwrap().clamp(0f32, 1f32).unwrap() * 255.0)
+        let ours = (((out + 1.0).unwrap() / 2.0)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap()
+            * 255.0)
             .unwrap()
             .floor()
             .unwrap()
@@ -139,7 +205,11 @@ fn tile_script_canvas_run_through_the_restorer() {
             .unwrap()
             .permute((1, 2, 0))
             .unwrap();
-        let reference = common::get(&f, expected_u8).squeeze(0).unwrap().to_dtype(DType::F32).unwrap();
+        let reference = common::get(&f, expected_u8)
+            .squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         common::assert_close(expected_u8, &ours, &reference, 1.0, 0.0);
     }
 }

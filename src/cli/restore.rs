@@ -6,7 +6,9 @@ use crate::imaging::colorfix::ColorFix;
 use crate::imaging::io::{load_image_with_min_size, save_png, LoadedImage};
 use crate::imaging::ImageF32;
 use crate::model::base::{BaseModel, CfwModel};
-use crate::restore::{Restorer, RestoreSettings, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT};
+use crate::restore::{
+    RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
+};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -51,6 +53,17 @@ pub struct RestoreArgs {
     /// Overlap of the 64-latent tiles, in latents.
     #[arg(long, default_value_t = 32)]
     pub tile_overlap: usize,
+    /// The model's native size in pixels (StableSR's `--input_size`): short sides below it are
+    /// processed at it, latent tiles are this size / 8. Default: the config's image_size (512).
+    #[arg(long, value_name = "PIXELS")]
+    pub input_size: Option<usize>,
+    /// Images whose padded side exceeds this many pixels are processed in overlapping square
+    /// patches of this size (StableSR's `--vqgantile_size`), bounding memory.
+    #[arg(long, default_value_t = 1280, value_name = "PIXELS")]
+    pub patch_size: usize,
+    /// Stride between those patches (StableSR's `--vqgantile_stride`).
+    #[arg(long, default_value_t = 1000, value_name = "PIXELS")]
+    pub patch_stride: usize,
     /// CFW fusion weight of the decoder (0 = pure diffusion output, 1 = most LQ detail kept).
     #[arg(long, default_value_t = 0.5)]
     pub dec_w: f64,
@@ -105,12 +118,20 @@ impl RestoreArgs {
 
 /// The output path of every input: `-o FILE` for a single input, else `DIR/<stem><suffix>.png`
 /// (DIR = `-o` or the input's own directory).
-fn output_paths(inputs: &[PathBuf], output: Option<&Path>, suffix: &str) -> anyhow::Result<Vec<PathBuf>> {
+fn output_paths(
+    inputs: &[PathBuf],
+    output: Option<&Path>,
+    suffix: &str,
+) -> anyhow::Result<Vec<PathBuf>> {
     if let Some(out) = output {
         let is_file = out.extension().is_some() && !out.is_dir();
         if is_file {
             if inputs.len() != 1 {
-                bail!("-o {}: a file name takes exactly one input; give a directory for {} inputs", out.display(), inputs.len());
+                bail!(
+                    "-o {}: a file name takes exactly one input; give a directory for {} inputs",
+                    out.display(),
+                    inputs.len()
+                );
             }
             return Ok(vec![out.to_path_buf()]);
         }
@@ -121,7 +142,11 @@ fn output_paths(inputs: &[PathBuf], output: Option<&Path>, suffix: &str) -> anyh
         .iter()
         .map(|p| {
             let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
-            let siblings: Vec<PathBuf> = inputs.iter().filter(|q| q.parent() == p.parent()).cloned().collect();
+            let siblings: Vec<PathBuf> = inputs
+                .iter()
+                .filter(|q| q.parent() == p.parent())
+                .cloned()
+                .collect();
             let idx = siblings.iter().position(|q| q == p).unwrap_or(0);
             batch::output_paths(&siblings, &dir, suffix, "png")[idx].clone()
         })
@@ -143,6 +168,14 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         }
     }
     let outputs = output_paths(&files, args.output.as_deref(), &args.suffix)?;
+    for dir in outputs
+        .iter()
+        .filter_map(|o| o.parent())
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create output directory {}", dir.display()))?;
+    }
     let policy = ExistingPolicy::from_flags(args.force, args.skip_existing);
 
     // Decide what to do before loading the model, so a batch with nothing to do is quick.
@@ -179,11 +212,16 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         dec_w: args.dec_w,
         color_fix,
         tile_overlap: args.tile_overlap,
-        ..RestoreSettings::default()
+        native_size: args.input_size,
+        patch_size: args.patch_size,
+        patch_stride: args.patch_stride,
     };
     let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
     let metadata_common = vec![
-        ("Software".to_string(), format!("pfstorer {}", env!("CARGO_PKG_VERSION"))),
+        (
+            "Software".to_string(),
+            format!("pfstorer {}", env!("CARGO_PKG_VERSION")),
+        ),
         ("pfstorer:base".to_string(), file_name(&base_path)),
         ("pfstorer:cfw".to_string(), file_name(&cfw_path)),
         ("pfstorer:seed".to_string(), args.seed.to_string()),
@@ -192,8 +230,14 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         ("pfstorer:dec_w".to_string(), args.dec_w.to_string()),
         ("pfstorer:color_fix".to_string(), args.color_fix.clone()),
         ("pfstorer:prompt".to_string(), prompt.clone()),
-        ("pfstorer:negative_prompt".to_string(), args.negative_prompt.clone()),
-        ("pfstorer:identity".to_string(), "none (base model)".to_string()),
+        (
+            "pfstorer:negative_prompt".to_string(),
+            args.negative_prompt.clone(),
+        ),
+        (
+            "pfstorer:identity".to_string(),
+            "none (base model)".to_string(),
+        ),
     ];
 
     let bars = MultiProgress::new();
@@ -203,12 +247,26 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let steps = bars.add(step_bar(args.quiet));
         steps.set_message(file_name(input));
         let started = Instant::now();
-        let outcome = match restore_one(&restorer, input, output, target, &metadata_common, policy.overwrite(), &steps) {
+        let outcome = match restore_one(
+            &restorer,
+            input,
+            output,
+            target,
+            &metadata_common,
+            policy.overwrite(),
+            &steps,
+        ) {
             Ok(()) => {
                 if args.quiet {
                     // nothing
                 } else {
-                    bars.println(format!("{} -> {} ({:.1} s)", input.display(), output.display(), started.elapsed().as_secs_f64())).ok();
+                    bars.println(format!(
+                        "{} -> {} ({:.1} s)",
+                        input.display(),
+                        output.display(),
+                        started.elapsed().as_secs_f64()
+                    ))
+                    .ok();
                 }
                 Outcome::Done
             }
@@ -224,14 +282,18 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
 
 fn step_bar(quiet: bool) -> ProgressBar {
     let bar = batch::progress_bar(0, quiet);
-    if let Ok(style) = ProgressStyle::with_template("{msg} {bar:30} step {pos}/{len} [{elapsed_precise}<{eta_precise}]") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} {bar:30} step {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+    ) {
         bar.set_style(style);
     }
     bar
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }
 
 fn restore_one(
@@ -251,13 +313,29 @@ fn restore_one(
     let restored = restorer.restore(&loaded.rgb, target, &mut on_step)?;
     let (w, h) = (restored.width, restored.height);
     let alpha = match &loaded.alpha {
-        Some(a) => Some(clamp01(crate::imaging::resize::resize_torch(a, w, h, crate::imaging::resize::TorchInterp::Bicubic)?)),
+        Some(a) => Some(clamp01(crate::imaging::resize::resize_torch(
+            a,
+            w,
+            h,
+            crate::imaging::resize::TorchInterp::Bicubic,
+        )?)),
         None => None,
     };
-    let rgb = if loaded.gray { to_gray_rgb(&restored) } else { restored };
+    let rgb = if loaded.gray {
+        to_gray_rgb(&restored)
+    } else {
+        restored
+    };
     let mut meta = metadata.to_vec();
     meta.push(("pfstorer:input".to_string(), file_name(input)));
-    save_png(output, &rgb, alpha.as_ref(), loaded.bit_depth > 8, &meta, overwrite)
+    save_png(
+        output,
+        &rgb,
+        alpha.as_ref(),
+        loaded.bit_depth > 8,
+        &meta,
+        overwrite,
+    )
 }
 
 fn clamp01(mut img: ImageF32) -> ImageF32 {
