@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod imaging;
 pub mod metrics;
 pub mod model;
+pub mod personalize;
 pub mod weights;
 
 pub use error::{Error, Result};
