@@ -143,7 +143,7 @@ fn zero_gamma_and_zero_lambda_reproduce_the_base_unet_exactly() {
             0.0,
             "{path}"
         );
-        assert_eq!(r0.tokens.dim(1).unwrap() > 0, true);
+        assert!(r0.tokens.dim(1).unwrap() > 0);
     }
     let gated = pers.forward(&x, &inputs, Some(&refs1)).unwrap();
     let moved = max_abs_diff(&gated, &base_out);
@@ -175,7 +175,13 @@ fn learned_token_replaces_the_placeholder_embedding() {
     let expected = base.text_encoder.forward(&ids).unwrap();
     assert_eq!(max_abs_diff(&ctx, &expected), 0.0);
     // Columns before the placeholder do not depend on the token; gradients reach the token.
-    let grads = ctx.narrow(1, 4, 73).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = ctx
+        .narrow(1, 4, 73)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let g = grads.get(params.token.as_tensor()).expect("token gradient");
     let norm: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
     assert!(norm > 0.0);
@@ -244,21 +250,50 @@ fn training_steps_touch_only_the_trainable_tensors() {
     let grads = parts.total.backward().unwrap();
     let (ica, gammas) = trainer.params.block_vars().unwrap();
     for (name, var) in &ica {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no grad"));
-        let m: f32 = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-        assert_eq!(m, 0.0, "{name}: ICA gradient at gamma = 0 must be exactly 0");
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no grad"));
+        let m: f32 = g
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(
+            m, 0.0,
+            "{name}: ICA gradient at gamma = 0 must be exactly 0"
+        );
     }
     for (name, var) in &gammas {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no grad"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no grad"));
         let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert!(s > 0.0, "{name}: gamma gradient is zero");
     }
-    let gt = grads.get(trainer.params.token.as_tensor()).expect("token grad");
-    assert!(gt.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    let gt = grads
+        .get(trainer.params.token.as_tensor())
+        .expect("token grad");
+    assert!(
+        gt.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
 
     // Finite differences of dL/dγ on the channel with the largest gradient.
     let (gname, gvar) = &gammas[0];
-    let g = grads.get(gvar.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let g = grads
+        .get(gvar.as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let c = (0..g.len())
         .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
         .unwrap();
@@ -267,7 +302,8 @@ fn training_steps_touch_only_the_trainable_tensors() {
     let loss_at = |delta: f32| -> f64 {
         let mut v = original.clone();
         v[c] += delta;
-        gvar.set(&Tensor::new(v.as_slice(), &Device::Cpu).unwrap()).unwrap();
+        gvar.set(&Tensor::new(v.as_slice(), &Device::Cpu).unwrap())
+            .unwrap();
         let l: f32 = trainer.loss(&sample).unwrap().total.to_scalar().unwrap();
         l as f64
     };
@@ -296,7 +332,14 @@ fn training_steps_touch_only_the_trainable_tensors() {
     }
     let (ica, gammas) = trainer.params.block_vars().unwrap();
     for (name, var) in &gammas {
-        let s: f32 = var.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        let s: f32 = var
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(s > 0.0, "{name} did not move");
     }
     assert!(max_abs_diff(trainer.params.token.as_tensor(), &token0) > 0.0);
@@ -316,7 +359,10 @@ fn training_steps_touch_only_the_trainable_tensors() {
     let dir = std::env::temp_dir().join(format!("pfstorer-pers-{}", std::process::id()));
     let path = dir.join("test.identity.safetensors");
     identity.save(&path, false).unwrap();
-    assert!(identity.save(&path, false).is_err(), "existing file must be refused");
+    assert!(
+        identity.save(&path, false).is_err(),
+        "existing file must be refused"
+    );
     let loaded = Identity::load_file(&path).unwrap();
     assert_eq!(loaded.metadata, identity.metadata);
     assert_eq!(loaded.tensors.len(), identity.tensors.len());
@@ -330,7 +376,9 @@ fn training_steps_touch_only_the_trainable_tensors() {
     let hosts = host_specs(&base.config.unet);
     let blocks = loaded.blocks(&hosts, DType::F32, &Device::Cpu).unwrap();
     let (ctx, prompt) = loaded.positive_context(&base).unwrap();
-    let z_ref = loaded.reference_latent(0, DType::F32, &Device::Cpu).unwrap();
+    let z_ref = loaded
+        .reference_latent(0, DType::F32, &Device::Cpu)
+        .unwrap();
     let x = randn(21, &[1, 4, 8, 8]);
     let t = Tensor::new(&[400f32], &Device::Cpu).unwrap();
     let cond = base.lq_encoder.forward(&x, &t).unwrap();

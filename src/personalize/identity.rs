@@ -23,7 +23,11 @@ pub const SUFFIX: &str = ".identity.safetensors";
 /// Where identities stored by name live: `$PFSTORER_HOME/identities` if set, else
 /// `$XDG_DATA_HOME/pfstorer/identities`, else `~/.local/share/pfstorer/identities`.
 pub fn identities_dir() -> Result<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(home) = var("PFSTORER_HOME") {
         return Ok(home.join("identities"));
     }
@@ -96,7 +100,8 @@ pub fn list_stored() -> Result<Vec<(String, PathBuf)>> {
 /// as f32 (exact for f16/bf16 checkpoints too), so the fingerprint names the weights, not the
 /// container format.
 pub fn base_fingerprint(store: &TensorStore) -> Result<String> {
-    let prefixes = [UNET_PREFIX, LQ_ENCODER_PREFIX, TEXT_PREFIX, VAE_PREFIX].map(|p| format!("{p}."));
+    let prefixes =
+        [UNET_PREFIX, LQ_ENCODER_PREFIX, TEXT_PREFIX, VAE_PREFIX].map(|p| format!("{p}."));
     let mut hasher = Sha256::new();
     let mut count = 0usize;
     for (name, (shape, dtype)) in store.shapes() {
@@ -202,7 +207,9 @@ impl Identity {
         names.sort();
         let mut buffers = Vec::with_capacity(names.len());
         for name in &names {
-            let t = self.tensors[*name].to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            let t = self.tensors[*name]
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?;
             let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             buffers.push((name.to_string(), t.dims().to_vec(), bytes));
@@ -283,8 +290,12 @@ impl Identity {
         hosts
             .iter()
             .map(|h| {
-                let block =
-                    PersonalizationBlock::new(h.dim, h.heads, h.d_head, vb.pp(block_prefix(&h.path)))?;
+                let block = PersonalizationBlock::new(
+                    h.dim,
+                    h.heads,
+                    h.d_head,
+                    vb.pp(block_prefix(&h.path)),
+                )?;
                 Ok((h.path.clone(), block))
             })
             .collect()
@@ -309,7 +320,10 @@ impl Identity {
                 "reference index {index} out of range: the identity holds {k} references"
             )));
         }
-        Ok(latents.narrow(0, index, 1)?.to_dtype(dtype)?.to_device(device)?)
+        Ok(latents
+            .narrow(0, index, 1)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
     }
 
     /// The positive prompt's context with the learned token (`[1, 77, C]`), and its tokens.
@@ -396,11 +410,11 @@ impl Identity {
                 "vae_scale_factor",
                 base.config.diffusion.scale_factor.to_string(),
             ),
-            ("hosts", json(serde_json::to_value(&params.hosts).map_err(json_err)?)),
             (
-                "unet",
-                format!("{:?}", base.config.unet),
+                "hosts",
+                json(serde_json::to_value(&params.hosts).map_err(json_err)?),
             ),
+            ("unet", format!("{:?}", base.config.unet)),
             (
                 "placeholder",
                 json(serde_json::json!({"text": super::PLACEHOLDER, "id": placeholder_id})),
@@ -418,10 +432,16 @@ impl Identity {
             ),
             ("ref_path", "sd_no_sft".into()),
             ("null_lq", "vae_mean(zeros)".into()),
-            ("ref_sources", json(serde_json::Value::Array(info.ref_sources.clone()))),
+            (
+                "ref_sources",
+                json(serde_json::Value::Array(info.ref_sources.clone())),
+            ),
             ("training", json(info.training.clone())),
             ("iterations_done", trainer.iteration.to_string()),
-            ("gamma_mean", json(serde_json::to_value(&gamma_means).map_err(json_err)?)),
+            (
+                "gamma_mean",
+                json(serde_json::to_value(&gamma_means).map_err(json_err)?),
+            ),
             ("date", utc_timestamp(now)),
             ("version", format!("pfstorer {}", env!("CARGO_PKG_VERSION"))),
         ]

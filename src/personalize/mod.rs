@@ -69,7 +69,7 @@ pub fn host_specs(cfg: &UNetConfig) -> Vec<HostSpec> {
     for (level, &mult) in cfg.channel_mult.iter().enumerate().rev() {
         for _ in 0..=cfg.num_res_blocks {
             if cfg.attention_resolutions.contains(&ds) {
-                if running % 2 == 0 {
+                if running.is_multiple_of(2) {
                     hosts.push(spec(
                         format!("output_blocks.{n}.1"),
                         mult * cfg.model_channels,

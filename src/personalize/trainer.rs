@@ -73,6 +73,9 @@ pub struct TrainableParams {
     pub hosts: Vec<HostSpec>,
 }
 
+/// Trainable variables with their stored names.
+pub type NamedVars = Vec<(String, Var)>;
+
 /// Key prefix of a host's block parameters.
 pub fn block_prefix(host: &str) -> String {
     format!("pers.{host}")
@@ -124,7 +127,7 @@ impl TrainableParams {
     }
 
     /// `(ICA weights, γ vectors)`, each sorted by name.
-    pub fn block_vars(&self) -> Result<(Vec<(String, Var)>, Vec<(String, Var)>)> {
+    pub fn block_vars(&self) -> Result<(NamedVars, NamedVars)> {
         let vars = self
             .varmap
             .data()
@@ -331,10 +334,7 @@ impl<'a> Trainer<'a> {
             let seed: u64 = self.rng.gen();
             degrade_image(&hq.hq, Preset::Heavy, seed)?.0
         };
-        let lq_posterior = self
-            .base
-            .vae
-            .encode(&image_to_tensor(&lq_image, device)?)?;
+        let lq_posterior = self.base.vae.encode(&image_to_tensor(&lq_image, device)?)?;
         let z_lq = (lq_posterior.sample(&normal(&mut self.rng, &latent_shape, device)?)? * scale)?;
         let noise = normal(&mut self.rng, &latent_shape, device)?;
         Ok(TrainingSample {
@@ -386,7 +386,8 @@ impl<'a> Trainer<'a> {
         let diff = (v.get(0)? - target.get(0)?)?.sqr()?.mean_all()?;
         let gen = (v.get(1)? - target.get(0)?)?.sqr()?.mean_all()?;
         let pers = refs.pers_loss()?;
-        let total = ((&diff + (&gen * self.config.lambda_gen)?)? + (&pers * self.config.lambda_pers)?)?;
+        let total =
+            ((&diff + (&gen * self.config.lambda_gen)?)? + (&pers * self.config.lambda_pers)?)?;
         Ok(LossParts {
             total,
             diff,
