@@ -399,7 +399,12 @@ impl<'a> Trainer<'a> {
     /// One optimisation step on a freshly drawn sample.
     pub fn step(&mut self) -> Result<StepReport> {
         let sample = self.draw_sample()?;
-        let parts = self.loss(&sample)?;
+        self.step_on(&sample)
+    }
+
+    /// One optimisation step on a given sample (overfitting checks).
+    pub fn step_on(&mut self, sample: &TrainingSample) -> Result<StepReport> {
+        let parts = self.loss(sample)?;
         let grads = parts.total.backward()?;
         for opt in &mut self.optimizers {
             opt.step(&grads)?;
