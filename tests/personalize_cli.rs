@@ -80,6 +80,28 @@ fn personalize_then_list_show_and_remove() {
     assert!(shown.contains("format: pfstorer-identity/1"), "{shown}");
     assert!(shown.contains("base_fingerprint: "), "{shown}");
 
+    // Resume from a checkpoint (here: the 2-iteration identity) to 3 iterations.
+    let carol = root.join("carol.identity.safetensors");
+    std::fs::copy(&file, root.join("carol.identity.safetensors.checkpoint")).unwrap();
+    let carol_s = carol.to_string_lossy().into_owned();
+    let resumed = personalize(
+        &home,
+        &refs,
+        &[
+            "--id", "carol", "--out", &carol_s, "--steps", "3", "--size", "64", "--quiet",
+            "--resume",
+        ],
+    );
+    assert!(
+        resumed.status.success(),
+        "resume failed: {}",
+        stderr(&resumed)
+    );
+    let show = pfstorer(&home, &["ids", "show", &carol_s]);
+    let shown = String::from_utf8_lossy(&show.stdout).into_owned();
+    assert!(shown.contains("iterations_done: 3"), "{shown}");
+    assert!(!root.join("carol.identity.safetensors.checkpoint").exists());
+
     // An existing identity is refused without --force and left untouched.
     let before = std::fs::read(&file).unwrap();
     let again = personalize(&home, &refs, &flags);
