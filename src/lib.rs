@@ -18,6 +18,7 @@ pub mod imaging;
 pub mod metrics;
 pub mod model;
 pub mod restore;
+pub mod personalize;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -5,8 +5,10 @@ pub mod bench;
 pub mod convert;
 pub mod degrade;
 pub mod eval;
+pub mod ids;
 pub mod model_args;
 pub mod restore;
+pub mod personalize;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +35,10 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Time the networks (seconds and peak memory) for the performance notes.
     Bench(bench::BenchArgs),
+    /// Learn an identity from 3-20 reference photos of one person.
+    Personalize(personalize::PersonalizeArgs),
+    /// List, show or remove stored identities.
+    Ids(ids::IdsArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -42,5 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Degrade(args) => degrade::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Personalize(args) => personalize::run(args),
+        Command::Ids(args) => ids::run(args),
     }
 }

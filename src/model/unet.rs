@@ -407,6 +407,20 @@ fn from_tokens(t: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 pub trait TransformerSeam {
     /// `path` is the host's checkpoint path inside the UNet, e.g. `output_blocks.4.1`.
     fn after_blocks(&mut self, path: &str, tokens: Tensor) -> Result<Tensor>;
+
+    /// Runs the host's transformer blocks on its `tokens`. Overridden by seams that need more
+    /// than the result (the personalization reference pass records attention maps); the default
+    /// is the plain base computation.
+    fn run_blocks(
+        &mut self,
+        path: &str,
+        host: &SpatialTransformer,
+        tokens: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let _ = path;
+        host.run_blocks(tokens, context)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -578,10 +592,14 @@ impl UNet {
                 Layer::Res(r) => r.forward(&h, emb, inputs.struct_cond)?,
                 Layer::Transformer(path, st) => {
                     let parts = st.tokens_in(&h)?;
-                    let mut tokens = st.run_blocks(&parts.tokens, inputs.context)?;
-                    if let Some(seam) = seam.as_deref_mut() {
-                        tokens = seam.after_blocks(path, tokens)?;
-                    }
+                    let tokens = match seam.as_deref_mut() {
+                        Some(seam) => {
+                            let tokens =
+                                seam.run_blocks(path, st, &parts.tokens, inputs.context)?;
+                            seam.after_blocks(path, tokens)?
+                        }
+                        None => st.run_blocks(&parts.tokens, inputs.context)?,
+                    };
                     st.tokens_out(&parts, &tokens)?
                 }
                 Layer::Up(c) => {

@@ -1,0 +1,188 @@
+//! `pfstorer personalize`: learn an identity (blocks, γ gates, token) from reference photos.
+
+use super::batch::progress_bar;
+use super::model_args::ModelArgs;
+use crate::error::Error;
+use crate::imaging::io::load_image_with_min_size;
+use crate::model::base::BaseModel;
+use crate::personalize::identity::{self, base_fingerprint, Identity, IdentityInfo};
+use crate::personalize::sha256::sha256_hex;
+use crate::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
+use crate::weights::TensorStore;
+use clap::Args;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Fewest and most reference photos accepted.
+pub const MIN_REFS: usize = 3;
+pub const MAX_REFS: usize = 20;
+/// Smallest accepted reference side in pixels.
+pub const MIN_REF_SIDE: usize = 64;
+
+#[derive(Debug, Args)]
+pub struct PersonalizeArgs {
+    /// Reference photos of the person (3 to 20; 5 recommended): sharp, varied, face centred.
+    #[arg(long, required = true, num_args = 1.., value_name = "FILES")]
+    pub refs: Vec<PathBuf>,
+    /// Name of the identity (stored in the identity directory unless --out is given).
+    #[arg(long, value_name = "NAME")]
+    pub id: String,
+    /// Training iterations.
+    #[arg(long, default_value_t = 500)]
+    pub steps: usize,
+    /// Seed of the initialisation and of every random draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the identity here instead of the identity directory.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Replace an existing identity of the same name or path.
+    #[arg(long)]
+    pub force: bool,
+    /// Save a checkpoint (`<out>.checkpoint`) every N iterations (0 = never).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoint of an interrupted run with the same output.
+    #[arg(long)]
+    pub resume: bool,
+    /// Training resolution in pixels (default: the model's native size).
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+fn checkpoint_path(out: &std::path::Path) -> PathBuf {
+    let mut name = out.as_os_str().to_os_string();
+    name.push(".checkpoint");
+    PathBuf::from(name)
+}
+
+pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
+    identity::validate_name(&args.id)?;
+    let out = match &args.out {
+        Some(p) => p.clone(),
+        None => identity::resolve(&args.id)?,
+    };
+    crate::fsutil::check_overwrite(&out, args.force)?;
+    if args.steps == 0 {
+        return Err(Error::Input("--steps must be at least 1".into()).into());
+    }
+    let mut refs = args.refs.clone();
+    refs.sort_by(|a, b| a.file_name().cmp(&b.file_name()).then(a.cmp(b)));
+    if refs.len() < MIN_REFS || refs.len() > MAX_REFS {
+        return Err(Error::Input(format!(
+            "{} reference photos given; between {MIN_REFS} and {MAX_REFS} are needed (5 recommended)",
+            refs.len()
+        ))
+        .into());
+    }
+    let mut images = Vec::with_capacity(refs.len());
+    let mut sources = Vec::with_capacity(refs.len());
+    let mut seen: HashMap<String, PathBuf> = HashMap::new();
+    for path in &refs {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let digest = sha256_hex(&bytes);
+        if let Some(first) = seen.get(&digest) {
+            return Err(Error::Input(format!(
+                "{} is a duplicate of {} (same file contents); give distinct photos",
+                path.display(),
+                first.display()
+            ))
+            .into());
+        }
+        seen.insert(digest.clone(), path.clone());
+        let loaded = load_image_with_min_size(path, MIN_REF_SIDE)?;
+        let (w, h) = (loaded.width(), loaded.height());
+        let side = w.min(h);
+        sources.push(serde_json::json!({
+            "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "sha256": digest,
+            "crop": [(w - side) / 2, (h - side) / 2, side],
+        }));
+        images.push(loaded.rgb);
+    }
+
+    let cfg = args.model.base_config()?;
+    let (device, dtype) = args.model.device_dtype()?;
+    let base_path = args.model.base_path(!args.quiet)?;
+    let size = args.size.unwrap_or(cfg.diffusion.image_size);
+    if size < 64 || !size.is_multiple_of(64) {
+        return Err(Error::Input(format!("--size {size}: use a multiple of 64")).into());
+    }
+    let fingerprint = base_fingerprint(&TensorStore::open(&base_path)?)?;
+    let (base, _) = BaseModel::load(&base_path, cfg, dtype, &device)?;
+    let params = TrainableParams::init(&base, args.seed)?;
+    let config = TrainConfig::default();
+    let mut trainer = Trainer::new(&base, params, &images, size, config, args.seed)?;
+    let info = IdentityInfo {
+        name: args.id.clone(),
+        base_fingerprint: fingerprint.clone(),
+        ref_sources: sources,
+        training: serde_json::json!({
+            "seed": args.seed,
+            "iterations": args.steps,
+            "batch": 1,
+            "size": size,
+            "optimizer": "AdamW(0.9, 0.999, eps 1e-8)",
+            "config": config,
+            "degradation": "heavy",
+            "target": "v",
+            "references": refs.len(),
+        }),
+    };
+
+    let checkpoint = checkpoint_path(&out);
+    if args.resume {
+        if !checkpoint.is_file() {
+            return Err(Error::Input(format!(
+                "--resume: no checkpoint at {}",
+                checkpoint.display()
+            ))
+            .into());
+        }
+        let saved = Identity::load_file(&checkpoint)?;
+        saved.check_base(&fingerprint)?;
+        trainer.params.set_from(&saved.tensors)?;
+        let done: usize = saved
+            .metadata
+            .get("iterations_done")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        trainer.iteration = done.min(args.steps);
+        // Fresh draws for the remaining iterations (the optimizer moments restart at zero).
+        trainer.rng = rand::SeedableRng::seed_from_u64(args.seed.wrapping_add(done as u64));
+    }
+
+    let bar = progress_bar(args.steps, args.quiet);
+    bar.set_position(trainer.iteration as u64);
+    let mut smoothed: Option<f32> = None;
+    while trainer.iteration < args.steps {
+        let report = trainer.step()?;
+        let s = smoothed.map_or(report.total, |s| 0.9 * s + 0.1 * report.total);
+        smoothed = Some(s);
+        bar.set_position(trainer.iteration as u64);
+        bar.set_message(format!(
+            "loss {s:.4} (diff {:.4}, gen {:.4}, pers {:.3})",
+            report.diff, report.gen, report.pers
+        ));
+        if args.checkpoint_every > 0
+            && trainer.iteration % args.checkpoint_every == 0
+            && trainer.iteration < args.steps
+        {
+            Identity::from_trainer(&trainer, &info)?.save(&checkpoint, true)?;
+        }
+    }
+    bar.finish_and_clear();
+    Identity::from_trainer(&trainer, &info)?.save(&out, args.force)?;
+    if checkpoint.is_file() {
+        let _ = std::fs::remove_file(&checkpoint);
+    }
+    if !args.quiet {
+        eprintln!("identity {:?} written to {}", args.id, out.display());
+    }
+    Ok(())
+}

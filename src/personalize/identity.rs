@@ -1,0 +1,457 @@
+//! The identity file (spec §6): one safetensors file holding the trained blocks, γ gates, the
+//! learned token and the reference latents, with JSON metadata (format, base-model fingerprint,
+//! architecture, training arguments, date, version). Stored by name under the user's data
+//! directory unless a path is given.
+
+use super::sha256::Sha256;
+use super::token::PromptTokens;
+use super::trainer::block_prefix;
+use super::HostSpec;
+use crate::error::{Error, Result};
+use crate::model::adapter::PersonalizationBlock;
+use crate::model::base::{BaseModel, LQ_ENCODER_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::weights::TensorStore;
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// `format` metadata value of this layout.
+pub const FORMAT: &str = "pfstorer-identity/1";
+/// File name suffix of identities stored by name.
+pub const SUFFIX: &str = ".identity.safetensors";
+
+/// Where identities stored by name live: `$PFSTORER_HOME/identities` if set, else
+/// `$XDG_DATA_HOME/pfstorer/identities`, else `~/.local/share/pfstorer/identities`.
+pub fn identities_dir() -> Result<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(home) = var("PFSTORER_HOME") {
+        return Ok(home.join("identities"));
+    }
+    if let Some(data) = var("XDG_DATA_HOME") {
+        return Ok(data.join("pfstorer").join("identities"));
+    }
+    match var("HOME") {
+        Some(home) => Ok(home.join(".local/share/pfstorer/identities")),
+        None => Err(Error::Input(
+            "cannot locate the identity directory: set PFSTORER_HOME or HOME".into(),
+        )),
+    }
+}
+
+/// Checks an identity name: letters, digits, `-`, `_`, `.`; not starting with `.`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Input(format!(
+            "invalid identity name {name:?}: use letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+/// The file of an identity given by name (stored in [`identities_dir`]) or by path (anything
+/// with a path separator or the `.safetensors` extension, or an existing file).
+pub fn resolve(path_or_name: &str) -> Result<PathBuf> {
+    let as_path = Path::new(path_or_name);
+    if path_or_name.contains(std::path::MAIN_SEPARATOR)
+        || path_or_name.contains('/')
+        || path_or_name.ends_with(".safetensors")
+        || as_path.is_file()
+    {
+        return Ok(as_path.to_path_buf());
+    }
+    validate_name(path_or_name)?;
+    Ok(identities_dir()?.join(format!("{path_or_name}{SUFFIX}")))
+}
+
+/// Identities stored by name: `(name, path)`, sorted.
+pub fn list_stored() -> Result<Vec<(String, PathBuf)>> {
+    let dir = identities_dir()?;
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if let Some(name) = file.strip_suffix(SUFFIX) {
+            if !name.starts_with('.') {
+                out.push((name.to_string(), entry.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// SHA-256 over the sorted (name, stored dtype, shape, little-endian f32 values) of every UNet,
+/// time-aware encoder, text-encoder and VAE tensor of a diffusion checkpoint. Values are hashed
+/// as f32 (exact for f16/bf16 checkpoints too), so the fingerprint names the weights, not the
+/// container format.
+pub fn base_fingerprint(store: &TensorStore) -> Result<String> {
+    let prefixes =
+        [UNET_PREFIX, LQ_ENCODER_PREFIX, TEXT_PREFIX, VAE_PREFIX].map(|p| format!("{p}."));
+    let mut hasher = Sha256::new();
+    let mut count = 0usize;
+    for (name, (shape, dtype)) in store.shapes() {
+        if !prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            continue;
+        }
+        let tensor = store.load(name, DType::F32, &Device::Cpu)?;
+        hasher.update(name.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(dtype.as_str().as_bytes());
+        hasher.update(&[0]);
+        for d in shape {
+            hasher.update(&(*d as u64).to_le_bytes());
+        }
+        let values: Vec<f32> = tensor.flatten_all()?.to_vec1()?;
+        let mut bytes = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        hasher.update(&bytes);
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::Weights(format!(
+            "{}: no base-model tensors to fingerprint",
+            store.path().display()
+        )));
+    }
+    Ok(hasher.finish_hex())
+}
+
+/// A loaded (or freshly trained) identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Tensors by stored name, on the CPU in f32.
+    pub tensors: HashMap<String, Tensor>,
+    /// `__metadata__` entries (JSON strings where structured).
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn corrupt(path: &Path, what: &str) -> Error {
+    Error::Input(format!(
+        "{}: not a usable identity file ({what}); the file may be truncated or corrupt",
+        path.display()
+    ))
+}
+
+impl Identity {
+    /// Loads an identity by name or path (see [`resolve`]).
+    pub fn load(path_or_name: &str) -> Result<Self> {
+        let path = resolve(path_or_name)?;
+        if !path.is_file() {
+            return Err(Error::Input(format!(
+                "identity {path_or_name:?} not found ({}); `pfstorer ids list` shows stored identities",
+                path.display()
+            )));
+        }
+        Self::load_file(&path)
+    }
+
+    pub fn load_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| corrupt(path, &e.to_string()))?;
+        let metadata: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        match metadata.get("format").map(String::as_str) {
+            Some(FORMAT) => {}
+            Some(other) => {
+                return Err(Error::Input(format!(
+                    "{}: identity format {other:?} is not supported (expected {FORMAT})",
+                    path.display()
+                )))
+            }
+            None => return Err(corrupt(path, "no pfstorer identity metadata")),
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| corrupt(path, &e.to_string()))?;
+        let identity = Identity { tensors, metadata };
+        for host in identity.hosts()? {
+            for spec in PersonalizationBlock::parameter_specs(host.dim) {
+                let key = format!("{}.{}", block_prefix(&host.path), spec.key);
+                let t = identity.tensor(&key)?;
+                if t.dims() != spec.shape.as_slice() {
+                    return Err(corrupt(path, &format!("`{key}` has shape {:?}", t.dims())));
+                }
+            }
+        }
+        for key in ["token.embedding", "ref.latents"] {
+            identity.tensor(key)?;
+        }
+        Ok(identity)
+    }
+
+    /// Writes the identity atomically to `path`; refuses an existing file unless `force`.
+    pub fn save(&self, path: &Path, force: bool) -> Result<()> {
+        crate::fsutil::check_overwrite(path, force)?;
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        let mut buffers = Vec::with_capacity(names.len());
+        for name in &names {
+            let t = self.tensors[*name]
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?;
+            let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            buffers.push((name.to_string(), t.dims().to_vec(), bytes));
+        }
+        let views = buffers
+            .iter()
+            .map(|(name, shape, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| Error::Input(format!("identity tensor `{name}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        let data = safetensors::tensor::serialize(views, Some(metadata))
+            .map_err(|e| Error::Input(format!("cannot serialise identity: {e}")))?;
+        crate::fsutil::write_atomic(path, |tmp| {
+            std::fs::write(tmp, &data).map_err(|e| Error::io(tmp, e))
+        })
+    }
+
+    pub fn tensor(&self, key: &str) -> Result<&Tensor> {
+        self.tensors
+            .get(key)
+            .ok_or_else(|| Error::Input(format!("identity file lacks tensor `{key}`")))
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata.get("name").map(String::as_str).unwrap_or("")
+    }
+
+    /// The hosts recorded in the metadata.
+    pub fn hosts(&self) -> Result<Vec<HostSpec>> {
+        let json = self
+            .metadata
+            .get("hosts")
+            .ok_or_else(|| Error::Input("identity metadata lacks `hosts`".into()))?;
+        serde_json::from_str(json)
+            .map_err(|e| Error::Input(format!("identity metadata `hosts`: {e}")))
+    }
+
+    /// Refuses an identity trained on another base model.
+    pub fn check_base(&self, fingerprint: &str) -> Result<()> {
+        match self.metadata.get("base_fingerprint") {
+            Some(f) if f == fingerprint => Ok(()),
+            Some(f) => Err(Error::Input(format!(
+                "identity {:?} was trained for another base model (fingerprint {}…, this model {}…); \
+                 personalize again with this --base",
+                self.name(),
+                &f[..f.len().min(12)],
+                &fingerprint[..fingerprint.len().min(12)]
+            ))),
+            None => Err(Error::Input("identity metadata lacks `base_fingerprint`".into())),
+        }
+    }
+
+    /// The personalization blocks on `device` in `dtype`, checked against `hosts` (the UNet's).
+    pub fn blocks(
+        &self,
+        hosts: &[HostSpec],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<BTreeMap<String, PersonalizationBlock>> {
+        let stored = self.hosts()?;
+        if stored != hosts {
+            return Err(Error::Input(format!(
+                "identity blocks {:?} do not fit this UNet's hosts {:?}",
+                stored.iter().map(|h| &h.path).collect::<Vec<_>>(),
+                hosts.iter().map(|h| &h.path).collect::<Vec<_>>()
+            )));
+        }
+        let map: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with("pers."))
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        let vb = candle_nn::VarBuilder::from_tensors(map, dtype, device);
+        hosts
+            .iter()
+            .map(|h| {
+                let block = PersonalizationBlock::new(
+                    h.dim,
+                    h.heads,
+                    h.d_head,
+                    vb.pp(block_prefix(&h.path)),
+                )?;
+                Ok((h.path.clone(), block))
+            })
+            .collect()
+    }
+
+    /// The learned token `[1, width]`.
+    pub fn token(&self, device: &Device) -> Result<Tensor> {
+        Ok(self.tensor("token.embedding")?.to_device(device)?)
+    }
+
+    /// Number of stored reference latents.
+    pub fn reference_count(&self) -> Result<usize> {
+        Ok(self.tensor("ref.latents")?.dim(0)?)
+    }
+
+    /// Reference latent `index` (`[1, 4, h, w]`).
+    pub fn reference_latent(&self, index: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let latents = self.tensor("ref.latents")?;
+        let k = latents.dim(0)?;
+        if index >= k {
+            return Err(Error::Input(format!(
+                "reference index {index} out of range: the identity holds {k} references"
+            )));
+        }
+        Ok(latents
+            .narrow(0, index, 1)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    }
+
+    /// The positive prompt's context with the learned token (`[1, 77, C]`), and its tokens.
+    pub fn positive_context(&self, base: &BaseModel) -> Result<(Tensor, PromptTokens)> {
+        let prompt = PromptTokens::default_positive(&base.tokenizer)?;
+        let token = self.token(&base.device)?.to_dtype(base.dtype)?;
+        let context = prompt.context(&base.text_encoder, Some(&token))?;
+        Ok((context, prompt))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (UTC).
+pub fn utc_timestamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// What the identity metadata records besides the trained tensors.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdentityInfo {
+    pub name: String,
+    pub base_fingerprint: String,
+    /// `(sha256, crop)` per reference, in the stored latents' order.
+    pub ref_sources: Vec<serde_json::Value>,
+    /// Training arguments (seed, iterations, learning rates, …) as JSON.
+    pub training: serde_json::Value,
+}
+
+impl Identity {
+    /// The identity of a (partly) trained run.
+    pub fn from_trainer(
+        trainer: &super::trainer::Trainer,
+        info: &IdentityInfo,
+    ) -> Result<Identity> {
+        let params = &trainer.params;
+        let mut tensors = HashMap::new();
+        let (ica, gammas) = params.block_vars()?;
+        let mut gamma_means = BTreeMap::new();
+        for (name, var) in &ica {
+            tensors.insert(name.clone(), var.as_tensor().copy()?);
+        }
+        for (name, var) in &gammas {
+            let g = var.as_tensor().copy()?;
+            let mean: f32 = g.mean_all()?.to_scalar()?;
+            let host = name
+                .trim_start_matches("pers.")
+                .trim_end_matches(".gamma")
+                .to_string();
+            gamma_means.insert(host, mean);
+            tensors.insert(name.clone(), g);
+        }
+        tensors.insert("token.embedding".into(), params.token.as_tensor().copy()?);
+        tensors.insert("token.init_embedding".into(), params.init_token.copy()?);
+        tensors.insert("ref.latents".into(), trainer.reference_latents()?);
+        let base = trainer.base;
+        let negative = PromptTokens::default_negative(&base.tokenizer)?;
+        let placeholder_id = base.tokenizer.token_id("*</w>");
+        let json = |v: serde_json::Value| v.to_string();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let metadata: BTreeMap<String, String> = [
+            ("format", FORMAT.to_string()),
+            ("name", info.name.clone()),
+            ("base_fingerprint", info.base_fingerprint.clone()),
+            (
+                "vae_scale_factor",
+                base.config.diffusion.scale_factor.to_string(),
+            ),
+            (
+                "hosts",
+                json(serde_json::to_value(&params.hosts).map_err(json_err)?),
+            ),
+            ("unet", format!("{:?}", base.config.unet)),
+            (
+                "placeholder",
+                json(serde_json::json!({"text": super::PLACEHOLDER, "id": placeholder_id})),
+            ),
+            (
+                "init_word",
+                json(serde_json::json!({
+                    "text": super::INIT_WORD,
+                    "id": super::token::init_word_id(&base.tokenizer)?
+                })),
+            ),
+            (
+                "prompts",
+                json(serde_json::json!({"positive": trainer.prompt, "negative": negative})),
+            ),
+            ("ref_path", "sd_no_sft".into()),
+            ("null_lq", "vae_mean(zeros)".into()),
+            (
+                "ref_sources",
+                json(serde_json::Value::Array(info.ref_sources.clone())),
+            ),
+            ("training", json(info.training.clone())),
+            ("iterations_done", trainer.iteration.to_string()),
+            (
+                "gamma_mean",
+                json(serde_json::to_value(&gamma_means).map_err(json_err)?),
+            ),
+            ("date", utc_timestamp(now)),
+            ("version", format!("pfstorer {}", env!("CARGO_PKG_VERSION"))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Ok(Identity { tensors, metadata })
+    }
+}
+
+fn json_err(e: serde_json::Error) -> Error {
+    Error::Input(format!("identity metadata: {e}"))
+}

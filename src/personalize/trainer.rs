@@ -1,0 +1,433 @@
+//! Personalization training (spec §4): `L = L_Diff + λ_gen·L_Gen + λ_pers·L_Pers` on the frozen
+//! StableSR base, optimised by AdamW over the block weights, the γ gates and the learned token
+//! only (three parameter groups with their own learning rates).
+
+use super::dual_stream::PersonalizedUNet;
+use super::token::{init_embedding, PromptTokens};
+use super::{host_specs, HostSpec, LAMBDA_GEN, LAMBDA_PERS, LR_GAMMA, LR_ICA, LR_TOKEN, P_HQ};
+use super::{INIT_WORD, WEIGHT_DECAY};
+use crate::degrade::{degrade_image, Preset};
+use crate::error::{Error, Result};
+use crate::imaging::resize::{resize_torch, TorchInterp};
+use crate::imaging::ImageF32;
+use crate::model::adapter::PersonalizationBlock;
+use crate::model::base::BaseModel;
+use crate::model::nn;
+use crate::model::unet::{StructCond, UNetInputs};
+use crate::model::vae::DiagonalGaussian;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use std::collections::BTreeMap;
+
+/// Square centre crop, then a bicubic resize to `size`², clamped to [0, 1].
+pub fn centre_crop_resize(img: &ImageF32, size: usize) -> Result<ImageF32> {
+    let side = img.width.min(img.height);
+    let (x0, y0) = ((img.width - side) / 2, (img.height - side) / 2);
+    let c = img.channels;
+    let mut data = Vec::with_capacity(side * side * c);
+    for y in y0..y0 + side {
+        let row = (y * img.width + x0) * c;
+        data.extend_from_slice(&img.data[row..row + side * c]);
+    }
+    let crop = ImageF32::new(side, side, c, data);
+    let mut out = if side == size {
+        crop
+    } else {
+        resize_torch(&crop, size, size, TorchInterp::Bicubic)?
+    };
+    out.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+    Ok(out)
+}
+
+/// HWC RGB in [0, 1] -> `[1, 3, H, W]` in [-1, 1].
+pub fn image_to_tensor(img: &ImageF32, device: &Device) -> Result<Tensor> {
+    let (w, h, c) = (img.width, img.height, img.channels);
+    let hwc = Tensor::from_vec(img.data.clone(), (h, w, c), device)?;
+    Ok(((hwc.permute((2, 0, 1))?.unsqueeze(0)? * 2.0)? - 1.0)?.contiguous()?)
+}
+
+fn normal(rng: &mut StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let count: usize = shape.iter().product();
+    let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(values, shape, device)?)
+}
+
+/// A reference image ready for training: its HQ at the model size, the HQ posterior and the
+/// stored reference latent (posterior mean × scale factor).
+pub struct PreparedReference {
+    pub hq: ImageF32,
+    pub posterior: DiagonalGaussian,
+    /// `[1, 4, h, w]`.
+    pub latent: Tensor,
+}
+
+/// The trainable parameters: block weights and γ in a `VarMap` under `pers.<host>.<key>`, and
+/// the learned token.
+pub struct TrainableParams {
+    pub varmap: VarMap,
+    pub token: Var,
+    pub init_token: Tensor,
+    pub hosts: Vec<HostSpec>,
+}
+
+/// Trainable variables with their stored names.
+pub type NamedVars = Vec<(String, Var)>;
+
+/// Key prefix of a host's block parameters.
+pub fn block_prefix(host: &str) -> String {
+    format!("pers.{host}")
+}
+
+impl TrainableParams {
+    /// Fresh parameters for `base`: γ = 0, ICA with PyTorch's default init drawn from `seed`,
+    /// token = the init word's row of the token table.
+    pub fn init(base: &BaseModel, seed: u64) -> Result<Self> {
+        let hosts = host_specs(&base.config.unet);
+        let varmap = VarMap::new();
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x1CA_1CA);
+        for host in &hosts {
+            PersonalizationBlock::init_trainable(
+                &varmap,
+                &block_prefix(&host.path),
+                host.dim,
+                host.heads,
+                host.d_head,
+                &mut rng,
+                &base.device,
+            )?;
+        }
+        let init_token = init_embedding(&base.tokenizer, &base.text_encoder, INIT_WORD)?;
+        let token = Var::from_tensor(&init_token)?;
+        Ok(TrainableParams {
+            varmap,
+            token,
+            init_token,
+            hosts,
+        })
+    }
+
+    /// The blocks, sharing storage with the `Var`s (optimizer updates are seen).
+    pub fn blocks(&self, device: &Device) -> Result<BTreeMap<String, PersonalizationBlock>> {
+        let vb = candle_nn::VarBuilder::from_varmap(&self.varmap, DType::F32, device);
+        self.hosts
+            .iter()
+            .map(|h| {
+                let block = PersonalizationBlock::new(
+                    h.dim,
+                    h.heads,
+                    h.d_head,
+                    vb.pp(block_prefix(&h.path)),
+                )?;
+                Ok((h.path.clone(), block))
+            })
+            .collect()
+    }
+
+    /// `(ICA weights, γ vectors)`, each sorted by name.
+    pub fn block_vars(&self) -> Result<(NamedVars, NamedVars)> {
+        let vars = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Config("VarMap lock poisoned".into()))?;
+        let mut all: Vec<(String, Var)> =
+            vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let (gammas, ica): (Vec<_>, Vec<_>) =
+            all.into_iter().partition(|(k, _)| k.ends_with(".gamma"));
+        Ok((ica, gammas))
+    }
+
+    /// Overwrites parameters from stored tensors (resume, identity load).
+    pub fn set_from(&self, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        let (ica, gammas) = self.block_vars()?;
+        for (name, var) in ica.iter().chain(gammas.iter()) {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| Error::Input(format!("stored parameters lack `{name}`")))?;
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+        let token = tensors
+            .get("token.embedding")
+            .ok_or_else(|| Error::Input("stored parameters lack `token.embedding`".into()))?;
+        self.token
+            .set(&token.to_dtype(DType::F32)?.to_device(self.token.device())?)?;
+        Ok(())
+    }
+}
+
+/// Optimizer settings of one run.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub lr_token: f64,
+    pub lr_ica: f64,
+    pub lr_gamma: f64,
+    pub weight_decay: f64,
+    pub lambda_gen: f64,
+    pub lambda_pers: f64,
+    pub p_hq: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr_token: LR_TOKEN,
+            lr_ica: LR_ICA,
+            lr_gamma: LR_GAMMA,
+            weight_decay: WEIGHT_DECAY,
+            lambda_gen: LAMBDA_GEN,
+            lambda_pers: LAMBDA_PERS,
+            p_hq: P_HQ,
+        }
+    }
+}
+
+/// The random draws of one iteration; the loss is a deterministic function of them.
+pub struct TrainingSample {
+    pub target: usize,
+    pub reference: usize,
+    pub timestep: usize,
+    /// `z_0` (`[1, 4, h, w]`, posterior sample × scale).
+    pub z0: Tensor,
+    pub z_lq: Tensor,
+    pub noise: Tensor,
+}
+
+/// The loss and its parts (scalars).
+pub struct LossParts {
+    pub total: Tensor,
+    pub diff: Tensor,
+    pub gen: Tensor,
+    pub pers: Tensor,
+}
+
+/// One iteration's scalar losses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    pub total: f32,
+    pub diff: f32,
+    pub gen: f32,
+    pub pers: f32,
+}
+
+pub struct Trainer<'a> {
+    pub base: &'a BaseModel,
+    pub params: TrainableParams,
+    pub blocks: BTreeMap<String, PersonalizationBlock>,
+    pub references: Vec<PreparedReference>,
+    pub prompt: PromptTokens,
+    pub config: TrainConfig,
+    /// Null-LQ latent (VAE mean of the all-zero image × scale).
+    pub z_null: Tensor,
+    sqrt_alphas_cumprod: Vec<f64>,
+    sqrt_one_minus_alphas_cumprod: Vec<f64>,
+    optimizers: Vec<AdamW>,
+    pub rng: StdRng,
+    pub iteration: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// Prepares references (`size`² HQ images), the null latent, the schedule and optimizers.
+    /// Switches the process to differentiable kernels.
+    pub fn new(
+        base: &'a BaseModel,
+        params: TrainableParams,
+        images: &[ImageF32],
+        size: usize,
+        config: TrainConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        if base.dtype != DType::F32 {
+            return Err(Error::Input(
+                "personalization trains in f32; use --dtype f32".into(),
+            ));
+        }
+        if images.is_empty() {
+            return Err(Error::Input("no reference images".into()));
+        }
+        nn::set_differentiable(true);
+        let scale = base.config.diffusion.scale_factor;
+        let device = &base.device;
+        let references = images
+            .iter()
+            .map(|img| {
+                let hq = centre_crop_resize(img, size)?;
+                let posterior = base.vae.encode(&image_to_tensor(&hq, device)?)?;
+                let latent = (&posterior.mean * scale)?;
+                Ok(PreparedReference {
+                    hq,
+                    posterior,
+                    latent,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let zeros = Tensor::zeros((1, 3, size, size), DType::F32, device)?;
+        let z_null = (base.vae.encode(&zeros)?.mean * scale)?;
+        let schedule = crate::diffusion::schedule::Schedule::linear(&base.config.diffusion)?;
+        let prompt = PromptTokens::default_positive(&base.tokenizer)?;
+        let blocks = params.blocks(device)?;
+        let (ica, gammas) = params.block_vars()?;
+        let adamw = |lr: f64| ParamsAdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: config.weight_decay,
+        };
+        let strip = |v: Vec<(String, Var)>| v.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+        let optimizers = vec![
+            AdamW::new(strip(ica), adamw(config.lr_ica))?,
+            AdamW::new(strip(gammas), adamw(config.lr_gamma))?,
+            AdamW::new(vec![params.token.clone()], adamw(config.lr_token))?,
+        ];
+        Ok(Trainer {
+            base,
+            params,
+            blocks,
+            references,
+            prompt,
+            config,
+            z_null,
+            sqrt_alphas_cumprod: schedule.sqrt_alphas_cumprod.clone(),
+            sqrt_one_minus_alphas_cumprod: schedule.sqrt_one_minus_alphas_cumprod.clone(),
+            optimizers,
+            rng: StdRng::seed_from_u64(seed),
+            iteration: 0,
+        })
+    }
+
+    /// Stored reference latents `[K, 4, h, w]`.
+    pub fn reference_latents(&self) -> Result<Tensor> {
+        let latents: Vec<&Tensor> = self.references.iter().map(|r| &r.latent).collect();
+        Ok(Tensor::cat(&latents, 0)?)
+    }
+
+    /// Draws target/reference indices, timestep, noise, `z_0` and the degraded LQ latent.
+    pub fn draw_sample(&mut self) -> Result<TrainingSample> {
+        let k = self.references.len();
+        let target = self.rng.gen_range(0..k);
+        let reference = if k == 1 {
+            target
+        } else {
+            let j = self.rng.gen_range(0..k - 1);
+            if j >= target {
+                j + 1
+            } else {
+                j
+            }
+        };
+        let timestep = self.rng.gen_range(0..self.sqrt_alphas_cumprod.len());
+        let device = &self.base.device;
+        let scale = self.base.config.diffusion.scale_factor;
+        let hq = &self.references[target];
+        let latent_shape = hq.posterior.mean.dims().to_vec();
+        let z0 = (hq
+            .posterior
+            .sample(&normal(&mut self.rng, &latent_shape, device)?)?
+            * scale)?;
+        let lq_image = if self.rng.gen_bool(self.config.p_hq) {
+            hq.hq.clone()
+        } else {
+            let seed: u64 = self.rng.gen();
+            degrade_image(&hq.hq, Preset::Heavy, seed)?.0
+        };
+        let lq_posterior = self.base.vae.encode(&image_to_tensor(&lq_image, device)?)?;
+        let z_lq = (lq_posterior.sample(&normal(&mut self.rng, &latent_shape, device)?)? * scale)?;
+        let noise = normal(&mut self.rng, &latent_shape, device)?;
+        Ok(TrainingSample {
+            target,
+            reference,
+            timestep,
+            z0,
+            z_lq,
+            noise,
+        })
+    }
+
+    /// The loss for `sample` with the current parameters.
+    pub fn loss(&self, sample: &TrainingSample) -> Result<LossParts> {
+        let base = self.base;
+        let device = &base.device;
+        let t = sample.timestep;
+        let (a, s) = (
+            self.sqrt_alphas_cumprod[t],
+            self.sqrt_one_minus_alphas_cumprod[t],
+        );
+        let z_t = ((&sample.z0 * a)? + (&sample.noise * s)?)?;
+        let target = ((&sample.noise * a)? - (&sample.z0 * s)?)?;
+
+        let context = self
+            .prompt
+            .context(&base.text_encoder, Some(self.params.token.as_tensor()))?;
+        let t1 = Tensor::new(&[t as f32], device)?;
+        let t2 = Tensor::new(&[t as f32, t as f32], device)?;
+        let pers_unet = PersonalizedUNet::new(&base.unet, &self.blocks, 1.0);
+        let positions = self.prompt.positions(1, 0);
+        let refs = pers_unet.reference_features(
+            &self.references[sample.reference].latent,
+            &t1,
+            &context,
+            &positions,
+        )?;
+        let lq_cond = base.lq_encoder.forward(&sample.z_lq, &t1)?;
+        let null_cond = base.lq_encoder.forward(&self.z_null, &t1)?;
+        let struct_cond = concat_struct_cond(&lq_cond, &null_cond)?;
+        let x = Tensor::cat(&[&z_t, &z_t], 0)?;
+        let context2 = Tensor::cat(&[&context, &context], 0)?;
+        let inputs = UNetInputs {
+            timesteps: &t2,
+            context: &context2,
+            struct_cond: Some(&struct_cond),
+        };
+        let v = pers_unet.forward(&x, &inputs, Some(&refs))?;
+        let diff = (v.get(0)? - target.get(0)?)?.sqr()?.mean_all()?;
+        let gen = (v.get(1)? - target.get(0)?)?.sqr()?.mean_all()?;
+        let pers = refs.pers_loss()?;
+        let total =
+            ((&diff + (&gen * self.config.lambda_gen)?)? + (&pers * self.config.lambda_pers)?)?;
+        Ok(LossParts {
+            total,
+            diff,
+            gen,
+            pers,
+        })
+    }
+
+    /// One optimisation step on a freshly drawn sample.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let sample = self.draw_sample()?;
+        self.step_on(&sample)
+    }
+
+    /// One optimisation step on a given sample (overfitting checks).
+    pub fn step_on(&mut self, sample: &TrainingSample) -> Result<StepReport> {
+        let parts = self.loss(sample)?;
+        let grads = parts.total.backward()?;
+        for opt in &mut self.optimizers {
+            opt.step(&grads)?;
+        }
+        self.iteration += 1;
+        let scalar = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar()?) };
+        Ok(StepReport {
+            total: scalar(&parts.total)?,
+            diff: scalar(&parts.diff)?,
+            gen: scalar(&parts.gen)?,
+            pers: scalar(&parts.pers)?,
+        })
+    }
+}
+
+/// The time-aware encoder features of two batches stacked along the batch.
+fn concat_struct_cond(a: &StructCond, b: &StructCond) -> Result<StructCond> {
+    a.iter()
+        .map(|(k, ta)| {
+            let tb = b
+                .get(k)
+                .ok_or_else(|| Error::Config(format!("no encoder feature of width {k}")))?;
+            Ok((*k, Tensor::cat(&[ta, tb], 0)?))
+        })
+        .collect()
+}

@@ -1,0 +1,405 @@
+//! Personalized UNet on the tiny fixture model: zero-gate identity with the base UNet, the
+//! reference stream, the learned token, and the training step (gradient reach, frozen weights,
+//! finite differences, identity round trip).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use pfstorer::config::BaseModelConfig;
+use pfstorer::imaging::ImageF32;
+use pfstorer::model::base::BaseModel;
+use pfstorer::model::unet::UNetInputs;
+use pfstorer::personalize::dual_stream::PersonalizedUNet;
+use pfstorer::personalize::identity::{base_fingerprint, Identity, IdentityInfo};
+use pfstorer::personalize::token::PromptTokens;
+use pfstorer::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
+use pfstorer::personalize::{host_specs, HostSpec};
+use pfstorer::weights::TensorStore;
+use rand::{Rng, SeedableRng};
+
+fn base() -> BaseModel {
+    pfstorer::model::nn::set_differentiable(true);
+    let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
+    BaseModel::load(
+        &common::fixture("stablesr/model.safetensors"),
+        cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .0
+}
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn set_random_gammas(params: &TrainableParams, seed: u64) {
+    let (_, gammas) = params.block_vars().unwrap();
+    for (i, (_, g)) in gammas.iter().enumerate() {
+        g.set(&randn(seed + i as u64, g.dims())).unwrap();
+    }
+}
+
+#[test]
+fn released_hosts_are_output_blocks_4_6_8_10() {
+    let cfg = BaseModelConfig::default();
+    let hosts = host_specs(&cfg.unet);
+    let expected = [(4, 1280), (6, 640), (8, 640), (10, 320)];
+    assert_eq!(hosts.len(), 4);
+    for (h, (n, d)) in hosts.iter().zip(expected) {
+        assert_eq!(
+            h,
+            &HostSpec {
+                path: format!("output_blocks.{n}.1"),
+                dim: d,
+                heads: d / 64,
+                d_head: 64
+            }
+        );
+    }
+    let tiny = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
+    let tiny_hosts: Vec<String> = host_specs(&tiny.unet).into_iter().map(|h| h.path).collect();
+    // The same rule on the fixture UNet: decoder transformers at even global index.
+    assert!(!tiny_hosts.is_empty());
+    assert!(tiny_hosts.iter().all(|p| p.starts_with("output_blocks.")));
+}
+
+struct Setup {
+    base: BaseModel,
+    params: TrainableParams,
+}
+
+/// Every test of this file runs in differentiable mode: the switch is process-wide and the
+/// trainer turns it on, so mixing modes between parallel tests would compare different kernels.
+fn setup() -> Setup {
+    let base = base();
+    let params = TrainableParams::init(&base, 7).unwrap();
+    Setup { base, params }
+}
+
+#[test]
+fn zero_gamma_and_zero_lambda_reproduce_the_base_unet_exactly() {
+    let Setup { base, params } = setup();
+    let blocks = params.blocks(&Device::Cpu).unwrap();
+    let prompt = PromptTokens::default_positive(&base.tokenizer).unwrap();
+    let context = prompt
+        .context(&base.text_encoder, Some(params.token.as_tensor()))
+        .unwrap();
+    let context2 = Tensor::cat(&[&context, &context], 0).unwrap();
+    // x and reference of different spatial sizes.
+    let x = randn(1, &[2, 4, 12, 20]);
+    let lq = randn(2, &[1, 4, 12, 20]);
+    let z_ref = randn(3, &[1, 4, 16, 16]);
+    let t1 = Tensor::new(&[321f32], &Device::Cpu).unwrap();
+    let t2 = Tensor::new(&[321f32, 321f32], &Device::Cpu).unwrap();
+    let cond = base.lq_encoder.forward(&lq, &t1).unwrap();
+    let inputs = UNetInputs {
+        timesteps: &t2,
+        context: &context2,
+        struct_cond: Some(&cond),
+    };
+    let base_out = base.unet.forward(&x, &inputs).unwrap();
+    let positions = prompt.positions(1, 0);
+
+    let pers = PersonalizedUNet::new(&base.unet, &blocks, 1.0);
+    let refs0 = pers
+        .reference_features(&z_ref, &t1, &context, &positions)
+        .unwrap();
+    let out0 = pers.forward(&x, &inputs, Some(&refs0)).unwrap();
+    let err0 = max_abs_diff(&out0, &base_out);
+    println!("gamma = 0: max abs error {err0:e}");
+    assert_eq!(err0, 0.0);
+
+    set_random_gammas(&params, 100);
+    let refs1 = pers
+        .reference_features(&z_ref, &t1, &context, &positions)
+        .unwrap();
+    // The reference stream does not see the blocks.
+    for (path, r0) in &refs0.hosts {
+        let r1 = &refs1.hosts[path];
+        assert_eq!(max_abs_diff(&r0.tokens, &r1.tokens), 0.0, "{path}");
+        assert_eq!(
+            max_abs_diff(&r0.signals.attn_ph, &r1.signals.attn_ph),
+            0.0,
+            "{path}"
+        );
+        assert!(r0.tokens.dim(1).unwrap() > 0);
+    }
+    let gated = pers.forward(&x, &inputs, Some(&refs1)).unwrap();
+    let moved = max_abs_diff(&gated, &base_out);
+    println!("random gamma: output moved by {moved:e}");
+    assert!(moved > 1e-4, "random gamma must change the output");
+
+    let off = PersonalizedUNet::new(&base.unet, &blocks, 0.0);
+    let out_off = off.forward(&x, &inputs, Some(&refs1)).unwrap();
+    assert_eq!(max_abs_diff(&out_off, &base_out), 0.0);
+}
+
+#[test]
+fn learned_token_replaces_the_placeholder_embedding() {
+    pfstorer::model::nn::set_differentiable(true);
+    let Setup { base, params } = setup();
+    let prompt = PromptTokens::default_positive(&base.tokenizer).unwrap();
+    assert_eq!(prompt.placeholder, Some(4));
+    assert_eq!(prompt.eot, 17);
+    assert_eq!(prompt.ids[4], 265);
+    let negative = PromptTokens::default_negative(&base.tokenizer).unwrap();
+    assert_eq!(negative.eot, 15);
+    // v*0 = row of "person": the context equals the prompt with "person" in place of "*".
+    let ctx = prompt
+        .context(&base.text_encoder, Some(params.token.as_tensor()))
+        .unwrap();
+    let mut ids = prompt.ids.clone();
+    ids[4] = 2533;
+    let ids = Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap();
+    let expected = base.text_encoder.forward(&ids).unwrap();
+    assert_eq!(max_abs_diff(&ctx, &expected), 0.0);
+    // Columns before the placeholder do not depend on the token; gradients reach the token.
+    let grads = ctx
+        .narrow(1, 4, 73)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads.get(params.token.as_tensor()).expect("token gradient");
+    let norm: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    assert!(norm > 0.0);
+}
+
+fn reference_images(count: usize, size: usize, seed: u64) -> Vec<ImageF32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|k| {
+            let (w, h) = (size + 8 * k, size);
+            let data = (0..w * h)
+                .flat_map(|i| {
+                    let (x, y) = ((i % w) as f32 / w as f32, (i / w) as f32 / h as f32);
+                    let n: f32 = rng.gen_range(-0.05..0.05);
+                    [
+                        (0.5 + 0.4 * (6.0 * x + k as f32).sin() + n).clamp(0.0, 1.0),
+                        (0.5 + 0.4 * (5.0 * y).cos()).clamp(0.0, 1.0),
+                        (0.3 + 0.5 * x * y).clamp(0.0, 1.0),
+                    ]
+                })
+                .collect();
+            ImageF32::new(w, h, 3, data)
+        })
+        .collect()
+}
+
+/// Bits of every frozen module's output on fixed inputs.
+fn frozen_probe(base: &BaseModel) -> Vec<Tensor> {
+    let x = randn(11, &[1, 4, 8, 8]);
+    let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
+    let negative = PromptTokens::default_negative(&base.tokenizer).unwrap();
+    let ctx = negative.context(&base.text_encoder, None).unwrap();
+    let cond = base.lq_encoder.forward(&x, &t).unwrap();
+    let out = base
+        .unet
+        .forward(
+            &x,
+            &UNetInputs {
+                timesteps: &t,
+                context: &ctx,
+                struct_cond: Some(&cond),
+            },
+        )
+        .unwrap();
+    let img = randn(12, &[1, 3, 64, 64]);
+    let enc = base.vae.encode(&img).unwrap().mean;
+    let table = base
+        .text_encoder
+        .token_embeddings(&Tensor::from_vec(vec![2533u32, 265], (1, 2), &Device::Cpu).unwrap())
+        .unwrap();
+    vec![ctx, out, enc, table, base.vae.decode(&x).unwrap()]
+}
+
+#[test]
+fn training_steps_touch_only_the_trainable_tensors() {
+    let base = base();
+    let params = TrainableParams::init(&base, 3).unwrap();
+    let before = frozen_probe(&base);
+    let token0 = params.token.as_tensor().copy().unwrap();
+    let images = reference_images(3, 64, 5);
+    let mut trainer = Trainer::new(&base, params, &images, 64, TrainConfig::default(), 9).unwrap();
+
+    // Step 0: ICA gradients exactly zero (γ = 0), γ and token gradients non-zero.
+    let sample = trainer.draw_sample().unwrap();
+    let parts = trainer.loss(&sample).unwrap();
+    let grads = parts.total.backward().unwrap();
+    let (ica, gammas) = trainer.params.block_vars().unwrap();
+    for (name, var) in &ica {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no grad"));
+        let m: f32 = g
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(
+            m, 0.0,
+            "{name}: ICA gradient at gamma = 0 must be exactly 0"
+        );
+    }
+    for (name, var) in &gammas {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no grad"));
+        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(s > 0.0, "{name}: gamma gradient is zero");
+    }
+    let gt = grads
+        .get(trainer.params.token.as_tensor())
+        .expect("token grad");
+    assert!(
+        gt.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+
+    // Finite differences of dL/dγ on the channel with the largest gradient.
+    let (gname, gvar) = &gammas[0];
+    let g = grads
+        .get(gvar.as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let c = (0..g.len())
+        .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+        .unwrap();
+    let h = 1e-2f32;
+    let original = gvar.as_tensor().to_vec1::<f32>().unwrap();
+    let loss_at = |delta: f32| -> f64 {
+        let mut v = original.clone();
+        v[c] += delta;
+        gvar.set(&Tensor::new(v.as_slice(), &Device::Cpu).unwrap())
+            .unwrap();
+        let l: f32 = trainer.loss(&sample).unwrap().total.to_scalar().unwrap();
+        l as f64
+    };
+    let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h as f64);
+    loss_at(0.0);
+    let analytic = g[c] as f64;
+    println!("{gname}[{c}]: analytic {analytic:e}, finite difference {fd:e}");
+    assert!(
+        (fd - analytic).abs() <= 0.05 * analytic.abs() + 1e-6,
+        "dL/dgamma: analytic {analytic} vs finite difference {fd}"
+    );
+
+    let start = std::time::Instant::now();
+    let steps = 3;
+    for _ in 0..steps {
+        let r = trainer.step().unwrap();
+        assert!(r.total.is_finite());
+    }
+    println!(
+        "seconds per iteration (tiny config, 64 px): {:.3}",
+        start.elapsed().as_secs_f64() / steps as f64
+    );
+    let after = frozen_probe(&base);
+    for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+        assert_eq!(max_abs_diff(a, b), 0.0, "frozen probe {i} changed");
+    }
+    let (ica, gammas) = trainer.params.block_vars().unwrap();
+    for (name, var) in &gammas {
+        let s: f32 = var
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(s > 0.0, "{name} did not move");
+    }
+    assert!(max_abs_diff(trainer.params.token.as_tensor(), &token0) > 0.0);
+    assert!(!ica.is_empty());
+
+    // Identity round trip.
+    let store = TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap();
+    let fingerprint = base_fingerprint(&store).unwrap();
+    assert_eq!(fingerprint.len(), 64);
+    let info = IdentityInfo {
+        name: "test".into(),
+        base_fingerprint: fingerprint.clone(),
+        ref_sources: vec![],
+        training: serde_json::json!({"seed": 9}),
+    };
+    let identity = Identity::from_trainer(&trainer, &info).unwrap();
+    let dir = std::env::temp_dir().join(format!("pfstorer-pers-{}", std::process::id()));
+    let path = dir.join("test.identity.safetensors");
+    identity.save(&path, false).unwrap();
+    assert!(
+        identity.save(&path, false).is_err(),
+        "existing file must be refused"
+    );
+    let loaded = Identity::load_file(&path).unwrap();
+    assert_eq!(loaded.metadata, identity.metadata);
+    assert_eq!(loaded.tensors.len(), identity.tensors.len());
+    for (k, t) in &identity.tensors {
+        assert_eq!(max_abs_diff(t, &loaded.tensors[k]), 0.0, "{k}");
+    }
+    loaded.check_base(&fingerprint).unwrap();
+    let err = loaded.check_base(&"0".repeat(64)).unwrap_err().to_string();
+    assert!(err.contains("another base model"), "{err}");
+    // Loaded blocks reproduce the trained personalized output.
+    let hosts = host_specs(&base.config.unet);
+    let blocks = loaded.blocks(&hosts, DType::F32, &Device::Cpu).unwrap();
+    let (ctx, prompt) = loaded.positive_context(&base).unwrap();
+    let z_ref = loaded
+        .reference_latent(0, DType::F32, &Device::Cpu)
+        .unwrap();
+    let x = randn(21, &[1, 4, 8, 8]);
+    let t = Tensor::new(&[400f32], &Device::Cpu).unwrap();
+    let cond = base.lq_encoder.forward(&x, &t).unwrap();
+    let inputs = UNetInputs {
+        timesteps: &t,
+        context: &ctx,
+        struct_cond: Some(&cond),
+    };
+    let run = |blocks: &std::collections::BTreeMap<_, _>| {
+        let p = PersonalizedUNet::new(&base.unet, blocks, 1.0);
+        let refs = p
+            .reference_features(&z_ref, &t, &ctx, &prompt.positions(1, 0))
+            .unwrap();
+        p.forward(&x, &inputs, Some(&refs)).unwrap()
+    };
+    assert_eq!(max_abs_diff(&run(&blocks), &run(&trainer.blocks)), 0.0);
+    // Truncated file: a clear error.
+    let bytes = std::fs::read(&path).unwrap();
+    let truncated = dir.join("trunc.identity.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Identity::load_file(&truncated).unwrap_err().to_string();
+    assert!(err.contains("truncated or corrupt"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
