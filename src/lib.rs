@@ -17,8 +17,8 @@ pub mod fsutil;
 pub mod imaging;
 pub mod metrics;
 pub mod model;
-pub mod restore;
 pub mod personalize;
+pub mod restore;
 pub mod weights;
 
 pub use error::{Error, Result};

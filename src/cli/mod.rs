@@ -7,8 +7,8 @@ pub mod degrade;
 pub mod eval;
 pub mod ids;
 pub mod model_args;
-pub mod restore;
 pub mod personalize;
+pub mod restore;
 
 use clap::{Parser, Subcommand};
 

@@ -1,0 +1,87 @@
+//! `pfstorer convert`: a Lightning .ckpt becomes a safetensors file with the same names and
+//! values; half precision on request; no silent overwrite; clear errors.
+
+mod common;
+
+use candle_core::{DType, Device};
+use std::process::Command;
+
+fn convert(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+        .arg("convert")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ckpt_converts_to_identical_safetensors() {
+    let dir = std::env::temp_dir().join(format!("pfstorer-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = common::fixture("stablesr/model.ckpt");
+    let out = dir.join("model.safetensors");
+    let o = convert(&[ckpt.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let ours = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let reference =
+        candle_core::safetensors::load(common::fixture("stablesr/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(ours.len(), reference.len());
+    for (name, t) in &reference {
+        let mine = ours.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(mine.dims(), t.dims(), "{name}");
+        let diff: f32 = (mine.to_dtype(DType::F32).unwrap() - t.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{name} differs");
+    }
+
+    // Existing output: refused, untouched.
+    let before = std::fs::read(&out).unwrap();
+    let o = convert(&[
+        ckpt.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--dtype",
+        "f16",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+
+    // --force with f16.
+    let o = convert(&[
+        ckpt.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--force",
+    ]);
+    assert!(o.status.success());
+    let half = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert!(half
+        .values()
+        .all(|t| t.dtype() == DType::F16 || !t.dtype().is_float()));
+
+    // Not a checkpoint: one line naming the file.
+    let bad = dir.join("bad.ckpt");
+    std::fs::write(&bad, "hello").unwrap();
+    let o = convert(&[
+        bad.to_str().unwrap(),
+        dir.join("x.safetensors").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("bad.ckpt") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!dir.join("x.safetensors").exists());
+}
