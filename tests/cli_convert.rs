@@ -85,3 +85,20 @@ fn ckpt_converts_to_identical_safetensors() {
     );
     assert!(!dir.join("x.safetensors").exists());
 }
+
+#[test]
+fn cuda_device_without_cuda_support_is_a_clear_error() {
+    if candle_core::utils::cuda_is_available() {
+        return; // a CUDA build: the flag is valid there
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+        .args(["bench", "unet", "--config"])
+        .arg(common::fixture("stablesr/config.yaml"))
+        .args(["--latent", "8", "--runs", "1", "--device", "cuda"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--device cuda") && err.contains("without CUDA support"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
