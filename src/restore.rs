@@ -351,7 +351,7 @@ impl<'a> Restorer<'a> {
             .native_size
             .unwrap_or(base.config.diffusion.image_size);
         let tile = native / base.config.vae.downsample_factor();
-        if tile == 0 || native % base.config.vae.downsample_factor() != 0 {
+        if tile == 0 || !native.is_multiple_of(base.config.vae.downsample_factor()) {
             return Err(Error::Input(format!(
                 "--input-size {native}: must be a positive multiple of {}",
                 base.config.vae.downsample_factor()
@@ -365,7 +365,7 @@ impl<'a> Restorer<'a> {
         }
         if settings.patch_stride == 0
             || settings.patch_stride > settings.patch_size
-            || settings.patch_size % 32 != 0
+            || !settings.patch_size.is_multiple_of(32)
         {
             return Err(Error::Input(format!(
                 "--patch-size {} / --patch-stride {}: the size must be a multiple of 32 and the stride between 1 and the size",
@@ -396,7 +396,7 @@ impl<'a> Restorer<'a> {
     pub fn text_context(base: &BaseModel, prompt: &str) -> Result<Tensor> {
         let ids = base.tokenizer.encode(prompt)?;
         let ids = Tensor::new(ids.as_slice(), &base.device)?.unsqueeze(0)?;
-        Ok(base.text_encoder.forward(&ids)?)
+        base.text_encoder.forward(&ids)
     }
 
     /// Latent tile size: the model's native image size in latents (64 for 512 px).
