@@ -15,9 +15,15 @@ use crate::error::{Error, Result};
 use crate::imaging::colorfix::ColorFix;
 use crate::imaging::patches::{patches, PatchBlender};
 use crate::imaging::ImageF32;
+use crate::model::adapter::{PersonalizationBlock, TokenPositions};
 use crate::model::base::{BaseModel, CfwModel};
 use crate::model::unet::UNetInputs;
+use crate::personalize::dual_stream::{PersonalizedUNet, ReferenceFeatures};
+use crate::personalize::host_specs;
+use crate::personalize::identity::Identity;
+use crate::personalize::token::PromptTokens;
 use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
 
 /// The paper's prompts. `*` stands for the identity's learned token; the base model without an
 /// identity gets the positive prompt with `*` replaced by [`BASE_SUBJECT`].
@@ -113,13 +119,15 @@ pub struct ModelDenoiser<'a> {
     pub uncond: Tensor,
 }
 
-impl VDenoiser for ModelDenoiser<'_> {
-    fn predict_v(
-        &mut self,
+impl ModelDenoiser<'_> {
+    /// The UNet inputs of one call; `run_unet` gets `(x, inputs, struct rows b, branches)`.
+    fn predict_with(
+        &self,
         x_t: &Tensor,
         lq_latent: &Tensor,
         t_orig: usize,
         branches: Branches,
+        run_unet: &mut dyn FnMut(&Tensor, &UNetInputs, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let dtype = self.model.dtype;
         let device = &self.model.device;
@@ -142,8 +150,174 @@ impl VDenoiser for ModelDenoiser<'_> {
             context: &context,
             struct_cond: Some(&struct_cond),
         };
-        let v = self.model.unet.forward(&x_t.to_dtype(dtype)?, &inputs)?;
+        let v = run_unet(&x_t.to_dtype(dtype)?, &inputs, b)?;
         Ok(v.to_dtype(DType::F32)?)
+    }
+}
+
+impl VDenoiser for ModelDenoiser<'_> {
+    fn predict_v(
+        &mut self,
+        x_t: &Tensor,
+        lq_latent: &Tensor,
+        t_orig: usize,
+        branches: Branches,
+    ) -> Result<Tensor> {
+        let unet = &self.model.unet;
+        self.predict_with(x_t, lq_latent, t_orig, branches, &mut |x, inputs, _| {
+            Ok(unet.forward(x, inputs)?)
+        })
+    }
+}
+
+/// An identity prepared for restoration on one base model: its personalization blocks, the
+/// reference latent of the image stream, the learned token and the prompts' token columns.
+pub struct Personalization {
+    pub blocks: BTreeMap<String, PersonalizationBlock>,
+    /// `[1, 4, h, w]` reference latent in the model's dtype.
+    pub reference: Tensor,
+    /// The paper's lambda_att; 0 keeps only the learned token (no reference pass).
+    pub lambda_att: f64,
+    /// The positive prompt (with its placeholder `*`) and the negative prompt.
+    pub positive: PromptTokens,
+    pub negative: PromptTokens,
+    /// The learned token `[1, width]` in the model's dtype.
+    pub token: Tensor,
+    pub name: String,
+    pub base_fingerprint: String,
+}
+
+impl Personalization {
+    /// Prepares `identity` for `base`, whose weights have `fingerprint` (see
+    /// [`crate::personalize::identity::base_fingerprint`]); an identity trained on another base
+    /// model is refused. `prompt` must hold the placeholder `*` once.
+    pub fn new(
+        identity: &Identity,
+        base: &BaseModel,
+        fingerprint: &str,
+        prompt: &str,
+        negative_prompt: &str,
+        lambda_att: f64,
+    ) -> Result<Self> {
+        if !lambda_att.is_finite() {
+            return Err(Error::Input(format!(
+                "--id-strength {lambda_att}: must be a finite number"
+            )));
+        }
+        identity.check_base(fingerprint)?;
+        let blocks = identity.blocks(&host_specs(&base.config.unet), base.dtype, &base.device)?;
+        // The first reference: the identity's primary photo.
+        let reference = identity.reference_latent(0, base.dtype, &base.device)?;
+        Ok(Personalization {
+            blocks,
+            reference,
+            lambda_att,
+            positive: PromptTokens::positive(&base.tokenizer, prompt)?,
+            negative: PromptTokens::plain(&base.tokenizer, negative_prompt)?,
+            token: identity.token(&base.device)?.to_dtype(base.dtype)?,
+            name: identity.name().to_string(),
+            base_fingerprint: fingerprint.to_string(),
+        })
+    }
+
+    /// The positive context with the learned token at `*` (`[1, 77, C]`).
+    pub fn cond_context(&self, base: &BaseModel) -> Result<Tensor> {
+        self.positive.context(&base.text_encoder, Some(&self.token))
+    }
+
+    /// The negative context (`[1, 77, C]`).
+    pub fn uncond_context(&self, base: &BaseModel) -> Result<Tensor> {
+        self.negative.context(&base.text_encoder, None)
+    }
+
+    /// Placeholder/EOT columns of the rows of a UNet call: the negative rows use their own EOT
+    /// and the positive prompt's placeholder column.
+    fn positions(&self, b: usize, branches: Branches) -> TokenPositions {
+        let placeholder = self.positive.placeholder.unwrap_or(0);
+        let cond = self.positive.positions(b, placeholder);
+        match branches {
+            Branches::Cond => cond,
+            Branches::UncondCond => {
+                let mut rows = self.negative.positions(b, placeholder);
+                rows.placeholder.extend(cond.placeholder);
+                rows.eot.extend(cond.eot);
+                rows
+            }
+        }
+    }
+}
+
+/// [`ModelDenoiser`] with an identity: the reference pass, then the x pass with Eq. 3 at every
+/// host. With `lambda_att == 0` it is the base UNet with the identity's contexts.
+pub struct PersonalizedDenoiser<'a> {
+    pub base: ModelDenoiser<'a>,
+    pub personalization: &'a Personalization,
+    /// Reference features of the last `(t, branches, rows)`: they do not depend on `x`, so the
+    /// tiles of one step share them.
+    cached: Option<((usize, Branches, usize), ReferenceFeatures)>,
+    reference_passes: usize,
+}
+
+impl<'a> PersonalizedDenoiser<'a> {
+    /// `model`'s denoiser with the identity's positive (token) and negative contexts.
+    pub fn new(model: &'a BaseModel, personalization: &'a Personalization) -> Result<Self> {
+        Ok(PersonalizedDenoiser {
+            base: ModelDenoiser {
+                model,
+                cond: personalization.cond_context(model)?,
+                uncond: personalization.uncond_context(model)?,
+            },
+            personalization,
+            cached: None,
+            reference_passes: 0,
+        })
+    }
+
+    /// How many reference passes ran so far.
+    pub fn reference_passes(&self) -> usize {
+        self.reference_passes
+    }
+}
+
+impl VDenoiser for PersonalizedDenoiser<'_> {
+    fn predict_v(
+        &mut self,
+        x_t: &Tensor,
+        lq_latent: &Tensor,
+        t_orig: usize,
+        branches: Branches,
+    ) -> Result<Tensor> {
+        let p = self.personalization;
+        let unet = PersonalizedUNet::new(&self.base.model.unet, &p.blocks, p.lambda_att);
+        if p.lambda_att == 0.0 {
+            return self.base.predict_with(
+                x_t,
+                lq_latent,
+                t_orig,
+                branches,
+                &mut |x, inputs, _| unet.forward(x, inputs, None),
+            );
+        }
+        let cached = &mut self.cached;
+        let passes = &mut self.reference_passes;
+        self.base
+            .predict_with(x_t, lq_latent, t_orig, branches, &mut |x, inputs, b| {
+                let rows = x.dim(0)?;
+                let key = (t_orig, branches, rows);
+                if cached.as_ref().map(|(k, _)| *k) != Some(key) {
+                    let reference = p.reference.repeat((rows, 1, 1, 1))?;
+                    let refs = unet.reference_features(
+                        &reference,
+                        inputs.timesteps,
+                        inputs.context,
+                        &p.positions(b, branches),
+                    )?;
+                    *passes += 1;
+                    *cached = Some((key, refs));
+                }
+                let refs = cached.as_ref().map(|(_, r)| r);
+                unet.forward(x, inputs, refs)
+            })
     }
 }
 
@@ -155,6 +329,7 @@ pub struct Restorer<'a> {
     sampler: DdpmSampler,
     cond: Tensor,
     uncond: Tensor,
+    personalization: Option<Personalization>,
 }
 
 impl<'a> Restorer<'a> {
@@ -176,7 +351,7 @@ impl<'a> Restorer<'a> {
             .native_size
             .unwrap_or(base.config.diffusion.image_size);
         let tile = native / base.config.vae.downsample_factor();
-        if tile == 0 || native % base.config.vae.downsample_factor() != 0 {
+        if tile == 0 || !native.is_multiple_of(base.config.vae.downsample_factor()) {
             return Err(Error::Input(format!(
                 "--input-size {native}: must be a positive multiple of {}",
                 base.config.vae.downsample_factor()
@@ -190,7 +365,7 @@ impl<'a> Restorer<'a> {
         }
         if settings.patch_stride == 0
             || settings.patch_stride > settings.patch_size
-            || settings.patch_size % 32 != 0
+            || !settings.patch_size.is_multiple_of(32)
         {
             return Err(Error::Input(format!(
                 "--patch-size {} / --patch-stride {}: the size must be a multiple of 32 and the stride between 1 and the size",
@@ -205,14 +380,23 @@ impl<'a> Restorer<'a> {
             sampler,
             cond,
             uncond,
+            personalization: None,
         })
+    }
+
+    /// Restores with `personalization`: its contexts replace `cond` / `uncond`.
+    pub fn with_personalization(mut self, personalization: Personalization) -> Result<Self> {
+        self.cond = personalization.cond_context(self.base)?;
+        self.uncond = personalization.uncond_context(self.base)?;
+        self.personalization = Some(personalization);
+        Ok(self)
     }
 
     /// The text context of a prompt through the frozen text encoder.
     pub fn text_context(base: &BaseModel, prompt: &str) -> Result<Tensor> {
         let ids = base.tokenizer.encode(prompt)?;
         let ids = Tensor::new(ids.as_slice(), &base.device)?.unsqueeze(0)?;
-        Ok(base.text_encoder.forward(&ids)?)
+        base.text_encoder.forward(&ids)
     }
 
     /// Latent tile size: the model's native image size in latents (64 for 512 px).
@@ -299,10 +483,21 @@ impl<'a> Restorer<'a> {
             .to_dtype(DType::F32)?
             * scale)?;
 
-        let mut denoiser = ModelDenoiser {
-            model: base,
-            cond: self.cond.clone(),
-            uncond: self.uncond.clone(),
+        let mut base_denoiser;
+        let mut personalized;
+        let denoiser: &mut dyn VDenoiser = match &self.personalization {
+            None => {
+                base_denoiser = ModelDenoiser {
+                    model: base,
+                    cond: self.cond.clone(),
+                    uncond: self.uncond.clone(),
+                };
+                &mut base_denoiser
+            }
+            Some(p) => {
+                personalized = PersonalizedDenoiser::new(base, p)?;
+                &mut personalized
+            }
         };
         let opts = SampleOptions {
             guidance_scale: Some(self.settings.guidance),
@@ -318,11 +513,11 @@ impl<'a> Restorer<'a> {
         let (_, _, lh, lw) = init_latent.dims4()?;
         let latent = if lh <= tile && lw <= tile {
             self.sampler
-                .sample(&mut denoiser, &init_latent, noise, &opts, &mut progress)?
+                .sample(denoiser, &init_latent, noise, &opts, &mut progress)?
                 .latent
         } else {
             CanvasSampler::new(&self.sampler, tiling)?
-                .sample(&mut denoiser, &init_latent, noise, &opts, &mut progress)?
+                .sample(denoiser, &init_latent, noise, &opts, &mut progress)?
                 .latent
         };
         let (_, enc_features) = self.cfw.autoencoder.encode_with_features(&lq_model)?;

@@ -207,15 +207,17 @@ fn clear_errors_for_unsupported_or_missing_things() {
     gradient(16, 16).save(dir.join("face.png")).unwrap();
     let input = dir.join("face.png").display().to_string();
 
-    let mut args = vec![input.clone(), "--id".into(), "me".into()];
-    args.extend(model_flags());
-    let o = restore(&args);
+    // An identity name that is not stored: one line naming it.
+    let o = Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+        .args(["restore", &input, "--id", "me"])
+        .args(model_flags())
+        .env("PFSTORER_HOME", dir.join("home"))
+        .output()
+        .unwrap();
+    let err = stderr(&o);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("--id") && stderr(&o).lines().count() == 1,
-        "{}",
-        stderr(&o)
-    );
+    assert!(err.contains("identity \"me\" not found"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // No --base and no network/cache: one line naming the file and the flag.
     let o = Command::new(env!("CARGO_BIN_EXE_pfstorer"))

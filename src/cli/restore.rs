@@ -1,4 +1,4 @@
-//! `pfstorer restore <inputs...>`: restore photos with the base model (or, later, an identity).
+//! `pfstorer restore <inputs...>`: restore photos with the base model or an identity (`--id`).
 
 use super::batch::{self, ExistingPolicy, InputItem, Outcome, Summary};
 use super::model_args::ModelArgs;
@@ -6,9 +6,12 @@ use crate::imaging::colorfix::ColorFix;
 use crate::imaging::io::{load_image_with_min_size, save_png, LoadedImage};
 use crate::imaging::ImageF32;
 use crate::model::base::{BaseModel, CfwModel};
+use crate::personalize::identity::{base_fingerprint, Identity};
 use crate::restore::{
-    RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
+    Personalization, RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_PROMPT,
 };
+use crate::weights::TensorStore;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -154,9 +157,11 @@ fn output_paths(
 }
 
 pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
-    if args.id.is_some() {
-        bail!("--id: personalized restoration is not available yet (identity files come with `pfstorer personalize`); run without --id to use the base model");
-    }
+    // Load the identity first: a wrong name fails before any model is read.
+    let identity = match &args.id {
+        Some(id) => Some(Identity::load(id)?),
+        None => None,
+    };
     let target = args.target()?;
     let color_fix: ColorFix = args.color_fix.parse()?;
     let mut summary = Summary::default();
@@ -192,6 +197,14 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
 
     let (device, dtype) = args.model.device_dtype()?;
     let base_path = args.model.base_path(!args.quiet)?;
+    let fingerprint = match &identity {
+        Some(identity) => {
+            let fingerprint = base_fingerprint(&TensorStore::open(&base_path)?)?;
+            identity.check_base(&fingerprint)?;
+            Some(fingerprint)
+        }
+        None => None,
+    };
     let cfw_path = args.model.cfw_path(!args.quiet)?;
     let (base, unused) = BaseModel::load(&base_path, args.model.base_config()?, dtype, &device)?;
     if let Some(line) = unused {
@@ -202,7 +215,11 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         eprintln!("note: {}: {line}", cfw_path.display());
     }
 
-    let prompt = args.prompt.replace('*', BASE_SUBJECT);
+    // With an identity `*` is its learned token; without one it becomes "person".
+    let prompt = match identity {
+        Some(_) => args.prompt.clone(),
+        None => args.prompt.replace('*', BASE_SUBJECT),
+    };
     let cond = Restorer::text_context(&base, &prompt)?;
     let uncond = Restorer::text_context(&base, &args.negative_prompt)?;
     let settings = RestoreSettings {
@@ -216,8 +233,21 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         patch_size: args.patch_size,
         patch_stride: args.patch_stride,
     };
-    let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
-    let metadata_common = vec![
+    let mut restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
+    let mut identity_line = "none (base model)".to_string();
+    if let (Some(identity), Some(fingerprint)) = (&identity, &fingerprint) {
+        let personalization = Personalization::new(
+            identity,
+            &base,
+            fingerprint,
+            &prompt,
+            &args.negative_prompt,
+            args.id_strength,
+        )?;
+        identity_line = format!("{} (base {fingerprint})", personalization.name);
+        restorer = restorer.with_personalization(personalization)?;
+    }
+    let mut metadata_common = vec![
         (
             "Software".to_string(),
             format!("pfstorer {}", env!("CARGO_PKG_VERSION")),
@@ -234,11 +264,14 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             "pfstorer:negative_prompt".to_string(),
             args.negative_prompt.clone(),
         ),
-        (
-            "pfstorer:identity".to_string(),
-            "none (base model)".to_string(),
-        ),
+        ("pfstorer:identity".to_string(), identity_line),
     ];
+    if identity.is_some() {
+        metadata_common.push((
+            "pfstorer:id_strength".to_string(),
+            args.id_strength.to_string(),
+        ));
+    }
 
     let bars = MultiProgress::new();
     let images = bars.add(batch::progress_bar(todo.len(), args.quiet));

@@ -1,0 +1,345 @@
+//! Restoration with an identity on the tiny fixture model: the personalized denoiser against the
+//! base one (zero gates, token only, the reference-pass cache), and `pfstorer restore --id` end
+//! to end after `pfstorer personalize` (metadata, --id-strength 0, missing and foreign identities).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use pfstorer::config::BaseModelConfig;
+use pfstorer::diffusion::sampler::{Branches, VDenoiser};
+use pfstorer::imaging::ImageF32;
+use pfstorer::model::base::BaseModel;
+use pfstorer::personalize::identity::{base_fingerprint, Identity, IdentityInfo};
+use pfstorer::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
+use pfstorer::restore::{
+    ModelDenoiser, Personalization, PersonalizedDenoiser, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
+};
+use pfstorer::weights::TensorStore;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn base() -> BaseModel {
+    let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
+    BaseModel::load(
+        &common::fixture("stablesr/model.safetensors"),
+        cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .0
+}
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn reference_image(seed: u64, side: usize) -> ImageF32 {
+    let data: Vec<f32> = randn(seed, &[side * side * 3])
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| (0.5 + 0.2 * v).clamp(0.0, 1.0))
+        .collect();
+    ImageF32::new(side, side, 3, data)
+}
+
+/// A fresh identity (γ = 0 unless `random_gammas`) for the fixture base model.
+fn identity(base: &BaseModel, fingerprint: &str, random_gammas: bool) -> Identity {
+    let params = TrainableParams::init(base, 5).unwrap();
+    if random_gammas {
+        let (_, gammas) = params.block_vars().unwrap();
+        for (i, (_, g)) in gammas.iter().enumerate() {
+            g.set(&randn(100 + i as u64, g.dims())).unwrap();
+        }
+    }
+    let images: Vec<ImageF32> = (0..2).map(|k| reference_image(k, 64)).collect();
+    let trainer = Trainer::new(base, params, &images, 64, TrainConfig::default(), 3).unwrap();
+    let info = IdentityInfo {
+        name: "lib-test".into(),
+        base_fingerprint: fingerprint.to_string(),
+        ref_sources: vec![],
+        training: serde_json::json!({}),
+    };
+    let identity = Identity::from_trainer(&trainer, &info).unwrap();
+    // The trainer switched to the differentiable ops; restoration runs the plain ones.
+    pfstorer::model::nn::set_differentiable(false);
+    identity
+}
+
+/// The base denoiser with the personalization's own (token) contexts.
+fn base_denoiser<'a>(base: &'a BaseModel, p: &Personalization) -> ModelDenoiser<'a> {
+    ModelDenoiser {
+        model: base,
+        cond: p.cond_context(base).unwrap(),
+        uncond: p.uncond_context(base).unwrap(),
+    }
+}
+
+#[test]
+fn personalized_denoiser_against_the_base_denoiser() {
+    let base = base();
+    let fingerprint = base_fingerprint(
+        &TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    // A small latent (one 64-px tile) keeps the UNet calls quick.
+    let latent = 8;
+    let lq = randn(1, &[1, 4, latent, latent]);
+    let x = randn(2, &[2, 4, latent, latent]);
+    let x1 = x.narrow(0, 0, 1).unwrap();
+    let prepare = |identity: &Identity, lambda: f64| {
+        Personalization::new(
+            identity,
+            &base,
+            &fingerprint,
+            DEFAULT_PROMPT,
+            DEFAULT_NEGATIVE_PROMPT,
+            lambda,
+        )
+        .unwrap()
+    };
+
+    // γ = 0: Eq. 3 leaves the features unchanged, the output is the base output.
+    let zero = identity(&base, &fingerprint, false);
+    let p = prepare(&zero, 1.0);
+    let mut personalized = PersonalizedDenoiser::new(&base, &p).unwrap();
+    let mut plain = base_denoiser(&base, &p);
+    let mut worst = 0f32;
+    for (t, xt, branches) in [
+        (999, &x, Branches::UncondCond),
+        (999, &x, Branches::UncondCond),
+        (500, &x1, Branches::Cond),
+    ] {
+        let v = personalized.predict_v(xt, &lq, t, branches).unwrap();
+        let v_base = plain.predict_v(xt, &lq, t, branches).unwrap();
+        worst = worst.max(max_abs_diff(&v, &v_base));
+    }
+    println!("zero gates: max abs error {worst:e}");
+    assert!(
+        worst <= 1e-6,
+        "zero-gate identity differs from base: {worst}"
+    );
+    // The repeated call reused the reference features of its step.
+    assert_eq!(personalized.reference_passes(), 2);
+
+    // Trained-looking gates change the output, unless --id-strength is 0 (token only, and no
+    // reference pass at all).
+    let gated = identity(&base, &fingerprint, true);
+    let p = prepare(&gated, 1.0);
+    let mut personalized = PersonalizedDenoiser::new(&base, &p).unwrap();
+    let v = personalized
+        .predict_v(&x, &lq, 700, Branches::UncondCond)
+        .unwrap();
+    let v_base = base_denoiser(&base, &p)
+        .predict_v(&x, &lq, 700, Branches::UncondCond)
+        .unwrap();
+    let moved = max_abs_diff(&v, &v_base);
+    println!("random gates: output moved by {moved:e}");
+    assert!(moved > 1e-4, "the identity's attention had no effect");
+
+    let p = prepare(&gated, 0.0);
+    let mut token_only = PersonalizedDenoiser::new(&base, &p).unwrap();
+    let v = token_only
+        .predict_v(&x, &lq, 700, Branches::UncondCond)
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&v, &v_base),
+        0.0,
+        "strength 0 must be the base UNet"
+    );
+    assert_eq!(
+        token_only.reference_passes(),
+        0,
+        "strength 0 ran the reference pass"
+    );
+
+    // Another base model is refused.
+    let err = Personalization::new(
+        &zero,
+        &base,
+        &"0".repeat(64),
+        DEFAULT_PROMPT,
+        DEFAULT_NEGATIVE_PROMPT,
+        1.0,
+    )
+    .err()
+    .expect("foreign identity accepted")
+    .to_string();
+    assert!(err.contains("another base model"), "{err}");
+}
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("pfstorer-restore-id-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn fixture_flag(flag: &str, rel: &str) -> [String; 2] {
+    [flag.to_string(), common::fixture(rel).display().to_string()]
+}
+
+fn model_flags(base: &Path) -> Vec<String> {
+    let mut flags = vec!["--base".to_string(), base.display().to_string()];
+    flags.extend(fixture_flag("--config", "stablesr/config.yaml"));
+    flags.extend(fixture_flag("--cfw", "stablesr/cfw.safetensors"));
+    flags.extend(fixture_flag("--cfw-config", "stablesr/cfw.yaml"));
+    flags.push("--quiet".into());
+    flags
+}
+
+fn pfstorer(home: &Path, args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+        .args(args)
+        .env("PFSTORER_HOME", home)
+        .output()
+        .expect("run pfstorer")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn restore_with_an_identity_from_the_command_line() {
+    let dir = tmp_dir("cli");
+    let home = dir.join("home");
+    let base = common::fixture("stablesr/model.safetensors");
+    let mut refs = Vec::new();
+    for k in 0..3u32 {
+        let img = image::RgbImage::from_fn(72 + 8 * k, 72, |x, y| {
+            image::Rgb([
+                ((x * 7 + y * 3 + 40 * k) % 256) as u8,
+                (y * 4 % 256) as u8,
+                (x * 2 % 256) as u8,
+            ])
+        });
+        let path = dir.join(format!("ref{k}.png"));
+        img.save(&path).unwrap();
+        refs.push(path.display().to_string());
+    }
+    let id_file = dir.join("bob.identity.safetensors");
+    let mut args = strings(&["personalize", "--refs"]);
+    args.extend(refs);
+    args.extend(strings(&["--id", "bob", "--steps", "2", "--size", "64"]));
+    args.extend(["--out".to_string(), id_file.display().to_string()]);
+    args.extend(model_flags(&base));
+    let o = pfstorer(&home, &args);
+    assert!(o.status.success(), "personalize failed: {}", stderr(&o));
+    assert!(id_file.is_file());
+
+    let input = dir.join("face.png");
+    image::RgbImage::from_fn(24, 20, |x, y| {
+        image::Rgb([(x * 9 % 256) as u8, (y * 11 % 256) as u8, 90])
+    })
+    .save(&input)
+    .unwrap();
+    let restore = |extra: &[String], base: &Path| {
+        let mut args = vec!["restore".to_string(), input.display().to_string()];
+        args.extend(strings(&[
+            "--steps",
+            "2",
+            "--input-size",
+            "64",
+            "--tile-overlap",
+            "4",
+        ]));
+        args.extend(extra.iter().cloned());
+        args.extend(model_flags(base));
+        pfstorer(&home, &args)
+    };
+    let fingerprint = base_fingerprint(&TensorStore::open(&base).unwrap()).unwrap();
+
+    for (strength, out_name) in [("1", "full.png"), ("0", "token.png")] {
+        let out = dir.join(out_name);
+        let o = restore(
+            &[
+                "--id".into(),
+                id_file.display().to_string(),
+                "--id-strength".into(),
+                strength.into(),
+                "-o".into(),
+                out.display().to_string(),
+            ],
+            &base,
+        );
+        assert!(
+            o.status.success(),
+            "restore --id-strength {strength}: {}",
+            stderr(&o)
+        );
+        let png = std::fs::read(&out).unwrap();
+        let text = String::from_utf8_lossy(&png);
+        assert!(text.contains("pfstorer:identity"), "no identity metadata");
+        assert!(
+            text.contains(&format!("bob (base {fingerprint})")),
+            "identity metadata lacks the name and fingerprint"
+        );
+        assert!(
+            text.contains("a Photo of *"),
+            "the prompt keeps `*` with an identity"
+        );
+        assert!(!text.contains("none (base model)"));
+    }
+
+    // A name that is not stored: one clear line.
+    let o = restore(&strings(&["--id", "nobody", "-o", "x.png"]), &base);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("identity \"nobody\" not found"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A base model with one tensor changed has another fingerprint: refused in one line.
+    let mut tensors = candle_core::safetensors::load(&base, &Device::Cpu).unwrap();
+    let mut names: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with("model.diffusion_model."))
+        .cloned()
+        .collect();
+    names.sort();
+    let changed = (&tensors[&names[0]] + 1.0).unwrap();
+    tensors.insert(names[0].clone(), changed);
+    let other_base = dir.join("other.safetensors");
+    candle_core::safetensors::save(&tensors, &other_base).unwrap();
+    let o = restore(
+        &[
+            "--id".into(),
+            id_file.display().to_string(),
+            "-o".into(),
+            dir.join("foreign.png").display().to_string(),
+        ],
+        &other_base,
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("another base model"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!dir.join("foreign.png").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
