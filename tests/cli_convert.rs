@@ -99,6 +99,9 @@ fn cuda_device_without_cuda_support_is_a_clear_error() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("--device cuda") && err.contains("without CUDA support"), "{err}");
+    assert!(
+        err.contains("--device cuda") && err.contains("without CUDA support"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
