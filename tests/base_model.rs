@@ -8,28 +8,7 @@ use pfstorer::config::{BaseModelConfig, CfwConfig};
 use pfstorer::model::base::{BaseModel, CfwModel};
 use pfstorer::weights::CheckedWeights;
 use pfstorer::Error;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-fn manifest(rel: &str) -> BTreeMap<String, Vec<usize>> {
-    let path = common::fixture(rel);
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    json["keys"]
-        .as_array()
-        .expect("manifest has a `keys` list")
-        .iter()
-        .map(|e| {
-            let shape = e["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (e["key"].as_str().unwrap().to_string(), shape)
-        })
-        .collect()
-}
 
 fn tmp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pfstorer-base-{name}-{}", std::process::id()));
@@ -50,7 +29,7 @@ fn full_size_base_model_requests_exactly_the_released_keys() {
     )
     .unwrap();
     let requested = w.requested();
-    let expected = manifest("manifests/face_stablesr.json");
+    let expected = common::manifest("manifests/face_stablesr.json");
     let missing: Vec<_> = expected
         .keys()
         .filter(|k| !requested.contains_key(*k))
@@ -74,7 +53,10 @@ fn full_size_base_model_requests_exactly_the_released_keys() {
 fn full_size_cfw_requests_exactly_the_released_keys() {
     let w = CheckedWeights::shapes_only();
     CfwModel::from_weights(CfwConfig::default(), &w, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(w.requested(), manifest("manifests/face_vqgan_cfw.json"));
+    assert_eq!(
+        w.requested(),
+        common::manifest("manifests/face_vqgan_cfw.json")
+    );
 }
 
 #[test]

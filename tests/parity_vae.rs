@@ -158,22 +158,7 @@ fn cfw_matches_reference_from_safetensors() {
 
 /// Key -> shape of the full-size CFW checkpoint.
 fn manifest() -> BTreeMap<String, Vec<usize>> {
-    let path = fixture("manifests/face_vqgan_cfw.json");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let keys = json["keys"].as_array().expect("manifest has a `keys` list");
-    keys.iter()
-        .map(|entry| {
-            let name = entry["key"].as_str().expect("key").to_string();
-            let shape = entry["shape"]
-                .as_array()
-                .expect("shape")
-                .iter()
-                .map(|d| d.as_u64().expect("dimension") as usize)
-                .collect();
-            (name, shape)
-        })
-        .collect()
+    common::manifest("manifests/face_vqgan_cfw.json")
 }
 
 fn assert_same_keys(built: &BTreeMap<String, Vec<usize>>, expected: &BTreeMap<String, Vec<usize>>) {

@@ -3,6 +3,7 @@
 //!   every step through the real time-aware encoder and UNet, CFW decode;
 //! - the tile script's canvas run (`diffusion/canvas.safetensors`): bicubic upscaling, VAE
 //!   encoding, tiled sampling, CFW decode and the colour fixes, through `Restorer::restore_piece`.
+//!
 //! Random draws are replayed from the recordings. Trajectory tolerance 1e-3 + 1e-2*|ref|.
 
 mod common;

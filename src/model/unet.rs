@@ -73,7 +73,7 @@ impl ResBlock {
     ) -> Result<Self> {
         // The encoder's ResBlock normalises per channel when the width is not a multiple of
         // 32; ResBlockDual always uses 32 groups.
-        let out_groups = if semb_channels.is_none() && out_c % 32 != 0 {
+        let out_groups = if semb_channels.is_none() && !out_c.is_multiple_of(32) {
             out_c
         } else {
             32
@@ -128,7 +128,7 @@ fn broadcast_batch(t: &Tensor, batch: usize) -> Result<Tensor> {
     let b = t.dim(0)?;
     if b == batch {
         Ok(t.clone())
-    } else if batch % b == 0 {
+    } else if batch.is_multiple_of(b) {
         Tensor::cat(&vec![t.clone(); batch / b], 0)
     } else {
         candle_core::bail!("feature batch {b} does not divide model batch {batch}")
@@ -423,6 +423,8 @@ pub trait TransformerSeam {
     }
 }
 
+// Built once per model; the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Layer {
     Conv(Conv2d),

@@ -87,3 +87,25 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
 pub fn assert_module_close(name: &str, actual: &Tensor, expected: &Tensor) -> f64 {
     assert_close(name, actual, expected, 1e-4, 1e-3)
 }
+
+/// Key -> shape of a full-size checkpoint manifest (`manifests/*.json`, entries under `keys`).
+pub fn manifest(rel: &str) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let path = fixture(rel);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not JSON: {e}", path.display()));
+    json["keys"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: no `keys` list", path.display()))
+        .iter()
+        .map(|e| {
+            let shape = e["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (e["key"].as_str().unwrap().to_string(), shape)
+        })
+        .collect()
+}
