@@ -597,3 +597,64 @@ fn reflect_pad_end(x: &Tensor, dim: usize, pad: usize) -> Result<Tensor> {
     let idx = Tensor::new(idx.as_slice(), x.device())?;
     Ok(Tensor::cat(&[x.clone(), x.index_select(&idx, dim)?], dim)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_sizes() {
+        assert_eq!(
+            TargetSize::Scale(4.0).output_size(32, 24).unwrap(),
+            (128, 96)
+        );
+        // Fractional scales truncate like the reference's int().
+        assert_eq!(
+            TargetSize::Scale(2.5).output_size(33, 21).unwrap(),
+            (82, 52)
+        );
+        assert_eq!(
+            TargetSize::Size(2048, 1536).output_size(10, 10).unwrap(),
+            (2048, 1536)
+        );
+        assert_eq!(
+            TargetSize::LongSide(1000).output_size(400, 300).unwrap(),
+            (1000, 750)
+        );
+        assert_eq!(
+            TargetSize::LongSide(1000).output_size(300, 400).unwrap(),
+            (750, 1000)
+        );
+        assert!(TargetSize::Scale(0.0).output_size(32, 24).is_err());
+        assert!(TargetSize::Scale(f64::NAN).output_size(32, 24).is_err());
+        assert!(
+            TargetSize::Scale(0.01).output_size(32, 24).is_err(),
+            "empty output"
+        );
+    }
+
+    #[test]
+    fn reflect_padding_matches_torch_reflect() {
+        let x = Tensor::arange(0f32, 5., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 5))
+            .unwrap();
+        let x = Tensor::cat(&[&x, &x, &x], 2).unwrap();
+        let padded = pad_reflect_to_multiple(&x, 4).unwrap();
+        assert_eq!(padded.dims(), &[1, 1, 4, 8]);
+        // torch refuses a reflect pad as large as the side; so does pfstorer, with an error.
+        let two_rows = x.narrow(2, 0, 2).unwrap();
+        assert!(pad_reflect_to_multiple(&two_rows, 4).is_err());
+        let row: Vec<f32> = padded
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // torch.nn.functional.pad(..., (0, 3), mode="reflect") of [0,1,2,3,4]
+        assert_eq!(row, vec![0., 1., 2., 3., 4., 3., 2., 1.]);
+    }
+}
