@@ -7,17 +7,21 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
 
-static DIFFERENTIABLE: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    // Per thread, so that parallel tests (and any inference thread) are not switched by a
+    // training thread.
+    static DIFFERENTIABLE: Cell<bool> = const { Cell::new(false) };
+}
 
-/// Switches the whole process to differentiable kernels (training) or fused ones (inference).
+/// Switches the calling thread to differentiable kernels (training) or fused ones (inference).
 pub fn set_differentiable(on: bool) {
-    DIFFERENTIABLE.store(on, Ordering::SeqCst);
+    DIFFERENTIABLE.with(|d| d.set(on));
 }
 
 pub fn differentiable() -> bool {
-    DIFFERENTIABLE.load(Ordering::SeqCst)
+    DIFFERENTIABLE.with(|d| d.get())
 }
 
 /// Softmax over the last dimension, computed in f32.
