@@ -32,16 +32,7 @@ fn ckpt_converts_to_identical_safetensors() {
     for (name, t) in &reference {
         let mine = ours.get(name).unwrap_or_else(|| panic!("{name} missing"));
         assert_eq!(mine.dims(), t.dims(), "{name}");
-        let diff: f32 = (mine.to_dtype(DType::F32).unwrap() - t.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = common::max_abs_diff(mine, t);
         assert_eq!(diff, 0.0, "{name} differs");
     }
 

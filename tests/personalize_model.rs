@@ -19,38 +19,15 @@ use rand::{Rng, SeedableRng};
 
 fn base() -> BaseModel {
     pfstorer::model::nn::set_differentiable(true);
-    let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
-    BaseModel::load(
-        &common::fixture("stablesr/model.safetensors"),
-        cfg,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-    .0
+    common::tiny_base()
 }
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    common::seeded_randn(seed, shape)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    common::max_abs_diff(a, b)
 }
 
 fn set_random_gammas(params: &TrainableParams, seed: u64) {

@@ -4,8 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use pfstorer::config::BaseModelConfig;
+use candle_core::{Device, Tensor};
 use pfstorer::diffusion::sampler::{Branches, VDenoiser};
 use pfstorer::imaging::ImageF32;
 use pfstorer::model::base::BaseModel;
@@ -15,43 +14,19 @@ use pfstorer::restore::{
     ModelDenoiser, Personalization, PersonalizedDenoiser, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
 };
 use pfstorer::weights::TensorStore;
-use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn base() -> BaseModel {
-    let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
-    BaseModel::load(
-        &common::fixture("stablesr/model.safetensors"),
-        cfg,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-    .0
+    common::tiny_base()
 }
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    common::seeded_randn(seed, shape)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    common::max_abs_diff(a, b)
 }
 
 fn reference_image(seed: u64, side: usize) -> ImageF32 {

@@ -4,11 +4,11 @@
 //! passed through its own ResBlock (`fea_tran`) to the UNet's `semb_channels`. These feed the
 //! SPADE layers of every UNet residual block.
 
-use super::nn::{self, group_norm32, timestep_embedding, GroupNorm};
+use super::nn::{self, group_norm32, GroupNorm, TimeEmbedding};
 use super::unet::{ResBlock, StructCond};
 use crate::config::LqEncoderConfig;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::{Conv2d, VarBuilder};
 
 /// `AttentionBlock` with the legacy QKV order (heads split before q/k/v) and the scale
 /// `ch^-1/4` applied to both q and k.
@@ -86,12 +86,10 @@ enum Layer {
 
 #[derive(Debug, Clone)]
 pub struct LqEncoder {
-    time_embed_1: Linear,
-    time_embed_2: Linear,
+    time_embed: TimeEmbedding,
     input_blocks: Vec<Vec<Layer>>,
     middle_block: Vec<Layer>,
     fea_tran: Vec<ResBlock>,
-    model_channels: usize,
 }
 
 impl LqEncoder {
@@ -178,12 +176,10 @@ impl LqEncoder {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(LqEncoder {
-            time_embed_1: nn::linear(mc, emb_dim, vb.pp("time_embed.0"))?,
-            time_embed_2: nn::linear(emb_dim, emb_dim, vb.pp("time_embed.2"))?,
+            time_embed: TimeEmbedding::new(mc, vb.clone())?,
             input_blocks,
             middle_block,
             fea_tran,
-            model_channels: mc,
         })
     }
 
@@ -201,10 +197,7 @@ impl LqEncoder {
     /// Features of the clean LQ latent `x` (`[B, 4, h, w]`, already scaled) at the
     /// original-scale `timesteps` (`[B]`), keyed by spatial width.
     pub fn forward(&self, x: &Tensor, timesteps: &Tensor) -> Result<StructCond> {
-        let t = timestep_embedding(timesteps, self.model_channels)?.to_dtype(x.dtype())?;
-        let emb = self
-            .time_embed_2
-            .forward(&self.time_embed_1.forward(&t)?.silu()?)?;
+        let emb = self.time_embed.forward(timesteps, x.dtype())?;
         let mut features = Vec::new();
         let mut h = x.clone();
         for block in &self.input_blocks {

@@ -181,6 +181,32 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
     }
 }
 
+/// `time_embed` of the openaimodel networks: sinusoidal embedding of the timesteps, then
+/// `Linear(mc, 4mc)`, SiLU, `Linear(4mc, 4mc)` (keys `time_embed.0` and `time_embed.2`).
+#[derive(Debug, Clone)]
+pub struct TimeEmbedding {
+    first: candle_nn::Linear,
+    second: candle_nn::Linear,
+    model_channels: usize,
+}
+
+impl TimeEmbedding {
+    pub fn new(model_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let dim = 4 * model_channels;
+        Ok(TimeEmbedding {
+            first: linear(model_channels, dim, vb.pp("time_embed.0"))?,
+            second: linear(dim, dim, vb.pp("time_embed.2"))?,
+            model_channels,
+        })
+    }
+
+    /// `[B]` original-scale timesteps -> `[B, 4mc]` in `dtype`.
+    pub fn forward(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
+        let t = timestep_embedding(timesteps, self.model_channels)?.to_dtype(dtype)?;
+        self.second.forward(&self.first.forward(&t)?.silu()?)
+    }
+}
+
 /// Scaled dot-product attention on `[batch*heads, n, d]` tensors with an optional additive
 /// mask broadcastable to `[batch*heads, n_q, n_k]`. Scores and softmax are computed in f32.
 pub fn attention(

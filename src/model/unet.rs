@@ -8,7 +8,7 @@
 //! x [ResBlockDual on the skip concat, transformer, nearest-2x + conv at the level's end]) and
 //! `out` (GroupNorm, SiLU, conv). The output is the v prediction.
 
-use super::nn::{self, attention, group_norm32, timestep_embedding, GroupNorm, LayerNorm};
+use super::nn::{self, attention, group_norm32, GroupNorm, LayerNorm, TimeEmbedding};
 use crate::config::UNetConfig;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Linear, VarBuilder};
@@ -446,14 +446,12 @@ pub struct UNetInputs<'a> {
 
 #[derive(Debug, Clone)]
 pub struct UNet {
-    time_embed_1: Linear,
-    time_embed_2: Linear,
+    time_embed: TimeEmbedding,
     input_blocks: Vec<Vec<Layer>>,
     middle_block: Vec<Layer>,
     output_blocks: Vec<Vec<Layer>>,
     out_norm: GroupNorm,
     out_conv: Conv2d,
-    model_channels: usize,
 }
 
 impl UNet {
@@ -563,22 +561,18 @@ impl UNet {
         }
 
         Ok(UNet {
-            time_embed_1: nn::linear(mc, emb_dim, vb.pp("time_embed.0"))?,
-            time_embed_2: nn::linear(emb_dim, emb_dim, vb.pp("time_embed.2"))?,
+            time_embed: TimeEmbedding::new(mc, vb.clone())?,
             input_blocks,
             middle_block,
             output_blocks,
             out_norm: group_norm32(ch, vb.pp("out.0"))?,
             out_conv: nn::conv2d(mc, cfg.out_channels, 3, 1, 1, vb.pp("out.2"))?,
-            model_channels: mc,
         })
     }
 
     /// The timestep embedding `time_embed(timestep_embedding(t))`.
     pub fn time_embedding(&self, timesteps: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
-        let t = timestep_embedding(timesteps, self.model_channels)?.to_dtype(dtype)?;
-        self.time_embed_2
-            .forward(&self.time_embed_1.forward(&t)?.silu()?)
+        self.time_embed.forward(timesteps, dtype)
     }
 
     fn run_layers(

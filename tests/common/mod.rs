@@ -109,3 +109,43 @@ pub fn manifest(rel: &str) -> std::collections::BTreeMap<String, Vec<usize>> {
         })
         .collect()
 }
+
+/// The tiny fixture model (`stablesr/model.safetensors` through `stablesr/config.yaml`), f32 CPU.
+pub fn tiny_base() -> pfstorer::model::base::BaseModel {
+    let cfg = pfstorer::config::BaseModelConfig::from_yaml_file(&fixture("stablesr/config.yaml"))
+        .unwrap();
+    pfstorer::model::base::BaseModel::load(
+        &fixture("stablesr/model.safetensors"),
+        cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .0
+}
+
+/// Standard-normal f32 tensor from a seeded, portable generator.
+pub fn seeded_randn(seed: u64, shape: &[usize]) -> Tensor {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Max |a - b| over all elements (shapes must agree).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
