@@ -43,3 +43,14 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
         ))),
     }
 }
+
+/// Refuses precisions the device cannot run: candle's CPU backend has no bf16 matrix product
+/// (every linear layer and convolution), so bf16 is CUDA-only; f16 works on both.
+pub fn check_dtype_on(device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(Error::Input(
+            "--dtype bf16 needs --device cuda (the CPU backend has no bf16 matrix product); use f32 or f16 on the CPU".into(),
+        ));
+    }
+    Ok(())
+}

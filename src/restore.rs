@@ -220,6 +220,17 @@ impl Personalization {
         })
     }
 
+    /// Conditions on the identity's reference photo `index` instead of the first one.
+    pub fn use_reference(
+        &mut self,
+        identity: &Identity,
+        base: &BaseModel,
+        index: usize,
+    ) -> Result<()> {
+        self.reference = identity.reference_latent(index, base.dtype, &base.device)?;
+        Ok(())
+    }
+
     /// The positive context with the learned token at `*` (`[1, 77, C]`).
     pub fn cond_context(&self, base: &BaseModel) -> Result<Tensor> {
         self.positive.context(&base.text_encoder, Some(&self.token))
@@ -520,8 +531,12 @@ impl<'a> Restorer<'a> {
                 .sample(denoiser, &init_latent, noise, &opts, &mut progress)?
                 .latent
         };
-        let (_, enc_features) = self.cfw.autoencoder.encode_with_features(&lq_model)?;
-        let z = (latent / scale)?.to_dtype(dtype)?;
+        let cfw_dtype = self.cfw.dtype;
+        let (_, enc_features) = self
+            .cfw
+            .autoencoder
+            .encode_with_features(&lq.to_dtype(cfw_dtype)?)?;
+        let z = (latent / scale)?.to_dtype(cfw_dtype)?;
         let decoded = self
             .cfw
             .autoencoder

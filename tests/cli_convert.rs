@@ -96,3 +96,37 @@ fn cuda_device_without_cuda_support_is_a_clear_error() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn bf16_on_the_cpu_is_a_clear_error() {
+    let o = Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+        .args(["bench", "unet", "--config"])
+        .arg(common::fixture("stablesr/config.yaml"))
+        .args(["--latent", "8", "--runs", "1", "--dtype", "bf16"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--dtype bf16") && err.contains("--device cuda"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn f16_runs_on_the_cpu() {
+    // The tiny UNet benchmark in f16 produces a timing line, like f32 (its accuracy is checked
+    // by parity_unet's half-precision test).
+    let o = Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+        .args(["bench", "unet", "--config"])
+        .arg(common::fixture("stablesr/config.yaml"))
+        .args(["--latent", "8", "--runs", "1", "--dtype", "f16"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(json["dtype"], "f16");
+    assert!(json["median_s"].as_f64().unwrap() > 0.0);
+}

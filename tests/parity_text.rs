@@ -59,15 +59,21 @@ fn ids_tensor(ids: &[u32]) -> Tensor {
 /// The text tower of the fixture checkpoint, sized from the YAML (and, for the fixtures' tiny
 /// architectures, from the stored shapes); also checks that every text key was consumed.
 fn fixture_encoder(checkpoint: &str) -> (TextEncoder, TextConfig) {
+    fixture_encoder_on(checkpoint, DType::F32, &Device::Cpu)
+}
+
+fn fixture_encoder_on(
+    checkpoint: &str,
+    dtype: DType,
+    device: &Device,
+) -> (TextEncoder, TextConfig) {
     let yaml_path = common::fixture("stablesr/config.yaml");
     let base = BaseModelConfig::from_yaml_file(&yaml_path).expect("fixture config");
     let store = Arc::new(TensorStore::open(&common::fixture(checkpoint)).expect("checkpoint"));
     let cfg = text_config_from_checkpoint(&base.text, base.text_arch_is_fixture(), &store)
         .expect("text config");
     let weights = CheckedWeights::from_store(store);
-    let vb = weights
-        .var_builder(DType::F32, &Device::Cpu)
-        .pp(TEXT_PREFIX);
+    let vb = weights.var_builder(dtype, device).pp(TEXT_PREFIX);
     let encoder = TextEncoder::new(&cfg, vb).expect("text encoder");
     let prefix = format!("{TEXT_PREFIX}.");
     let report = weights
@@ -170,9 +176,11 @@ fn io_tokens_are_the_prompts() {
 }
 
 fn check_encoder_against_io(checkpoint: &str) {
-    let (encoder, cfg) = fixture_encoder(checkpoint);
+    // Device and precision from PFSTORER_TEST_DEVICE / PFSTORER_TEST_DTYPE (default CPU f32).
+    let (encoder, cfg) =
+        fixture_encoder_on(checkpoint, common::test_dtype(), &common::test_device());
     let io = common::load("stablesr/io.safetensors");
-    let tokens = common::get(&io, "text.tokens");
+    let tokens = &common::input(&io, "text.tokens");
     let emb = encoder.token_embeddings(tokens).unwrap();
     let states = encoder.hidden_states(&emb).unwrap();
     assert_eq!(states.len(), cfg.layers + 1);

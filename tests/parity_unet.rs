@@ -1,10 +1,11 @@
 //! UNet (`UNetModelDualcondV2`) and time-aware encoder (`EncoderUNetModelWT`) against the
 //! reference outputs in `stablesr/io.safetensors`, with the tiny weights loaded from both
 //! `stablesr/model.safetensors` and `stablesr/model.ckpt` through `stablesr/config.yaml`.
+//! Device and precision follow `PFSTORER_TEST_DEVICE` / `PFSTORER_TEST_DTYPE` (default CPU f32).
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use pfstorer::config::BaseModelConfig;
 use pfstorer::model::lq_encoder::LqEncoder;
 use pfstorer::model::unet::{StructCond, UNet, UNetInputs};
@@ -24,9 +25,9 @@ fn weights(rel: &str) -> CheckedWeights {
 
 fn struct_cond_from(io: &std::collections::HashMap<String, Tensor>) -> StructCond {
     let mut cond = StructCond::new();
-    for (name, t) in io {
+    for name in io.keys() {
         if let Some(width) = name.strip_prefix("struct_enc.out.") {
-            cond.insert(width.parse().unwrap(), t.clone());
+            cond.insert(width.parse().unwrap(), common::input(io, name));
         }
     }
     assert!(
@@ -42,12 +43,14 @@ fn lq_encoder_matches_reference() {
     let io = common::load("stablesr/io.safetensors");
     for rel in FORMATS {
         let w = weights(rel);
-        let vb = w.var_builder(DType::F32, &Device::Cpu);
+        let vb = w.var_builder(common::test_dtype(), &common::test_device());
         let enc = LqEncoder::new(&cfg.lq_encoder, vb.pp("structcond_stage_model")).unwrap();
         w.finish(&["structcond_stage_model."]).unwrap();
-        let x = common::get(&io, "struct_enc.in.x");
-        let t = common::get(&io, "struct_enc.in.t");
-        let out = enc.forward(x, t).unwrap();
+        let x = common::input(&io, "struct_enc.in.x");
+        let t = common::get(&io, "struct_enc.in.t")
+            .to_device(&common::test_device())
+            .unwrap();
+        let out = enc.forward(&x, &t).unwrap();
         let expected = struct_cond_from(&io);
         assert_eq!(
             out.keys().collect::<Vec<_>>(),
@@ -90,17 +93,21 @@ fn unet_matches_reference() {
     let io = common::load("stablesr/io.safetensors");
     for rel in FORMATS {
         let w = weights(rel);
-        let vb = w.var_builder(DType::F32, &Device::Cpu);
+        let vb = w.var_builder(common::test_dtype(), &common::test_device());
         let unet = UNet::new(&cfg.unet, vb.pp("model.diffusion_model")).unwrap();
         w.finish(&["model.diffusion_model."]).unwrap();
         let cond = struct_cond_from(&io);
+        let t = common::get(&io, "unet.in.t")
+            .to_device(&common::test_device())
+            .unwrap();
+        let context = common::input(&io, "unet.in.context");
         let inputs = UNetInputs {
-            timesteps: common::get(&io, "unet.in.t"),
-            context: common::get(&io, "unet.in.context"),
+            timesteps: &t,
+            context: &context,
             struct_cond: Some(&cond),
         };
         let out = unet
-            .forward(common::get(&io, "unet.in.x"), &inputs)
+            .forward(&common::input(&io, "unet.in.x"), &inputs)
             .unwrap();
         common::assert_module_close(
             &format!("{rel}: unet.out"),
@@ -108,4 +115,37 @@ fn unet_matches_reference() {
             common::get(&io, "unet.out"),
         );
     }
+}
+
+#[test]
+fn unet_in_f16_stays_within_the_half_precision_bound() {
+    // Runs in every default test run (the env-driven tests above default to f32): the same
+    // forward with f16 weights and activations, statistics/softmax in f32, against the f32
+    // reference. Bound 1e-2 x the output's largest magnitude (see common::module_tolerance).
+    let cfg = config();
+    let io = common::load("stablesr/io.safetensors");
+    let w = weights("stablesr/model.safetensors");
+    let vb = w.var_builder(candle_core::DType::F16, &candle_core::Device::Cpu);
+    let unet = UNet::new(&cfg.unet, vb.pp("model.diffusion_model")).unwrap();
+    let half = |key: &str| {
+        common::get(&io, key)
+            .to_dtype(candle_core::DType::F16)
+            .unwrap()
+    };
+    let mut cond = StructCond::new();
+    for (width, t) in struct_cond_from(&io) {
+        let t = t.to_device(&candle_core::Device::Cpu).unwrap();
+        cond.insert(width, t.to_dtype(candle_core::DType::F16).unwrap());
+    }
+    let context = half("unet.in.context");
+    let inputs = UNetInputs {
+        timesteps: common::get(&io, "unet.in.t"),
+        context: &context,
+        struct_cond: Some(&cond),
+    };
+    let out = unet.forward(&half("unet.in.x"), &inputs).unwrap();
+    assert_eq!(out.dtype(), candle_core::DType::F16);
+    let expected = common::get(&io, "unet.out");
+    let scale = common::max_abs_diff(expected, &expected.zeros_like().unwrap()).max(1.0) as f64;
+    common::assert_close("f16 unet.out", &out, expected, 1e-2 * scale, 0.0);
 }

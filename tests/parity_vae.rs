@@ -22,7 +22,9 @@ fn checked(rel: &str) -> CheckedWeights {
 fn load_vae(rel: &str) -> (AutoencoderKL, BaseModelConfig) {
     let cfg = BaseModelConfig::from_yaml_file(&fixture("stablesr/config.yaml")).unwrap();
     let weights = checked(rel);
-    let vb = weights.var_builder(DType::F32, &Device::Cpu).pp(VAE_PREFIX);
+    let vb = weights
+        .var_builder(common::test_dtype(), &common::test_device())
+        .pp(VAE_PREFIX);
     let vae = AutoencoderKL::new(&cfg.vae, vb).unwrap();
     let report = weights
         .finish(&[&format!("{VAE_PREFIX}.")])
@@ -38,9 +40,9 @@ fn load_vae(rel: &str) -> (AutoencoderKL, BaseModelConfig) {
 fn check_vae(rel: &str) {
     let (vae, cfg) = load_vae(rel);
     let io = load("stablesr/io.safetensors");
-    let image = get(&io, "vae.in.image");
+    let image = common::input(&io, "vae.in.image");
 
-    let posterior = vae.encode(image).unwrap();
+    let posterior = vae.encode(&image).unwrap();
     println!("[{rel}]");
     let moments = Tensor::cat(&[&posterior.mean, &posterior.logvar], 1).unwrap();
     assert_module_close("vae.enc.moments", &moments, get(&io, "vae.enc.moments"));
@@ -56,14 +58,16 @@ fn check_vae(rel: &str) {
         get(&io, "vae.post.std"),
     );
 
-    let sample = posterior.sample(get(&io, "vae.post.noise")).unwrap();
+    let sample = posterior
+        .sample(&common::input(&io, "vae.post.noise"))
+        .unwrap();
     assert_module_close("vae.post.sample", &sample, get(&io, "vae.post.sample"));
     let scale = cfg.diffusion.scale_factor;
     let latent = (&sample * scale).unwrap();
     assert_module_close("vae.latent_scaled", &latent, get(&io, "vae.latent_scaled"));
 
     // Decode the reference latent so that the decoder is checked on its own.
-    let z = (get(&io, "vae.latent_scaled") / scale).unwrap();
+    let z = (common::input(&io, "vae.latent_scaled") / scale).unwrap();
     let start = Instant::now();
     let decoded = vae.decode(&z).unwrap();
     println!(
@@ -108,7 +112,11 @@ fn numbered<T: std::str::FromStr + PartialOrd>(
 fn check_cfw(rel: &str) {
     let cfg = CfwConfig::from_yaml_file(&fixture("stablesr/cfw.yaml")).unwrap();
     let weights = checked(rel);
-    let cfw = CfwAutoencoder::new(&cfg.vae, weights.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let cfw = CfwAutoencoder::new(
+        &cfg.vae,
+        weights.var_builder(common::test_dtype(), &common::test_device()),
+    )
+    .unwrap();
     let report = weights
         .finish(&[""])
         .unwrap_or_else(|e| panic!("{rel}: {e}"));
@@ -120,7 +128,9 @@ fn check_cfw(rel: &str) {
 
     let io = load("stablesr/io.safetensors");
     println!("[{rel}]");
-    let (posterior, features) = cfw.encode_with_features(get(&io, "cfw.in.image")).unwrap();
+    let (posterior, features) = cfw
+        .encode_with_features(&common::input(&io, "cfw.in.image"))
+        .unwrap();
     assert_module_close("cfw.post.mean", &posterior.mean, get(&io, "cfw.post.mean"));
     assert_module_close(
         "cfw.post.logvar",
@@ -138,10 +148,19 @@ fn check_cfw(rel: &str) {
     }
 
     // Decode from the reference's z and features so that the decoder is checked on its own.
-    let z = get(&io, "cfw.dec.in.z");
-    let reference_features: Vec<Tensor> = expected_features.into_iter().map(|(_, t)| t).collect();
+    let z = common::input(&io, "cfw.dec.in.z");
+    let device = common::test_device();
+    let reference_features: Vec<Tensor> = expected_features
+        .into_iter()
+        .map(|(_, t)| {
+            t.to_dtype(common::test_dtype())
+                .unwrap()
+                .to_device(&device)
+                .unwrap()
+        })
+        .collect();
     for (w, expected) in numbered::<f64>(&io, "cfw.dec.out_w") {
-        let decoded = cfw.decode_fused(z, &reference_features, w).unwrap();
+        let decoded = cfw.decode_fused(&z, &reference_features, w).unwrap();
         assert_module_close(&format!("cfw.dec.out_w{w}"), &decoded, &expected);
     }
 }

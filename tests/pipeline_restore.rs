@@ -18,20 +18,24 @@ use pfstorer::restore::{resize_bicubic_nchw, ModelDenoiser, RestoreSettings, Res
 use std::collections::HashMap;
 
 fn models() -> (BaseModel, CfwModel) {
+    models_on(DType::F32, &Device::Cpu)
+}
+
+fn models_on(dtype: DType, device: &Device) -> (BaseModel, CfwModel) {
     let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
     let (base, _) = BaseModel::load(
         &common::fixture("stablesr/model.safetensors"),
         cfg,
-        DType::F32,
-        &Device::Cpu,
+        dtype,
+        device,
     )
     .unwrap();
     let cfw_cfg = CfwConfig::from_yaml_file(&common::fixture("stablesr/cfw.yaml")).unwrap();
     let (cfw, _) = CfwModel::load(
         &common::fixture("stablesr/cfw.safetensors"),
         cfw_cfg,
-        DType::F32,
-        &Device::Cpu,
+        dtype,
+        device,
     )
     .unwrap();
     (base, cfw)
@@ -49,13 +53,22 @@ fn meta(rel: &str) -> HashMap<String, String> {
     st.metadata().clone().unwrap_or_default()
 }
 
+/// f32: 1e-3 + 1e-2·|ref|; half precision: twice the per-module bound of
+/// `common::module_tolerance` (errors compound over the steps).
 fn trajectory_close(name: &str, a: &Tensor, b: &Tensor) -> f64 {
-    common::assert_close(name, a, b, 1e-3, 1e-2)
+    if common::test_dtype() == DType::F32 {
+        common::assert_close(name, a, b, 1e-3, 1e-2)
+    } else {
+        let (atol, rtol) = common::module_tolerance(b);
+        common::assert_close(name, a, b, 2.0 * atol, 2.0 * rtol)
+    }
 }
 
 #[test]
 fn face_script_cfg_run_with_the_real_networks() {
-    let (base, cfw) = models();
+    // Device and precision from PFSTORER_TEST_DEVICE / PFSTORER_TEST_DTYPE (default CPU f32).
+    let (dtype, device) = (common::test_dtype(), common::test_device());
+    let (base, cfw) = models_on(dtype, &device);
     let f = common::load("diffusion/sampler.safetensors");
     let m = meta("diffusion/sampler.safetensors");
     let steps: usize = m["steps"].parse().unwrap();
@@ -63,8 +76,8 @@ fn face_script_cfg_run_with_the_real_networks() {
     let dec_w: f64 = m["dec_w"].parse().unwrap();
     let scale = base.config.diffusion.scale_factor;
 
-    let lq = common::get(&f, "in.lq_image");
-    let (posterior, features) = cfw.autoencoder.encode_with_features(lq).unwrap();
+    let lq = common::input(&f, "in.lq_image");
+    let (posterior, features) = cfw.autoencoder.encode_with_features(&lq).unwrap();
     for (i, feat) in features.iter().enumerate() {
         common::assert_module_close(
             &format!("enc_fea_lq.{i}"),
@@ -74,14 +87,21 @@ fn face_script_cfg_run_with_the_real_networks() {
     }
     let mut draws = noise_draws(&f);
     let first = draws.remove(0);
-    let init_latent = (posterior.sample(&first).unwrap() * scale).unwrap();
+    let first = first.to_dtype(dtype).unwrap().to_device(&device).unwrap();
+    let init_latent = (posterior
+        .sample(&first)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        * scale)
+        .unwrap();
     common::assert_module_close("init_latent", &init_latent, common::get(&f, "init_latent"));
 
     let sampler = DdpmSampler::new(&base.config.diffusion, steps).unwrap();
     let mut denoiser = ModelDenoiser {
         model: &base,
-        cond: common::get(&f, "in.cond").clone(),
-        uncond: common::get(&f, "in.uncond").clone(),
+        cond: common::input(&f, "in.cond"),
+        uncond: common::input(&f, "in.uncond"),
     };
     let mut noise = RecordedNoise::new(draws);
     let opts = SampleOptions {
@@ -107,7 +127,13 @@ fn face_script_cfg_run_with_the_real_networks() {
     trajectory_close("samples", &out.latent, common::get(&f, "samples"));
     let decoded = cfw
         .autoencoder
-        .decode_fused(&(out.latent / scale).unwrap(), &features, dec_w)
+        .decode_fused(
+            &(out.latent / scale).unwrap().to_dtype(dtype).unwrap(),
+            &features,
+            dec_w,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
         .unwrap();
     trajectory_close("decoded", &decoded, common::get(&f, "decoded"));
     let final01 = ((decoded + 1.0).unwrap() / 2.0)

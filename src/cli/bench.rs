@@ -4,15 +4,27 @@
 //! time-aware encoder pass on a batch-1 LQ latent plus one UNet forward on the CFG batch of 2,
 //! at a square latent, with seeded random weights (or a weights file, e.g. the one the reference
 //! script saves with `--save-weights`, so both sides run on the same numbers).
+//! `bench weights` writes seeded random full-size checkpoints (original key names) once, so
+//! pfstorer and the PyTorch reference (scripts/gpu_reference.py) time identical weights;
+//! `bench restore` times a whole restore and `bench train` personalization iterations.
+//! Every subcommand prints one JSON line.
 
 use super::model_args::{parse_device_dtype, peak_rss_bytes};
-use crate::config::BaseModelConfig;
+use crate::config::{BaseModelConfig, CfwConfig};
+use crate::diffusion::schedule::Schedule;
+use crate::imaging::ImageF32;
+use crate::model::base::{BaseModel, CfwModel};
 use crate::model::lq_encoder::LqEncoder;
 use crate::model::unet::{UNet, UNetInputs};
+use crate::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
+use crate::restore::{
+    RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
+};
+use crate::weights::checked::random_tensor;
 use crate::weights::{CheckedWeights, Source, TensorStore};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use clap::{Args, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,6 +38,68 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Time-aware encoder + UNet forward with the CFG batch of 2.
     Unet(UnetBench),
+    /// Write seeded random full-size checkpoints (diffusion model and CFW autoencoder).
+    Weights(WeightsBench),
+    /// One whole restore of a square synthetic image (encode, sampling loop, CFW decode).
+    Restore(RestoreBench),
+    /// Personalization training iterations on synthetic references.
+    Train(TrainBench),
+}
+
+#[derive(Debug, Args)]
+pub struct WeightsBench {
+    /// Folder for stablesr_face_random.safetensors and cfw_random.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreBench {
+    /// Image side in pixels (input and output; square).
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (any value but 1 runs the CFG batch of 2).
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg: f64,
+    /// Diffusion checkpoint; default: seeded random weights of the released architecture.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// CFW checkpoint; default: seeded random weights.
+    #[arg(long)]
+    pub cfw: Option<PathBuf>,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub cfw_config: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainBench {
+    /// Training resolution in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Timed iterations (after one untimed warm-up iteration).
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    /// Diffusion checkpoint; default: seeded random weights of the released architecture.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +125,9 @@ pub struct UnetBench {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchWhat::Unet(b) => bench_unet(b),
+        BenchWhat::Weights(b) => bench_weights(b),
+        BenchWhat::Restore(b) => bench_restore(b),
+        BenchWhat::Train(b) => bench_train(b),
     }
 }
 
@@ -114,6 +191,262 @@ fn bench_unet(b: UnetBench) -> anyhow::Result<()> {
             "load_s": load_s,
             "median_s": median,
             "runs_s": times,
+            "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
+        })
+    );
+    Ok(())
+}
+
+fn base_config(path: &Option<PathBuf>) -> anyhow::Result<BaseModelConfig> {
+    Ok(match path {
+        Some(p) => BaseModelConfig::from_yaml_file(p)?,
+        None => BaseModelConfig::default(),
+    })
+}
+
+/// The diffusion model from `path`, or seeded random weights of `cfg`'s architecture.
+fn load_base(
+    path: &Option<PathBuf>,
+    cfg: BaseModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<BaseModel> {
+    Ok(match path {
+        Some(p) => BaseModel::load(p, cfg, dtype, device)?.0,
+        None => {
+            let weights = CheckedWeights::new(Source::Random(0));
+            BaseModel::from_weights(cfg, &weights, None, dtype, device)?.0
+        }
+    })
+}
+
+fn bench_weights(b: WeightsBench) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let base_file = b.out_dir.join("stablesr_face_random.safetensors");
+    let cfw_file = b.out_dir.join("cfw_random.safetensors");
+    for f in [&base_file, &cfw_file] {
+        crate::fsutil::check_overwrite(f, b.force)?;
+    }
+    // Build each model once against a shapes-only source to learn every key it requests, then
+    // write the seeded value of each; the schedule buffers get their true values, since the
+    // reference samples with the buffers it loads.
+    let probe = CheckedWeights::shapes_only();
+    BaseModel::from_weights(
+        BaseModelConfig::default(),
+        &probe,
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let schedule = Schedule::linear(&BaseModelConfig::default().diffusion)?;
+    let schedule_values: Vec<(&str, &Vec<f64>)> = vec![
+        ("betas", &schedule.betas),
+        ("alphas_cumprod", &schedule.alphas_cumprod),
+        ("alphas_cumprod_prev", &schedule.alphas_cumprod_prev),
+        ("sqrt_alphas_cumprod", &schedule.sqrt_alphas_cumprod),
+        (
+            "sqrt_one_minus_alphas_cumprod",
+            &schedule.sqrt_one_minus_alphas_cumprod,
+        ),
+        (
+            "log_one_minus_alphas_cumprod",
+            &schedule.log_one_minus_alphas_cumprod,
+        ),
+        (
+            "sqrt_recip_alphas_cumprod",
+            &schedule.sqrt_recip_alphas_cumprod,
+        ),
+        (
+            "sqrt_recipm1_alphas_cumprod",
+            &schedule.sqrt_recipm1_alphas_cumprod,
+        ),
+        ("posterior_variance", &schedule.posterior_variance),
+        (
+            "posterior_log_variance_clipped",
+            &schedule.posterior_log_variance_clipped,
+        ),
+        ("posterior_mean_coef1", &schedule.posterior_mean_coef1),
+        ("posterior_mean_coef2", &schedule.posterior_mean_coef2),
+    ];
+    let base_count = write_random(&base_file, &probe.requested(), b.seed, &schedule_values)?;
+
+    let probe = CheckedWeights::shapes_only();
+    CfwModel::from_weights(CfwConfig::default(), &probe, DType::F32, &Device::Cpu)?;
+    let cfw_count = write_random(&cfw_file, &probe.requested(), b.seed, &[])?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "what": "pfstorer: random full-size checkpoints",
+            "base": base_file.display().to_string(),
+            "base_tensors": base_count,
+            "cfw": cfw_file.display().to_string(),
+            "cfw_tensors": cfw_count,
+            "seed": b.seed,
+            "seconds": started.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
+/// Writes every requested tensor (seeded values, or `fixed` ones by name) as f32 safetensors.
+fn write_random(
+    path: &Path,
+    requested: &std::collections::BTreeMap<String, Vec<usize>>,
+    seed: u64,
+    fixed: &[(&str, &Vec<f64>)],
+) -> anyhow::Result<usize> {
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(requested.len());
+    for (name, shape) in requested {
+        let values: Vec<f32> = match fixed.iter().find(|(n, _)| n == name) {
+            Some((_, v)) => v.iter().map(|&x| x as f32).collect(),
+            None => random_tensor(&Shape::from(shape.as_slice()), name, seed)?
+                .flatten_all()?
+                .to_vec1()?,
+        };
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        buffers.push((name.clone(), shape.clone(), bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, shape, bytes)| {
+            Ok((
+                name.clone(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytes,
+                )?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    crate::fsutil::write_atomic(path, |tmp| {
+        safetensors::tensor::serialize_to_file(views, None, tmp)
+            .map_err(|e| crate::error::Error::Input(format!("{}: {e}", tmp.display())))
+    })?;
+    Ok(buffers.len())
+}
+
+fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
+    let (device, dtype) = parse_device_dtype(&b.device, &b.dtype)?;
+    let t_load = Instant::now();
+    let base = load_base(&b.base, base_config(&b.config)?, dtype, &device)?;
+    let cfw_cfg = match &b.cfw_config {
+        Some(p) => CfwConfig::from_yaml_file(p)?,
+        None => CfwConfig::default(),
+    };
+    // As `pfstorer restore`: the CFW autoencoder in f32.
+    let cfw = match &b.cfw {
+        Some(p) => CfwModel::load(p, cfw_cfg, DType::F32, &device)?.0,
+        None => {
+            let weights = CheckedWeights::new(Source::Random(0));
+            CfwModel::from_weights(cfw_cfg, &weights, DType::F32, &device)?.0
+        }
+    };
+    let load_s = t_load.elapsed().as_secs_f64();
+
+    let settings = RestoreSettings {
+        steps: b.steps,
+        guidance: b.cfg,
+        ..RestoreSettings::default()
+    };
+    let prompt = DEFAULT_PROMPT.replace('*', BASE_SUBJECT);
+    let t_total = Instant::now();
+    let cond = Restorer::text_context(&base, &prompt)?;
+    let uncond = Restorer::text_context(&base, DEFAULT_NEGATIVE_PROMPT)?;
+    let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
+    let image = synthetic_face(b.size, 7);
+    let mut first_step: Option<Instant> = None;
+    let mut last_step = Instant::now();
+    let out = restorer.restore(&image, TargetSize::Scale(1.0), &mut |done, _| {
+        let now = Instant::now();
+        first_step.get_or_insert(now);
+        if done > 0 {
+            last_step = now;
+        }
+    })?;
+    let total_s = t_total.elapsed().as_secs_f64();
+    // Steps report on completion, so (last - first) spans steps-1 steps.
+    let sample_s = first_step
+        .map(|f| (last_step - f).as_secs_f64() * b.steps as f64 / (b.steps.max(2) - 1) as f64);
+    println!(
+        "{}",
+        serde_json::json!({
+            "what": "pfstorer: restore (VAE encode, DDPM loop with CFG, CFW decode, colour fix)",
+            "size": b.size,
+            "output": [out.width, out.height],
+            "steps": b.steps,
+            "device": b.device,
+            "dtype": b.dtype,
+            "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
+            "load_s": load_s,
+            "total_s": total_s,
+            "sample_s": sample_s,
+            "per_step_s": sample_s.map(|s| s / b.steps as f64),
+            "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
+        })
+    );
+    Ok(())
+}
+
+/// A smooth face-sized test pattern (deterministic), RGB in [0, 1].
+fn synthetic_face(size: usize, seed: u64) -> ImageF32 {
+    let phase = seed as f32 * 0.37;
+    let data = (0..size * size)
+        .flat_map(|i| {
+            let (x, y) = (
+                (i % size) as f32 / size as f32,
+                (i / size) as f32 / size as f32,
+            );
+            let r = ((x - 0.5).powi(2) + (y - 0.45).powi(2)).sqrt();
+            let skin = (1.0 - 2.5 * r).clamp(0.0, 1.0);
+            [
+                (0.25 + 0.6 * skin + 0.05 * (9.0 * x + phase).sin()).clamp(0.0, 1.0),
+                (0.2 + 0.45 * skin + 0.05 * (7.0 * y).cos()).clamp(0.0, 1.0),
+                (0.2 + 0.35 * skin + 0.05 * (5.0 * (x + y) + phase).sin()).clamp(0.0, 1.0),
+            ]
+        })
+        .collect();
+    ImageF32::new(size, size, 3, data)
+}
+
+fn bench_train(b: TrainBench) -> anyhow::Result<()> {
+    // Training keeps everything in f32 (the trainer refuses half precision).
+    let device = crate::device::parse_device(&b.device)?;
+    let t_load = Instant::now();
+    let base = load_base(&b.base, base_config(&b.config)?, DType::F32, &device)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let images: Vec<ImageF32> = (0..5).map(|k| synthetic_face(b.size, k)).collect();
+    let t_prep = Instant::now();
+    let params = TrainableParams::init(&base, 0)?;
+    let mut trainer = Trainer::new(&base, params, &images, b.size, TrainConfig::default(), 0)?;
+    let prepare_s = t_prep.elapsed().as_secs_f64();
+    let mut iter_s = Vec::with_capacity(b.iters);
+    let mut losses = Vec::with_capacity(b.iters + 1);
+    for i in 0..=b.iters {
+        let start = Instant::now();
+        let report = trainer.step()?; // reads the loss back, so the step has completed
+        losses.push(report.total);
+        if i > 0 {
+            iter_s.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mut sorted = iter_s.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = sorted.get(sorted.len() / 2).copied();
+    println!(
+        "{}",
+        serde_json::json!({
+            "what": "pfstorer: personalization training iteration (batch 1, reference pass + x pass + backward + AdamW)",
+            "size": b.size,
+            "device": b.device,
+            "dtype": "f32",
+            "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
+            "load_s": load_s,
+            "prepare_s": prepare_s,
+            "iter_s": iter_s,
+            "median_s": median,
+            "projected_500_s": median.map(|m| m * 500.0),
+            "losses": losses,
             "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
         })
     );

@@ -74,10 +74,11 @@ impl ModelArgs {
 }
 
 pub fn parse_device_dtype(device: &str, dtype: &str) -> anyhow::Result<(Device, DType)> {
-    Ok((
-        crate::device::parse_device(device)?,
-        crate::device::parse_dtype(dtype)?,
-    ))
+    // The dtype first: a typo there is reported even on a machine without CUDA.
+    let dtype = crate::device::parse_dtype(dtype)?;
+    let device = crate::device::parse_device(device)?;
+    crate::device::check_dtype_on(&device, dtype)?;
+    Ok((device, dtype))
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), if known.

@@ -5,10 +5,9 @@ use super::model_args::ModelArgs;
 use crate::error::Error;
 use crate::imaging::io::load_image_with_min_size;
 use crate::model::base::BaseModel;
-use crate::personalize::identity::{self, base_fingerprint, Identity, IdentityInfo};
+use crate::personalize::identity::{self, base_fingerprint_cached, Identity, IdentityInfo};
 use crate::personalize::sha256::sha256_hex;
 use crate::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
-use crate::weights::TensorStore;
 use clap::Args;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -113,7 +112,7 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
     if size < 64 || !size.is_multiple_of(64) {
         return Err(Error::Input(format!("--size {size}: use a multiple of 64")).into());
     }
-    let fingerprint = base_fingerprint(&TensorStore::open(&base_path)?)?;
+    let fingerprint = base_fingerprint_cached(&base_path)?;
     let (base, _) = BaseModel::load(&base_path, cfg, dtype, &device)?;
     let params = TrainableParams::init(&base, args.seed)?;
     let config = TrainConfig::default();
@@ -153,8 +152,15 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         trainer.iteration = done.min(args.steps);
-        // Fresh draws for the remaining iterations (the optimizer moments restart at zero).
-        trainer.rng = rand::SeedableRng::seed_from_u64(args.seed.wrapping_add(done as u64));
+        // Iteration i's draws depend only on (seed, i), so with the moments restored the run
+        // continues exactly as if it had never stopped.
+        match saved.optimizer_state() {
+            Some((moments, steps)) => trainer.load_optimizer_state(&moments, steps)?,
+            None => eprintln!(
+                "note: {} has no optimizer moments (older pfstorer); they restart at zero",
+                checkpoint.display()
+            ),
+        }
     }
 
     let bar = progress_bar(args.steps, args.quiet);
@@ -173,7 +179,7 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
             && trainer.iteration % args.checkpoint_every == 0
             && trainer.iteration < args.steps
         {
-            Identity::from_trainer(&trainer, &info)?.save(&checkpoint, true)?;
+            Identity::checkpoint_from_trainer(&trainer, &info)?.save(&checkpoint, true)?;
         }
     }
     bar.finish_and_clear();

@@ -6,13 +6,13 @@ use crate::imaging::colorfix::ColorFix;
 use crate::imaging::io::{load_image_with_min_size, save_png, LoadedImage};
 use crate::imaging::ImageF32;
 use crate::model::base::{BaseModel, CfwModel};
-use crate::personalize::identity::{base_fingerprint, Identity};
+use crate::personalize::identity::{base_fingerprint_cached, Identity};
 use crate::restore::{
     Personalization, RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PROMPT,
 };
-use crate::weights::TensorStore;
 use anyhow::{bail, Context};
+use candle_core::DType;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -91,6 +91,10 @@ pub struct RestoreArgs {
     /// Weight of the identity's image cross-attention (the paper's lambda_att); 0 keeps only the learned token.
     #[arg(long, default_value_t = 1.0)]
     pub id_strength: f64,
+    /// Which of the identity's reference photos conditions the restoration (0-based, in the
+    /// order `pfstorer ids show` lists them).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub id_ref: usize,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -199,7 +203,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let base_path = args.model.base_path(!args.quiet)?;
     let fingerprint = match &identity {
         Some(identity) => {
-            let fingerprint = base_fingerprint(&TensorStore::open(&base_path)?)?;
+            let fingerprint = base_fingerprint_cached(&base_path)?;
             identity.check_base(&fingerprint)?;
             Some(fingerprint)
         }
@@ -210,7 +214,9 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     if let Some(line) = unused {
         eprintln!("note: {}: {line}", base_path.display());
     }
-    let (cfw, unused) = CfwModel::load(&cfw_path, args.model.cfw_config()?, dtype, &device)?;
+    // The CFW decoder writes the final pixels: it stays in f32 when the UNet runs in half
+    // precision (a few percent of the run time; avoids f16 overflow in its up-sampling stack).
+    let (cfw, unused) = CfwModel::load(&cfw_path, args.model.cfw_config()?, DType::F32, &device)?;
     if let Some(line) = unused {
         eprintln!("note: {}: {line}", cfw_path.display());
     }
@@ -236,7 +242,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let mut restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
     let mut identity_line = "none (base model)".to_string();
     if let (Some(identity), Some(fingerprint)) = (&identity, &fingerprint) {
-        let personalization = Personalization::new(
+        let mut personalization = Personalization::new(
             identity,
             &base,
             fingerprint,
@@ -244,6 +250,11 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             &args.negative_prompt,
             args.id_strength,
         )?;
+        if args.id_ref != 0 {
+            personalization
+                .use_reference(identity, &base, args.id_ref)
+                .with_context(|| format!("--id-ref {}", args.id_ref))?;
+        }
         identity_line = format!("{} (base {fingerprint})", personalization.name);
         restorer = restorer.with_personalization(personalization)?;
     }
@@ -271,6 +282,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             "pfstorer:id_strength".to_string(),
             args.id_strength.to_string(),
         ));
+        metadata_common.push(("pfstorer:id_ref".to_string(), args.id_ref.to_string()));
     }
 
     let bars = MultiProgress::new();

@@ -132,6 +132,8 @@ impl BaseModel {
 pub struct CfwModel {
     pub config: CfwConfig,
     pub autoencoder: CfwAutoencoder,
+    /// Precision of the autoencoder's weights; its inputs are cast to it.
+    pub dtype: DType,
 }
 
 impl CfwModel {
@@ -156,6 +158,7 @@ impl CfwModel {
             CfwModel {
                 config,
                 autoencoder,
+                dtype,
             },
             summary,
         ))

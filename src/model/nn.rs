@@ -207,8 +207,15 @@ impl TimeEmbedding {
     }
 }
 
+/// Upper bound on the elements of one f32 score matrix (`[batch*heads, rows, n_k]`) that
+/// [`attention`] materialises at a time: 2^26 floats = 256 MiB. Longer query sequences are
+/// processed in row chunks, so a 64x64-latent tile (4096 tokens, 4096 keys) never holds the whole
+/// score tensor, in inference or in training (the chunks are ordinary differentiable ops).
+pub const ATTENTION_CHUNK_ELEMENTS: usize = 1 << 26;
+
 /// Scaled dot-product attention on `[batch*heads, n, d]` tensors with an optional additive
-/// mask broadcastable to `[batch*heads, n_q, n_k]`. Scores and softmax are computed in f32.
+/// mask broadcastable to `[batch*heads, n_q, n_k]`. Scores and softmax are in f32 (as the
+/// reference's `_ATTN_PRECISION = "fp32"`); query rows are chunked to bound memory.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -216,13 +223,46 @@ pub fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let (heads, n_q, _) = q.dims3()?;
+    let n_k = k.dim(1)?;
+    let rows = (ATTENTION_CHUNK_ELEMENTS / (heads * n_k).max(1)).max(1);
+    if rows >= n_q {
+        return attention_rows(q, k, v, scale, mask);
+    }
+    let mut chunks = Vec::with_capacity(n_q.div_ceil(rows));
+    for start in (0..n_q).step_by(rows) {
+        let len = rows.min(n_q - start);
+        let q_rows = q.narrow(1, start, len)?;
+        let mask_rows = match mask {
+            // A mask with a query axis is cut with the queries; a broadcast one is shared.
+            Some(m) if m.rank() >= 2 && m.dim(m.rank() - 2)? == n_q => {
+                Some(m.narrow(m.rank() - 2, start, len)?)
+            }
+            Some(m) => Some(m.clone()),
+            None => None,
+        };
+        chunks.push(attention_rows(&q_rows, k, v, scale, mask_rows.as_ref())?);
+    }
+    Tensor::cat(&chunks, 1)
+}
+
+fn attention_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
-    let scores = (q
-        .to_dtype(DType::F32)?
-        .matmul(&k.to_dtype(DType::F32)?.t()?)?
-        * scale)?;
+    // Half precision: the product runs in the native dtype (cuBLAS accumulates in f32) on
+    // pre-scaled queries, so f16 scores stay far from overflow, and is widened for the softmax.
+    let scores = if dtype == DType::F32 {
+        (q.matmul(&k.t()?)? * scale)?
+    } else {
+        (q * scale)?.matmul(&k.t()?)?.to_dtype(DType::F32)?
+    };
     let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
         None => scores,
     };
     let probs = softmax_last_dim(&scores)?;

@@ -133,6 +133,52 @@ pub fn base_fingerprint(store: &TensorStore) -> Result<String> {
     Ok(hasher.finish_hex())
 }
 
+/// [`base_fingerprint`] of the checkpoint at `path`, remembered across runs: hashing a
+/// full-size checkpoint reads ~5 GB of values, so the result is cached in
+/// `<data dir>/fingerprints.json` keyed by the canonical path, size and modification time
+/// (a changed file is hashed again). The cache is best-effort: unreadable or unwritable is a miss.
+pub fn base_fingerprint_cached(path: &Path) -> Result<String> {
+    let key = fingerprint_cache_key(path);
+    let cache_file = identities_dir()
+        .ok()
+        .and_then(|d| d.parent().map(|p| p.join("fingerprints.json")));
+    let mut cache: BTreeMap<String, String> = cache_file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    if let Some(hit) = key.as_ref().and_then(|k| cache.get(k)) {
+        return Ok(hit.clone());
+    }
+    let fingerprint = base_fingerprint(&TensorStore::open(path)?)?;
+    if let (Some(key), Some(file)) = (key, cache_file) {
+        cache.insert(key, fingerprint.clone());
+        if let Ok(text) = serde_json::to_string_pretty(&cache) {
+            let _ = crate::fsutil::write_atomic(&file, |tmp| {
+                std::fs::write(tmp, &text).map_err(|e| Error::io(tmp, e))
+            });
+        }
+    }
+    Ok(fingerprint)
+}
+
+fn fingerprint_cache_key(path: &Path) -> Option<String> {
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&canonical).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some(format!(
+        "{}|{}|{}.{:09}",
+        canonical.display(),
+        meta.len(),
+        mtime.as_secs(),
+        mtime.subsec_nanos()
+    ))
+}
+
 /// A loaded (or freshly trained) identity.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -449,6 +495,33 @@ impl Identity {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         Ok(Identity { tensors, metadata })
+    }
+
+    /// A resumable checkpoint: the identity so far plus the optimizer moments
+    /// (`optim.*` tensors, `optimizer_steps` metadata).
+    pub fn checkpoint_from_trainer(
+        trainer: &super::trainer::Trainer,
+        info: &IdentityInfo,
+    ) -> Result<Identity> {
+        let mut identity = Self::from_trainer(trainer, info)?;
+        let (moments, steps) = trainer.optimizer_state()?;
+        identity.tensors.extend(moments);
+        identity
+            .metadata
+            .insert("optimizer_steps".into(), steps.to_string());
+        Ok(identity)
+    }
+
+    /// The optimizer moments of a checkpoint and the updates they cover, if it has them.
+    pub fn optimizer_state(&self) -> Option<(HashMap<String, Tensor>, usize)> {
+        let steps = self.metadata.get("optimizer_steps")?.parse().ok()?;
+        let moments = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with("optim."))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        Some((moments, steps))
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod dual_stream;
 pub mod identity;
+pub mod optim;
 pub mod sha256;
 pub mod token;
 pub mod trainer;

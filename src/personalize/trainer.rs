@@ -3,6 +3,7 @@
 //! only (three parameter groups with their own learning rates).
 
 use super::dual_stream::PersonalizedUNet;
+use super::optim::{AdamW, AdamWParams};
 use super::token::{init_embedding, PromptTokens};
 use super::{host_specs, HostSpec, LAMBDA_GEN, LAMBDA_PERS, LR_GAMMA, LR_ICA, LR_TOKEN, P_HQ};
 use super::{INIT_WORD, WEIGHT_DECAY};
@@ -16,11 +17,14 @@ use crate::model::nn;
 use crate::model::unet::{StructCond, UNetInputs};
 use crate::model::vae::DiagonalGaussian;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::VarMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// Names of the three optimizer groups, as stored in checkpoints (`optim.<group>.<var>.m|v`).
+pub const OPTIMIZER_GROUPS: [&str; 3] = ["ica", "gamma", "token"];
 
 /// Square centre crop, then a bicubic resize to `size`², clamped to [0, 1].
 pub fn centre_crop_resize(img: &ImageF32, size: usize) -> Result<ImageF32> {
@@ -225,6 +229,7 @@ pub struct Trainer<'a> {
     sqrt_alphas_cumprod: Vec<f64>,
     sqrt_one_minus_alphas_cumprod: Vec<f64>,
     optimizers: Vec<AdamW>,
+    seed: u64,
     pub rng: StdRng,
     pub iteration: usize,
 }
@@ -270,18 +275,20 @@ impl<'a> Trainer<'a> {
         let prompt = PromptTokens::default_positive(&base.tokenizer)?;
         let blocks = params.blocks(device)?;
         let (ica, gammas) = params.block_vars()?;
-        let adamw = |lr: f64| ParamsAdamW {
+        let adamw = |lr: f64| AdamWParams {
             lr,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: config.weight_decay,
         };
-        let strip = |v: Vec<(String, Var)>| v.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
         let optimizers = vec![
-            AdamW::new(strip(ica), adamw(config.lr_ica))?,
-            AdamW::new(strip(gammas), adamw(config.lr_gamma))?,
-            AdamW::new(vec![params.token.clone()], adamw(config.lr_token))?,
+            AdamW::new(ica, adamw(config.lr_ica))?,
+            AdamW::new(gammas, adamw(config.lr_gamma))?,
+            AdamW::new(
+                vec![("embedding".to_string(), params.token.clone())],
+                adamw(config.lr_token),
+            )?,
         ];
         Ok(Trainer {
             base,
@@ -294,7 +301,8 @@ impl<'a> Trainer<'a> {
             sqrt_alphas_cumprod: schedule.sqrt_alphas_cumprod.clone(),
             sqrt_one_minus_alphas_cumprod: schedule.sqrt_one_minus_alphas_cumprod.clone(),
             optimizers,
-            rng: StdRng::seed_from_u64(seed),
+            seed,
+            rng: iteration_rng(seed, 0),
             iteration: 0,
         })
     }
@@ -396,8 +404,10 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// One optimisation step on a freshly drawn sample.
+    /// One optimisation step on a freshly drawn sample. The draws of iteration `i` come from a
+    /// generator seeded by `(seed, i)`, so a resumed run repeats an uninterrupted one exactly.
     pub fn step(&mut self) -> Result<StepReport> {
+        self.rng = iteration_rng(self.seed, self.iteration);
         let sample = self.draw_sample()?;
         self.step_on(&sample)
     }
@@ -417,6 +427,41 @@ impl<'a> Trainer<'a> {
             gen: scalar(&parts.gen)?,
             pers: scalar(&parts.pers)?,
         })
+    }
+}
+
+/// The generator of iteration `iteration`'s random draws.
+fn iteration_rng(seed: u64, iteration: usize) -> StdRng {
+    // SplitMix64-style mixing, so neighbouring (seed, iteration) pairs give unrelated streams.
+    let mut z = seed ^ (iteration as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+impl Trainer<'_> {
+    /// The optimizer moments (`optim.<group>.<var>.m|v`, CPU f32) and the number of updates taken.
+    pub fn optimizer_state(&self) -> Result<(HashMap<String, Tensor>, usize)> {
+        let mut all = HashMap::new();
+        let mut steps = 0;
+        for (group, opt) in OPTIMIZER_GROUPS.iter().zip(&self.optimizers) {
+            let (tensors, taken) = opt.state(&format!("optim.{group}"))?;
+            all.extend(tensors);
+            steps = taken;
+        }
+        Ok((all, steps))
+    }
+
+    /// Restores [`Trainer::optimizer_state`]'s output (resume from a checkpoint).
+    pub fn load_optimizer_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        steps: usize,
+    ) -> Result<()> {
+        for (group, opt) in OPTIMIZER_GROUPS.iter().zip(&mut self.optimizers) {
+            opt.load_state(&format!("optim.{group}"), tensors, steps)?;
+        }
+        Ok(())
     }
 }
 

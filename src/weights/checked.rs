@@ -184,7 +184,9 @@ fn abbreviate(items: &[String]) -> String {
     s
 }
 
-fn random_tensor(shape: &Shape, name: &str, seed: u64) -> candle_core::Result<Tensor> {
+/// The seeded random value of tensor `name` (fan-in scaled normal for matrices and kernels,
+/// around 1 for norm weights, small for biases): the same for a name and seed on every machine.
+pub fn random_tensor(shape: &Shape, name: &str, seed: u64) -> candle_core::Result<Tensor> {
     use rand::{Rng, SeedableRng};
     // FNV-1a of the name: stable across Rust versions, unlike std's hasher.
     let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {

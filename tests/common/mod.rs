@@ -15,6 +15,68 @@ pub fn fixture_root() -> PathBuf {
     }
 }
 
+/// Device of the parity tests: `$PFSTORER_TEST_DEVICE` (cpu, cuda, cuda:N; default cpu). The
+/// GPU check (scripts/gpu-check.sh) runs the same test executables on CUDA.
+pub fn test_device() -> Device {
+    match std::env::var("PFSTORER_TEST_DEVICE") {
+        Ok(spec) => pfstorer::device::parse_device(&spec)
+            .unwrap_or_else(|e| panic!("PFSTORER_TEST_DEVICE: {e}")),
+        Err(_) => Device::Cpu,
+    }
+}
+
+/// Precision of the parity tests: `$PFSTORER_TEST_DTYPE` (f32, f16, bf16; default f32).
+pub fn test_dtype() -> DType {
+    match std::env::var("PFSTORER_TEST_DTYPE") {
+        Ok(spec) => {
+            let dtype = pfstorer::device::parse_dtype(&spec)
+                .unwrap_or_else(|e| panic!("PFSTORER_TEST_DTYPE: {e}"));
+            pfstorer::device::check_dtype_on(&test_device(), dtype)
+                .unwrap_or_else(|e| panic!("PFSTORER_TEST_DTYPE: {e}"));
+            dtype
+        }
+        Err(_) => DType::F32,
+    }
+}
+
+/// A fixture tensor moved to the test device; floating tensors in the test precision.
+pub fn input(map: &HashMap<String, Tensor>, key: &str) -> Tensor {
+    let t = get(map, key);
+    let t = if t.dtype().is_float() {
+        t.to_dtype(test_dtype()).unwrap()
+    } else {
+        t.clone()
+    };
+    t.to_device(&test_device()).unwrap()
+}
+
+/// Tolerance `(atol, rtol)` of one module's output at the test precision, against references
+/// computed in f32. f32: the fixtures README's 1e-4 + 1e-3·|ref|. Half precision is judged
+/// relative to the output's largest magnitude `s` (at least 1): f16 1e-2·s — measured on the CPU,
+/// the worst module (CFW posterior mean) reaches 3.7e-3·s, so the bound has a 2.7x margin; bf16
+/// 8e-2·s — bf16 rounds 8x coarser than f16 (2^-8 vs 2^-11), so the same 2.7x margin over the
+/// f16 measurement scaled by 8. candle's CPU matmul has no bf16 kernel, so bf16 runs on CUDA only
+/// (scripts/gpu-check.sh); it is a wiring/overflow check, the f32 run is the precise one.
+pub fn module_tolerance(expected: &Tensor) -> (f64, f64) {
+    let scale = expected
+        .to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1.0) as f64;
+    match test_dtype() {
+        DType::BF16 => (8e-2 * scale, 0.0),
+        DType::F16 => (1e-2 * scale, 0.0),
+        _ => (1e-4, 1e-3),
+    }
+}
+
 /// Path of a fixture file; panics (fails the test) naming the path when it is absent.
 pub fn fixture(rel: &str) -> PathBuf {
     let path = fixture_root().join(rel);
@@ -49,6 +111,8 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
         expected.dims()
     );
     let a: Vec<f64> = actual
+        .to_device(&Device::Cpu)
+        .unwrap()
         .to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
@@ -74,7 +138,7 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
         }
     }
     println!(
-        "{name}: max abs error {max_abs:.3e} over {} elements",
+        "{name}: max abs error {max_abs:.3e} over {} elements (tolerance {atol:.1e} + {rtol:.1e}*|ref|)",
         a.len()
     );
     if let Some((i, x, y)) = worst {
@@ -83,9 +147,11 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
     max_abs
 }
 
-/// Single-module tolerance of the fixtures' README.
+/// Single-module tolerance of the fixtures' README (f32), or [`module_tolerance`]'s half-precision
+/// bound when the tests run in f16/bf16.
 pub fn assert_module_close(name: &str, actual: &Tensor, expected: &Tensor) -> f64 {
-    assert_close(name, actual, expected, 1e-4, 1e-3)
+    let (atol, rtol) = module_tolerance(expected);
+    assert_close(name, actual, expected, atol, rtol)
 }
 
 /// Key -> shape of a full-size checkpoint manifest (`manifests/*.json`, entries under `keys`).
