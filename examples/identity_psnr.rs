@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
     let settings = RestoreSettings {
         steps,
         native_size: Some(SIZE),
+        tile_overlap: 4,
         ..RestoreSettings::default()
     };
 

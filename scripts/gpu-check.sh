@@ -11,8 +11,8 @@
 # (a) parity: every DIR/tests/* executable on CUDA, in f32 and then bf16 (the tests apply their
 #     own documented bf16 tolerance), `--test-threads 1`;
 # (b) pfstorer timings on the full-size architecture with random weights written once to
-#     $WORK (bench weights), then per dtype: bench unet, bench restore (512 px, 200 steps),
-#     bench train (512 px, 2 iterations);
+#     $WORK (bench weights), then per dtype: bench unet, bench restore (512 px, 200 steps);
+#     bench train (512 px, 2 iterations) once, in f32 (the trainer's only precision);
 # (c) the same UNet forward and restore with the PyTorch reference (gpu_reference.py, needs
 #     STABLESR_ROOT = extracted IceClear/StableSR sources; skipped with a message otherwise), on
 #     the same weights and dtype;
@@ -23,8 +23,8 @@
 # under 8 minutes in all) is left. Every step has its own timeout.
 #
 # Environment: PYTHON (default python3), STABLESR_ROOT, WORK (default /tmp/pfstorer-gpu-check),
-# OUT. Exit status: 0 all ran parity passed; 1 a parity check failed or timed out; 2 usage or
-# missing bundle; 3 parity passed but a benchmark command failed.
+# OUT. Exit status: 0 parity passed and every benchmark ran; 1 a parity check failed or timed
+# out; 2 usage or missing bundle; 3 parity passed but a benchmark command failed.
 set -uo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -226,6 +226,7 @@ if ((!have_weights)); then
 fi
 
 first=1
+train_pending=1
 for dt in "${dtype_list[@]}"; do
   ((have_weights)) || break
   if ((!first && $(left) < 240)); then
@@ -249,9 +250,12 @@ for dt in "${dtype_list[@]}"; do
     run_step bench pytorch restore "$dt" 240 env STABLESR_ROOT="$STABLESR_ROOT" "$python" "$ref_script" \
       --weights "$base_w" --cfw "$cfw_w" --device cuda --dtype "$dt" --size 512 --steps 200 --what restore
   fi
-  if [[ -x "$pf" ]]; then
-    run_step bench pfstorer train "$dt" 180 env LD_LIBRARY_PATH="$pf_ld" "$pf" bench train \
-      --base "$base_w" --size 512 --iters 2 --device cuda --dtype "$dt"
+  # Training always runs in f32 (pfstorer's trainer refuses half precision): once, after the
+  # first dtype's measurements.
+  if ((train_pending)) && [[ -x "$pf" ]]; then
+    train_pending=0
+    run_step bench pfstorer train f32 180 env LD_LIBRARY_PATH="$pf_ld" "$pf" bench train \
+      --base "$base_w" --size 512 --iters 2 --device cuda
   fi
 done
 
@@ -352,11 +356,13 @@ MEASURES = [  # label, what, pfstorer field, pytorch field, show memory
     ("unet fwd: encoder + UNet, CFG 2, 64x64 latent", "unet", "median_s", "median_s", True),
     ("restore 512 px, 200 steps: total", "restore", "total_s", "total_s", True),
     ("restore 512 px, 200 steps: sampling loop", "restore", "sample_s", "sample_s", False),
-    ("train 512 px: median iteration", "train", "median_s", None, True),
-    ("train 512 px: projected 500 iterations", "train", "projected_500_s", None, False),
+    ("train 512 px (f32 only): median iteration", "train", "median_s", None, True),
+    ("train 512 px (f32 only): projected 500 iters", "train", "projected_500_s", None, False),
 ]
 comparison = []
-for dtype in dict.fromkeys(b["dtype"] for b in bench if b["what"] != "weights"):
+order = list(dict.fromkeys(b["dtype"] for b in bench if b["what"] not in ("weights", "train")))
+order += [d for d in dict.fromkeys(b["dtype"] for b in bench if b["what"] == "train") if d not in order]
+for dtype in order:
     for label, what, pf_key, pt_key, mem in MEASURES:
         pfb, ptb = find("pfstorer", what, dtype), find("pytorch", what, dtype) if pt_key else None
         if pfb is None and ptb is None:

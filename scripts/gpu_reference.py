@@ -10,13 +10,14 @@ Measurements (one JSON line each on stdout; all other output goes to stderr):
   unet     one time-aware encoder pass on a batch-1 LQ latent plus one UNet forward on the
            classifier-free-guidance batch of 2 (t = 500, random [2, 77, 1024] context), at a
            square latent of --latent; median of --runs after one warm-up run.
-  restore  StableSR's restore path for one --size image: VAE encode of a random LQ image,
-           x_T = q_sample(LQ latent, t = 999) on the original 1000-step schedule, the
-           --steps respaced DDPM loop with classifier-free guidance (positive prompt,
-           negative prompt as the unconditional branch), CFW decode with dec_w 0.5.
+  restore  StableSR's restore path for one --size image, as its tile script does it at 512 px:
+           VAE encode of a random LQ image (diffusion VAE for the latent, CFW encoder for the
+           fusion features), x_T = q_sample(LQ latent, t = 999) on the original 1000-step
+           schedule, the --steps respaced DDPM loop with classifier-free guidance (positive
+           prompt, negative prompt as the unconditional branch), CFW decode with dec_w 0.5.
 
-  STABLESR_ROOT=$REF/StableSR python scripts/gpu_reference.py --device cuda --dtype f16 \
-      --weights stablesr_face_random.safetensors --cfw cfw_random.safetensors
+  STABLESR_ROOT=$REF/StableSR python scripts/gpu_reference.py --device cuda --dtype f16
+      --weights stablesr_face_random.safetensors --cfw cfw_random.safetensors  (one command)
 
 Reduced precision follows the reference scripts (`--precision autocast`, their default):
 fp32 weights, torch.autocast with float16/bfloat16. Without --weights/--cfw the models keep
@@ -24,6 +25,7 @@ their seeded random initialisation (torch.manual_seed(0)); with them, every mode
 must be present in the file (exit status 3 otherwise), so both sides time identical numbers.
 """
 import argparse
+import atexit
 import contextlib
 import importlib
 import importlib.abc
@@ -32,6 +34,7 @@ import importlib.metadata
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -218,6 +221,7 @@ class _AbsentPackages(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def install_standins(root):
     folder = tempfile.mkdtemp(prefix="stablesr-standins-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     real = os.path.join(os.path.abspath(root), "basicsr")
     names = {"real": real, "real_archs": os.path.join(real, "archs"), "real_utils": os.path.join(real, "utils")}
     files = dict(_STANDINS)
@@ -284,7 +288,8 @@ def parse_args():
     ap.add_argument("--seed", type=int, default=42, help="seed of inputs and sampling noise")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--save-weights", help="write the diffusion model's weights (after loading) here")
-    ap.add_argument("--save-cfw", help="write the CFW autoencoder's weights (after loading) here")
+    ap.add_argument("--save-cfw", help="write the CFW autoencoder's weights (after loading) here; "
+                                       "the CFW model is only built with --what restore")
     a = ap.parse_args()
     a.what = [w.strip() for w in a.what.split(",") if w.strip()]
     bad = [w for w in a.what if w not in ("unet", "restore")]
@@ -600,6 +605,7 @@ def main():
             "impl": "pytorch", "device": args.device, "dtype": args.dtype,
             "precision": "fp32" if args.dtype == "f32" else f"autocast({run.amp_dtype}) over fp32 weights",
             "torch": torch.__version__, "xformers": xformers, "build_s": build_s,
+            "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
             "gpu": torch.cuda.get_device_name(run.device) if args.device == "cuda" else None,
             "standins_for_absent": absent, **info,
         }

@@ -33,8 +33,30 @@ fn loss_on_a_fixed_draw_falls_within_50_iterations() {
             ImageF32::new(64, 64, 3, data)
         })
         .collect();
-    let params = TrainableParams::init(&base, 1).unwrap();
-    let mut trainer = Trainer::new(&base, params, &images, 64, TrainConfig::default(), 4).unwrap();
+    // Spec defaults (ICA lr 1e-5, gamma and token 5e-3): a few percent in 50 iterations.
+    let (first, last) = overfit(&base, &images, TrainConfig::default(), 50);
+    assert!(last < 0.97 * first, "defaults: loss {first} -> {last}");
+    // The same machinery with the ICA learning rate raised to 1e-3 (the spec's 1e-5 is tuned for
+    // the full-size blocks' 500 iterations) must fit one draw: measured 0.693 -> 0.226 (-67%) at
+    // 50 iterations and -95% at 100. A broken gradient path (dropped softmax/LayerNorm backward,
+    // frozen gate) cannot do this.
+    let fast = TrainConfig {
+        lr_ica: 1e-3,
+        ..TrainConfig::default()
+    };
+    let (first, last) = overfit(&base, &images, fast, 50);
+    assert!(last < 0.5 * first, "ICA lr 1e-3: loss {first} -> {last}");
+}
+
+/// Loss on one fixed mid-range draw before and after `iterations` steps on it.
+fn overfit(
+    base: &BaseModel,
+    images: &[ImageF32],
+    config: TrainConfig,
+    iterations: usize,
+) -> (f32, f32) {
+    let params = TrainableParams::init(base, 1).unwrap();
+    let mut trainer = Trainer::new(base, params, images, 64, config, 4).unwrap();
     let sample = loop {
         // A mid-range timestep, where the prediction depends on the features most.
         let s = trainer.draw_sample().unwrap();
@@ -44,15 +66,14 @@ fn loss_on_a_fixed_draw_falls_within_50_iterations() {
     };
     let first: f32 = trainer.loss(&sample).unwrap().total.to_scalar().unwrap();
     let start = std::time::Instant::now();
-    let iterations = 50;
     for _ in 0..iterations {
         trainer.step_on(&sample).unwrap();
     }
     let last: f32 = trainer.loss(&sample).unwrap().total.to_scalar().unwrap();
     println!(
-        "loss {first:.5} -> {last:.5} after {iterations} iterations ({:.3} s/iteration)",
+        "{config:?}: loss {first:.5} -> {last:.5} ({:+.1}%) after {iterations} iterations ({:.3} s/iteration)",
+        100.0 * (last / first - 1.0),
         start.elapsed().as_secs_f64() / iterations as f64
     );
-    // Default learning rates (ICA 1e-5, gamma and token 5e-3): a few percent in 50 steps.
-    assert!(last < 0.97 * first, "loss {first} -> {last}");
+    (first, last)
 }
