@@ -318,3 +318,42 @@ fn restore_with_an_identity_from_the_command_line() {
     assert!(!dir.join("foreign.png").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn id_ref_selects_a_stored_reference_and_rejects_out_of_range() {
+    let base = base();
+    let identity = identity(&base, "fp", false);
+    let mut p = Personalization::new(
+        &identity,
+        &base,
+        "fp",
+        DEFAULT_PROMPT,
+        DEFAULT_NEGATIVE_PROMPT,
+        1.0,
+    )
+    .unwrap();
+    let stored = identity.tensor("ref.latents").unwrap().clone();
+    assert_eq!(
+        stored.dim(0).unwrap(),
+        2,
+        "the helper stores two references"
+    );
+    let first = stored.narrow(0, 0, 1).unwrap();
+    let second = stored.narrow(0, 1, 1).unwrap();
+    assert_eq!(
+        max_abs_diff(&p.reference, &first),
+        0.0,
+        "reference 0 by default"
+    );
+    p.use_reference(&identity, &base, 1).unwrap();
+    assert_eq!(max_abs_diff(&p.reference, &second), 0.0);
+    assert!(max_abs_diff(&first, &second) > 0.0);
+    let err = p
+        .use_reference(&identity, &base, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("reference index 2 out of range") && err.contains("holds 2"),
+        "{err}"
+    );
+}
