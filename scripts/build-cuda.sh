@@ -54,7 +54,9 @@ ln -sf libcudart.so.13 "$toolkit/lib/libcudart.so"
 # nvcc from the wheels does not add the CCCL headers (cuda/std/..., cub) to its search path.
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$toolkit/include/cccl"
 
-# Link stubs: one empty function per entry point cudarc declares for each library.
+# Link stubs: one function per entry point cudarc declares for each library, returning 999
+# (CUDA_ERROR_UNKNOWN), so a stub that is picked up at run time by mistake fails cleanly
+# (`--device cuda: no usable CUDA device`) instead of pretending to work.
 stubs="$toolkit/lib/stubs"
 mkdir -p "$stubs"
 cudarc_src="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -type d -name 'cudarc-*' | sort -V | tail -1)"
@@ -64,7 +66,7 @@ if [[ -z "$cudarc_src" ]]; then
 fi
 make_stub() { # module, library name, soname
   local module="$1" lib="$2" soname="$3" c="$stubs/$2.c"
-  sed -n 's/^pub unsafe fn \([A-Za-z0-9_]*\)(.*/void \1(void) {}/p' \
+  sed -n 's/^pub unsafe fn \([A-Za-z0-9_]*\)(.*/int \1(void) { return 999; }/p' \
     "$cudarc_src/src/$module/sys/mod.rs" | sort -u > "$c"
   [[ -s "$c" ]] || { echo "build-cuda: no entry points found for $lib in $cudarc_src" >&2; exit 1; }
   gcc -shared -fPIC -o "$stubs/$lib.so" -Wl,-soname,"$soname" "$c"

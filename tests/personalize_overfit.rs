@@ -18,21 +18,7 @@ fn loss_on_a_fixed_draw_falls_within_50_iterations() {
         &Device::Cpu,
     )
     .unwrap();
-    let images: Vec<ImageF32> = (0..3)
-        .map(|k| {
-            let data = (0..64 * 64)
-                .flat_map(|i| {
-                    let (x, y) = ((i % 64) as f32 / 64.0, (i / 64) as f32 / 64.0);
-                    [
-                        0.5 + 0.4 * (7.0 * x + k as f32).sin(),
-                        0.5 + 0.4 * (4.0 * y).cos(),
-                        0.2 + 0.6 * x * y,
-                    ]
-                })
-                .collect();
-            ImageF32::new(64, 64, 3, data)
-        })
-        .collect();
+    let images = common::wave_images(3, 64);
     // Spec defaults (ICA lr 1e-5, gamma and token 5e-3): a few percent in 50 iterations.
     let (first, last) = overfit(&base, &images, TrainConfig::default(), 50);
     assert!(last < 0.97 * first, "defaults: loss {first} -> {last}");

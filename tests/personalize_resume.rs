@@ -15,21 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn images() -> Vec<ImageF32> {
-    (0..3)
-        .map(|k| {
-            let data = (0..64 * 64)
-                .flat_map(|i| {
-                    let (x, y) = ((i % 64) as f32 / 64.0, (i / 64) as f32 / 64.0);
-                    [
-                        0.5 + 0.4 * (5.0 * x + k as f32).sin(),
-                        0.5 + 0.3 * (3.0 * y).cos(),
-                        0.3 + 0.5 * x * y,
-                    ]
-                })
-                .collect();
-            ImageF32::new(64, 64, 3, data)
-        })
-        .collect()
+    common::wave_images(3, 64)
 }
 
 fn trainable(trainer: &Trainer) -> BTreeMap<String, Vec<f32>> {

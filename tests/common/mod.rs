@@ -58,18 +58,7 @@ pub fn input(map: &HashMap<String, Tensor>, key: &str) -> Tensor {
 /// f16 measurement scaled by 8. candle's CPU matmul has no bf16 kernel, so bf16 runs on CUDA only
 /// (scripts/gpu-check.sh); it is a wiring/overflow check, the f32 run is the precise one.
 pub fn module_tolerance(expected: &Tensor) -> (f64, f64) {
-    let scale = expected
-        .to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0) as f64;
+    let scale = max_abs(expected).max(1.0) as f64;
     match test_dtype() {
         DType::BF16 => (8e-2 * scale, 0.0),
         DType::F16 => (1e-2 * scale, 0.0),
@@ -204,7 +193,12 @@ pub fn seeded_randn(seed: u64, shape: &[usize]) -> Tensor {
 /// Max |a - b| over all elements (shapes must agree).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+    max_abs(&(a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap())
+}
+
+/// Max |x| over all elements, any device and float dtype.
+pub fn max_abs(x: &Tensor) -> f32 {
+    x.to_dtype(DType::F32)
         .unwrap()
         .abs()
         .unwrap()
@@ -214,4 +208,27 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar()
         .unwrap()
+}
+
+/// `count` smooth synthetic `side`² RGB images (sine/cosine bands, one phase per image): the
+/// personalization tests' stand-in for reference photos.
+pub fn wave_images(count: usize, side: usize) -> Vec<pfstorer::imaging::ImageF32> {
+    (0..count)
+        .map(|k| {
+            let data = (0..side * side)
+                .flat_map(|i| {
+                    let (x, y) = (
+                        (i % side) as f32 / side as f32,
+                        (i / side) as f32 / side as f32,
+                    );
+                    [
+                        0.5 + 0.4 * (7.0 * x + k as f32).sin(),
+                        0.5 + 0.4 * (4.0 * y).cos(),
+                        0.2 + 0.6 * x * y,
+                    ]
+                })
+                .collect();
+            pfstorer::imaging::ImageF32::new(side, side, 3, data)
+        })
+        .collect()
 }
