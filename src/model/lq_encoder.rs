@@ -7,8 +7,9 @@
 use super::nn::{self, group_norm32, GroupNorm, TimeEmbedding};
 use super::unet::{ResBlock, StructCond};
 use crate::config::LqEncoderConfig;
+use crate::model::nn::Conv2d;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// `AttentionBlock` with the legacy QKV order (heads split before q/k/v) and the scale
 /// `ch^-1/4` applied to both q and k.

@@ -70,10 +70,10 @@ impl Module for LayerNorm {
         let centered = x.broadcast_sub(&mean)?;
         let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        add_const(
+            &mul_const(&normed.to_dtype(dtype)?, &self.weight)?,
+            &self.bias,
+        )
     }
 }
 
@@ -114,11 +114,11 @@ impl Module for GroupNorm {
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let mut affine_shape = vec![1usize; dims.len()];
         affine_shape[1] = c;
-        normed
-            .reshape(dims.as_slice())?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)
+        let normed = normed.reshape(dims.as_slice())?.to_dtype(dtype)?;
+        add_const(
+            &mul_const(&normed, &self.weight.reshape(affine_shape.as_slice())?)?,
+            &self.bias.reshape(affine_shape.as_slice())?,
+        )
     }
 }
 
@@ -135,23 +135,229 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
     vb: VarBuilder,
-) -> Result<candle_nn::Conv2d> {
+) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+    Ok(Conv2d(candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?))
 }
 
 /// `torch.nn.Linear` with bias.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear(in_dim, out_dim, vb)?))
 }
 
 /// `torch.nn.Linear` without bias.
-pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear_no_bias(in_dim, out_dim, vb)?))
+}
+
+// Frozen layers in training.
+//
+// candle's backward of `matmul`, `conv2d` and binary ops computes a gradient for *both* operands
+// and keeps every one of them in the gradient store until the end, also for tensors that need
+// none (frozen weights, constant modulations). For personalization, where the whole frozen base
+// sits between the loss and the token, that is a weight-sized gradient per layer call (the full
+// 512-px step did not fit in 24 GB) and a second expensive product per layer. So, in
+// differentiable mode, a layer whose parameters are constants runs its forward without a graph
+// and attaches a backward that returns only the input's gradient. Trainable layers (weights that
+// are `Var`s) and inference take candle's ordinary path.
+
+/// A frozen (or trainable) `torch.nn.Linear`; see the note above on its backward.
+#[derive(Debug, Clone)]
+pub struct Linear(candle_nn::Linear);
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear(candle_nn::Linear::new(weight, bias))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    fn frozen(&self) -> bool {
+        !self.0.weight().track_op() && !self.0.bias().is_some_and(|b| b.track_op())
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if differentiable() && x.track_op() && self.frozen() {
+            let y = self.0.forward(&x.detach())?;
+            let w = self.0.weight().clone();
+            return with_input_gradient(x, y, move |g| g.broadcast_matmul(&w));
+        }
+        self.0.forward(x)
+    }
+}
+
+/// A frozen (or trainable) `torch.nn.Conv2d`; see the note above on its backward.
+#[derive(Debug, Clone)]
+pub struct Conv2d(candle_nn::Conv2d);
+
+impl Conv2d {
+    fn frozen(&self) -> bool {
+        !self.0.weight().track_op()
+            && !self.0.bias().is_some_and(|b| b.track_op())
+            && self.0.config().groups == 1
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if differentiable() && x.track_op() && self.frozen() {
+            let y = self.0.forward(&x.detach())?;
+            let kernel = self.0.weight().clone();
+            let cfg = *self.0.config();
+            let (in_h, in_w) = (x.dim(2)?, x.dim(3)?);
+            return with_input_gradient(x, y, move |g| {
+                // The input gradient of a convolution is the transposed convolution of the output
+                // gradient with the same kernel; output padding restores the rows and columns a
+                // stride dropped. One padding serves both axes, so take the larger and cut back.
+                let (_, _, k_h, k_w) = kernel.dims4()?;
+                let covered = |n: usize, k: usize| {
+                    (n - 1) * cfg.stride + cfg.dilation * (k - 1) + 1 - 2 * cfg.padding
+                };
+                let pad_h = in_h - covered(g.dim(2)?, k_h);
+                let pad_w = in_w - covered(g.dim(3)?, k_w);
+                g.conv_transpose2d(
+                    &kernel,
+                    cfg.padding,
+                    pad_h.max(pad_w),
+                    cfg.stride,
+                    cfg.dilation,
+                )?
+                .narrow(2, 0, in_h)?
+                .narrow(3, 0, in_w)
+            });
+        }
+        self.0.forward(x)
+    }
+}
+
+/// `x * c` (broadcasting) where `c` is a constant: in differentiable mode only `x` gets a gradient.
+pub fn mul_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if differentiable() && x.track_op() && !c.track_op() {
+        let y = x.detach().broadcast_mul(c)?;
+        let (c, shape) = (c.clone(), x.shape().clone());
+        return with_input_gradient(x, y, move |g| sum_to_shape(&g.broadcast_mul(&c)?, &shape));
+    }
+    x.broadcast_mul(c)
+}
+
+/// `x + c` (broadcasting) where `c` is a constant: in differentiable mode only `x` gets a gradient.
+pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if differentiable() && x.track_op() && !c.track_op() {
+        let y = x.detach().broadcast_add(c)?;
+        let shape = x.shape().clone();
+        return with_input_gradient(x, y, move |g| sum_to_shape(g, &shape));
+    }
+    x.broadcast_add(c)
+}
+
+/// Sums a broadcast gradient back to the operand's shape.
+fn sum_to_shape(g: &Tensor, shape: &candle_core::Shape) -> Result<Tensor> {
+    if g.shape() == shape {
+        return Ok(g.clone());
+    }
+    let dims = shape.dims();
+    let lead = g.rank() - dims.len();
+    let mut out = g.clone();
+    for _ in 0..lead {
+        out = out.sum(0)?;
+    }
+    for (axis, &d) in dims.iter().enumerate() {
+        if d == 1 && out.dim(axis)? != 1 {
+            out = out.sum_keepdim(axis)?;
+        }
+    }
+    Ok(out)
+}
+
+type InputGradient = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// `y` (computed from `x` without a graph) as a tensor whose backward gives `x` the gradient
+/// `input_grad(dL/dy)`. The device forward hands over `y`'s storage, which this op then drops.
+fn with_input_gradient(
+    x: &Tensor,
+    y: Tensor,
+    input_grad: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let op = InputGradientOp {
+        output: std::sync::Mutex::new(Some(y)),
+        input_grad: Box::new(input_grad),
+    };
+    x.apply_op1_arc(std::sync::Arc::new(Box::new(op)))
+}
+
+struct InputGradientOp {
+    output: std::sync::Mutex<Option<Tensor>>,
+    input_grad: InputGradient,
+}
+
+impl InputGradientOp {
+    fn take_output(&self) -> Result<(candle_core::Storage, candle_core::Shape)> {
+        let y = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("input-gradient op: lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("input-gradient op run twice".into()))?;
+        clone_storage(&y)
+    }
+}
+
+/// A copy of `t`'s storage with its shape. The outputs handed in here are fresh results of a
+/// layer (their own contiguous buffer); anything else is copied into one first.
+fn clone_storage(t: &Tensor) -> Result<(candle_core::Storage, candle_core::Shape)> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::Storage;
+    let (storage, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        drop(storage);
+        return clone_storage(&t.copy()?);
+    }
+    let copy = match &*storage {
+        Storage::Cpu(s) => Storage::Cpu(s.try_clone(layout)?),
+        Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
+        Storage::Metal(s) => Storage::Metal(s.try_clone(layout)?),
+    };
+    Ok((copy, layout.shape().clone()))
+}
+
+impl candle_core::CustomOp1 for InputGradientOp {
+    fn name(&self) -> &'static str {
+        "frozen-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        match self.take_output()? {
+            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("frozen layer: output not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        match self.take_output()? {
+            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("frozen layer: output not on the CUDA device"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.input_grad)(grad_y)?))
+    }
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
@@ -185,8 +391,8 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
 /// `Linear(mc, 4mc)`, SiLU, `Linear(4mc, 4mc)` (keys `time_embed.0` and `time_embed.2`).
 #[derive(Debug, Clone)]
 pub struct TimeEmbedding {
-    first: candle_nn::Linear,
-    second: candle_nn::Linear,
+    first: Linear,
+    second: Linear,
     model_channels: usize,
 }
 
@@ -259,7 +465,12 @@ fn chunk_rows(heads: usize, n_k: usize, max_elements: usize) -> usize {
 
 /// The rows `start..start+len` of an additive mask: one with a query axis is cut with the
 /// queries; a broadcast one is shared.
-fn mask_rows(mask: Option<&Tensor>, n_q: usize, start: usize, len: usize) -> Result<Option<Tensor>> {
+fn mask_rows(
+    mask: Option<&Tensor>,
+    n_q: usize,
+    start: usize,
+    len: usize,
+) -> Result<Option<Tensor>> {
     Ok(match mask {
         Some(m) if m.rank() >= 2 && m.dim(m.rank() - 2)? == n_q && n_q > 1 => {
             Some(m.narrow(m.rank() - 2, start, len)?)
@@ -289,8 +500,7 @@ fn recomputed_attention(
         scale,
         mask,
         max_elements,
-    )?
-    .copy()?;
+    )?;
     let op = RecomputedAttention {
         out,
         scale,
@@ -310,15 +520,7 @@ struct RecomputedAttention {
 
 impl RecomputedAttention {
     fn stored_output(&self) -> Result<(candle_core::Storage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::Storage;
-        let (storage, layout) = self.out.storage_and_layout();
-        let copy = match &*storage {
-            Storage::Cpu(s) => Storage::Cpu(s.try_clone(layout)?),
-            Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
-            Storage::Metal(s) => Storage::Metal(s.try_clone(layout)?),
-        };
-        Ok((copy, layout.shape().clone()))
+        clone_storage(&self.out)
     }
 }
 
@@ -469,7 +671,11 @@ mod tests {
                     .zip([[bh, n_q, d], [bh, n_k, d], [bh, n_k, d]])
                     .map(|(seed, shape)| Var::from_tensor(&randn(*seed, &shape)).unwrap())
                     .collect();
-                let (q, k, v) = (vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
+                let (q, k, v) = (
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                );
 
                 let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
                 let scores = match mask {
@@ -491,15 +697,164 @@ mod tests {
                         want.get(var.as_tensor()).unwrap(),
                     );
                     let err = max_diff(g, w);
-                    assert!(err < 1e-5, "max_elements {max_elements}: gradient error {err}");
+                    assert!(
+                        err < 1e-5,
+                        "max_elements {max_elements}: gradient error {err}"
+                    );
                 }
             }
         }
     }
 
+    /// Output and input gradient of a frozen layer in differentiable mode against candle's
+    /// ordinary backward; and no gradient is produced for the frozen weight.
+    fn check_frozen(name: &str, x_shape: &[usize], weight: &Tensor, layer: &dyn Module) {
+        let x = Var::from_tensor(&randn(7, x_shape)).unwrap();
+        set_differentiable(false);
+        let plain = layer.forward(x.as_tensor()).unwrap();
+        let w_out = randn(8, plain.dims());
+        let want = (&plain * &w_out)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        set_differentiable(true);
+        let frozen = layer.forward(x.as_tensor()).unwrap();
+        let got = (&frozen * &w_out)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        set_differentiable(false);
+        assert_eq!(max_diff(&frozen, &plain), 0.0, "{name}: same forward");
+        let err = max_diff(
+            got.get(x.as_tensor()).unwrap(),
+            want.get(x.as_tensor()).unwrap(),
+        );
+        assert!(err < 1e-5, "{name}: input gradient error {err}");
+        // candle's path keeps (at least) a weight-sized gradient; the frozen path none.
+        let stored = |g: &candle_core::backprop::GradStore| -> usize {
+            g.get_ids()
+                .map(|id| g.get_id(*id).unwrap().elem_count())
+                .sum()
+        };
+        assert!(
+            stored(&got) + weight.elem_count() <= stored(&want),
+            "{name}: gradient store {} vs candle's {}",
+            stored(&got),
+            stored(&want)
+        );
+        assert!(
+            got.get(weight).is_none(),
+            "{name}: no gradient for the frozen weight"
+        );
+    }
+
+    #[test]
+    fn frozen_layers_give_candles_input_gradients_and_no_weight_gradients() {
+        let w = randn(1, &[6, 5]);
+        let linear = Linear::new(w.clone(), Some(randn(2, &[6])));
+        check_frozen("linear 3-D", &[2, 3, 5], &w, &linear);
+        check_frozen("linear 2-D", &[4, 5], &w, &Linear::new(w.clone(), None));
+        for (stride, padding, k, h) in [(1, 1, 3, 8), (2, 1, 3, 8), (2, 1, 3, 7), (1, 0, 1, 5)] {
+            let kernel = randn(3, &[4, 3, k, k]);
+            let cfg = candle_nn::Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let conv = Conv2d(candle_nn::Conv2d::new(
+                kernel.clone(),
+                Some(randn(4, &[4])),
+                cfg,
+            ));
+            check_frozen(
+                &format!("conv k{k} s{stride} p{padding} h{h}"),
+                &[2, 3, h, h + 2],
+                &kernel,
+                &conv,
+            );
+        }
+    }
+
+    /// Odd height, even width at stride 2 (where candle's own conv backward fails on the shape):
+    /// the input gradient is the adjoint of the convolution, <conv(x), g> = <x, dx(g)>.
+    #[test]
+    fn frozen_conv_gradient_is_the_adjoint_for_mixed_parity() {
+        let kernel = randn(3, &[4, 3, 3, 3]);
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let conv = Conv2d(candle_nn::Conv2d::new(kernel, None, cfg));
+        let x = Var::from_tensor(&randn(7, &[2, 3, 7, 10])).unwrap();
+        set_differentiable(true);
+        let y = conv.forward(x.as_tensor()).unwrap();
+        let g = randn(8, y.dims());
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        set_differentiable(false);
+        let dx = grads.get(x.as_tensor()).unwrap();
+        assert_eq!(dx.dims(), &[2, 3, 7, 10]);
+        let lhs: f32 = (&y * &g).unwrap().sum_all().unwrap().to_scalar().unwrap();
+        let rhs: f32 = (x.as_tensor() * dx)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+            "{lhs} vs {rhs}"
+        );
+    }
+
+    #[test]
+    fn constant_operands_get_no_gradient() {
+        let c = randn(5, &[1, 3, 1, 1]);
+        for op in ["mul", "add"] {
+            let x = Var::from_tensor(&randn(6, &[2, 3, 4, 4])).unwrap();
+            let apply = |x: &Tensor| match op {
+                "mul" => mul_const(x, &c).unwrap(),
+                _ => add_const(x, &c).unwrap(),
+            };
+            let w_out = randn(9, &[2, 3, 4, 4]);
+            set_differentiable(false);
+            let plain = apply(x.as_tensor());
+            let want = (&plain * &w_out)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            set_differentiable(true);
+            let ours = apply(x.as_tensor());
+            let got = (&ours * &w_out)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            set_differentiable(false);
+            assert_eq!(max_diff(&ours, &plain), 0.0);
+            let err = max_diff(
+                got.get(x.as_tensor()).unwrap(),
+                want.get(x.as_tensor()).unwrap(),
+            );
+            assert!(err < 1e-6, "{op}: {err}");
+            assert!(got.get(&c).is_none());
+        }
+    }
+
     #[test]
     fn chunked_attention_matches_one_block() {
-        let (q, k, v) = (randn(1, &[2, 9, 4]), randn(2, &[2, 6, 4]), randn(3, &[2, 6, 4]));
+        let (q, k, v) = (
+            randn(1, &[2, 9, 4]),
+            randn(2, &[2, 6, 4]),
+            randn(3, &[2, 6, 4]),
+        );
         let mask = randn(5, &[9, 6]).clamp(-2f32, 0f32).unwrap();
         let whole = attention_rows(&q, &k, &v, 0.3, Some(&mask)).unwrap();
         let chunked = chunked_attention(&q, &k, &v, 0.3, Some(&mask), 2 * 6 * 2).unwrap();

@@ -9,10 +9,11 @@
 
 use crate::config::TextConfig;
 use crate::error::{Error, Result};
+use crate::model::nn::Linear;
 use crate::model::nn::{self, LayerNorm};
 use crate::weights::TensorStore;
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Checkpoint prefix of the text tower (without the trailing dot).
 pub const TEXT_PREFIX: &str = "cond_stage_model.model";

@@ -10,8 +10,9 @@
 
 use super::nn::{self, attention, group_norm32, GroupNorm, LayerNorm, TimeEmbedding};
 use crate::config::UNetConfig;
+use crate::model::nn::{Conv2d, Linear};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
 
 /// Time-aware encoder features keyed by their spatial width, as the reference's dict
@@ -46,7 +47,8 @@ impl Spade {
         let actv = self.shared.forward(segmap)?.relu()?;
         let gamma = self.gamma.forward(&actv)?;
         let beta = self.beta.forward(&actv)?;
-        normalized.mul(&(gamma + 1.0)?)?.add(&beta)
+        // gamma and beta come from the (constant) encoder features: only h needs a gradient.
+        nn::add_const(&nn::mul_const(&normalized, &(gamma + 1.0)?)?, &beta)
     }
 }
 
@@ -104,7 +106,7 @@ impl ResBlock {
     ) -> Result<Tensor> {
         let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?;
         let emb_out = self.emb.forward(&emb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&emb_out)?;
+        let h = nn::add_const(&h, &emb_out)?;
         let mut h = self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)?;
         if let (Some(spade), Some(cond)) = (&self.spade, struct_cond) {
             let width = h.dim(D::Minus1)?;

@@ -8,9 +8,10 @@
 //! any size divisible by [`VaeConfig::downsample_factor`] works.
 
 use crate::config::VaeConfig;
+use crate::model::nn::Conv2d;
 use crate::model::nn::{self, GroupNorm};
 use candle_core::{bail, Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// GroupNorm of the VAE and CFW blocks (`Normalize`): 32 groups, eps 1e-6.
 const NORM_GROUPS: usize = 32;
