@@ -4,9 +4,9 @@
 //! photo. With random tiny weights this measures the machinery (does training pull the output
 //! towards the references?), not face quality.
 //!
-//! `cargo run --release --example identity_psnr -- [iterations] [steps] [seeds]`
-//! (defaults 100 training iterations, 20 sampling steps, 5 seeds; fixtures from
-//! `$PFSTORER_FIXTURES` or tests/fixtures).
+//! `cargo run --release --example identity_psnr -- [iterations] [steps] [seeds] [lr_ica]`
+//! (defaults 100 training iterations, 20 sampling steps, 5 seeds, the spec's ICA learning rate;
+//! fixtures from `$PFSTORER_FIXTURES` or tests/fixtures).
 
 use pfstorer::config::{BaseModelConfig, CfwConfig};
 use pfstorer::degrade::{degrade_image, Preset};
@@ -58,13 +58,20 @@ fn identity_photos(seed: u64) -> Vec<ImageF32> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args()
+    let args: Vec<f64> = std::env::args()
         .skip(1)
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
-    let iterations = args.first().copied().unwrap_or(100);
-    let steps = args.get(1).copied().unwrap_or(20);
-    let seeds = args.get(2).copied().unwrap_or(5) as u64;
+    let iterations = args.first().copied().unwrap_or(100.0) as usize;
+    let steps = args.get(1).copied().unwrap_or(20.0) as usize;
+    let seeds = args.get(2).copied().unwrap_or(5.0) as u64;
+    let config = TrainConfig {
+        lr_ica: args
+            .get(3)
+            .copied()
+            .unwrap_or(TrainConfig::default().lr_ica),
+        ..TrainConfig::default()
+    };
     let root = std::env::var_os("PFSTORER_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
@@ -91,12 +98,15 @@ fn main() -> anyhow::Result<()> {
         ..RestoreSettings::default()
     };
 
-    println!("seed  degraded_dB  base_dB  identity_dB  gain_dB  (iterations {iterations}, steps {steps})");
+    println!(
+        "seed  degraded_dB  base_dB  identity_dB  gain_dB  (iterations {iterations}, steps {steps}, ICA lr {})",
+        config.lr_ica
+    );
     let mut gains = Vec::new();
     for seed in 0..seeds {
         let photos = identity_photos(seed);
         let params = TrainableParams::init(&base, seed)?;
-        let mut trainer = Trainer::new(&base, params, &photos, SIZE, TrainConfig::default(), seed)?;
+        let mut trainer = Trainer::new(&base, params, &photos, SIZE, config, seed)?;
         for _ in 0..iterations {
             trainer.step()?;
         }
