@@ -5,8 +5,10 @@
 #   DIR/pfstorer  DIR/tests/<parity executables>  DIR/fixtures/  DIR/gpu-check.sh
 #   DIR/gpu_reference.py  DIR/lib/ (optional CUDA 13 runtime libraries)
 #
-#   bash DIR/gpu-check.sh [--bundle DIR] [--dtypes f16,f32] [--gpu N] [--work DIR]
-#                         [--skip-parity] [--skip-reference] [--budget SECONDS]
+#   bash DIR/gpu-check.sh [--bundle DIR] [--fixtures DIR] [--dtypes f16,f32] [--gpu N]
+#                         [--work DIR] [--skip-parity] [--skip-reference] [--budget SECONDS]
+# --fixtures: the fixture root (default DIR/fixtures; a packed bundle, build-cuda.sh --pack, has
+# none and uses the repository's tests/fixtures).
 #
 # (a) parity: every DIR/tests/* executable on CUDA, in f32 and then bf16 (the tests apply their
 #     own documented bf16 tolerance), `--test-threads 1`;
@@ -29,6 +31,7 @@ set -uo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bundle="$script_dir"
+fixtures=""
 dtypes="f16,f32"
 gpu=0
 skip_parity=0
@@ -43,6 +46,7 @@ die() { echo "gpu-check: $*" >&2; exit 2; }
 while (($#)); do
   case "$1" in
     --bundle) bundle="${2:?--bundle needs a folder}"; shift 2 ;;
+    --fixtures) fixtures="${2:?--fixtures needs a folder}"; shift 2 ;;
     --dtypes) dtypes="${2:?--dtypes needs a list}"; shift 2 ;;
     --gpu) gpu="${2:?--gpu needs an index}"; shift 2 ;;
     --work) work="${2:?--work needs a folder}"; shift 2 ;;
@@ -192,7 +196,7 @@ else
   for dt in f32 bf16; do
     for exe in "${tests[@]}"; do
       run_step parity pfstorer "$(basename "$exe")" "$dt" 90 \
-        env LD_LIBRARY_PATH="$pf_ld" PFSTORER_FIXTURES="$bundle/fixtures" \
+        env LD_LIBRARY_PATH="$pf_ld" PFSTORER_FIXTURES="${fixtures:-$bundle/fixtures}" \
         PFSTORER_TEST_DEVICE=cuda PFSTORER_TEST_DTYPE="$dt" "$exe" --test-threads 1
     done
   done
