@@ -287,26 +287,48 @@ fn with_input_gradient(
     input_grad: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     let op = InputGradientOp {
-        output: std::sync::Mutex::new(Some(y)),
+        output: HandOver::new(y),
         input_grad: Box::new(input_grad),
     };
     x.apply_op1_arc(std::sync::Arc::new(Box::new(op)))
 }
 
 struct InputGradientOp {
-    output: std::sync::Mutex<Option<Tensor>>,
+    output: HandOver,
     input_grad: InputGradient,
 }
 
-impl InputGradientOp {
-    fn take_output(&self) -> Result<(candle_core::Storage, candle_core::Shape)> {
-        let y = self
-            .output
+/// A forward result computed outside a custom op (without a graph), handed to candle once as the
+/// op's output storage and then dropped, so it is not held twice.
+struct HandOver(std::sync::Mutex<Option<Tensor>>);
+
+impl HandOver {
+    fn new(t: Tensor) -> Self {
+        HandOver(std::sync::Mutex::new(Some(t)))
+    }
+
+    fn take(&self) -> Result<(candle_core::Storage, candle_core::Shape)> {
+        let t = self
+            .0
             .lock()
-            .map_err(|_| candle_core::Error::Msg("input-gradient op: lock poisoned".into()))?
+            .map_err(|_| candle_core::Error::Msg("custom op: lock poisoned".into()))?
             .take()
-            .ok_or_else(|| candle_core::Error::Msg("input-gradient op run twice".into()))?;
-        clone_storage(&y)
+            .ok_or_else(|| candle_core::Error::Msg("custom op forward run twice".into()))?;
+        clone_storage(&t)
+    }
+
+    fn cpu(&self) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        match self.take()? {
+            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("custom op: precomputed output is not on the CPU"),
+        }
+    }
+
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        match self.take()? {
+            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("custom op: precomputed output is not on the CUDA device"),
+        }
     }
 }
 
@@ -338,10 +360,7 @@ impl candle_core::CustomOp1 for InputGradientOp {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        match self.take_output()? {
-            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("frozen layer: output not on the CPU"),
-        }
+        self.output.cpu()
     }
 
     fn cuda_fwd(
@@ -349,10 +368,7 @@ impl candle_core::CustomOp1 for InputGradientOp {
         _: &candle_core::CudaStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        match self.take_output()? {
-            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("frozen layer: output not on the CUDA device"),
-        }
+        self.output.cuda()
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
@@ -502,7 +518,7 @@ fn recomputed_attention(
         max_elements,
     )?;
     let op = RecomputedAttention {
-        out,
+        out: HandOver::new(out),
         scale,
         mask: mask.map(|m| m.detach()),
         max_elements,
@@ -511,17 +527,10 @@ fn recomputed_attention(
 }
 
 struct RecomputedAttention {
-    /// The forward result (fresh contiguous storage), handed out by the device forward.
-    out: Tensor,
+    out: HandOver,
     scale: f64,
     mask: Option<Tensor>,
     max_elements: usize,
-}
-
-impl RecomputedAttention {
-    fn stored_output(&self) -> Result<(candle_core::Storage, candle_core::Shape)> {
-        clone_storage(&self.out)
-    }
 }
 
 impl candle_core::CustomOp3 for RecomputedAttention {
@@ -538,10 +547,7 @@ impl candle_core::CustomOp3 for RecomputedAttention {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        match self.stored_output()? {
-            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("recomputed attention: output not on the CPU"),
-        }
+        self.out.cpu()
     }
 
     fn cuda_fwd(
@@ -553,10 +559,7 @@ impl candle_core::CustomOp3 for RecomputedAttention {
         _: &candle_core::CudaStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        match self.stored_output()? {
-            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("recomputed attention: output not on the CUDA device"),
-        }
+        self.out.cuda()
     }
 
     fn bwd(
