@@ -96,16 +96,6 @@ pub struct BaseModelConfig {
     pub diffusion: DiffusionConfig,
 }
 
-impl BaseModelConfig {
-    /// True for the tiny towers the reference fixtures register at run time, whose exact size
-    /// is read from the checkpoint.
-    pub fn text_arch_is_fixture(&self) -> bool {
-        self.text_arch.starts_with(FIXTURE_TEXT_ARCH_PREFIX)
-    }
-}
-
-const FIXTURE_TEXT_ARCH_PREFIX: &str = "stablesr-fixture-text";
-
 /// Everything in `face_vqgan_cfw_00011.ckpt` (`AutoencoderKLResi`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CfwConfig {
@@ -114,23 +104,74 @@ pub struct CfwConfig {
     pub fusion_w: f64,
 }
 
+/// The OpenCLIP architecture of the released StableSR-face text tower.
+pub const RELEASED_TEXT_ARCH: &str = "ViT-H-14";
+
+/// Largest open_clip model-config JSON read (the real ones are under 1 KiB).
+const MAX_ARCH_JSON_BYTES: u64 = 1 << 20;
+
 impl TextConfig {
-    /// Known OpenCLIP text towers by architecture name.
+    /// The built-in OpenCLIP text tower by architecture name: `ViT-H-14` (open_clip's
+    /// `model_configs/ViT-H-14.json`, text part), the only one StableSR uses.
     pub fn from_arch(arch: &str) -> Option<Self> {
-        let (width, heads, layers, embed_dim) = match arch {
-            "ViT-H-14" => (1024, 16, 24, 1024),
-            "ViT-bigG-14" => (1280, 20, 32, 1280),
-            "ViT-L-14" => (768, 12, 12, 768),
-            "ViT-B-32" | "ViT-B-16" => (512, 8, 12, 512),
-            _ => return None,
-        };
-        Some(TextConfig {
-            width,
-            heads,
-            layers,
+        (arch == RELEASED_TEXT_ARCH).then_some(TextConfig {
+            width: 1024,
+            heads: 16,
+            layers: 24,
             vocab_size: 49408,
             context_length: 77,
-            embed_dim,
+            embed_dim: 1024,
+            skip_last_layers: 1,
+        })
+    }
+
+    /// The text tower of an open_clip model-config JSON (`embed_dim`, `text_cfg` with `width`,
+    /// `heads`, `layers`, ...), with open_clip's `CLIPTextCfg` defaults for absent fields. This is
+    /// how open_clip resolves an architecture it does not ship: a `<arch>.json` registered at run
+    /// time. The head count cannot be read off a checkpoint's shapes, so it must come from here.
+    pub fn from_open_clip_json(text: &str) -> std::result::Result<Self, String> {
+        #[derive(serde::Deserialize)]
+        struct ModelCfg {
+            embed_dim: usize,
+            text_cfg: TextCfg,
+        }
+        #[derive(serde::Deserialize)]
+        struct TextCfg {
+            #[serde(default = "default_context_length")]
+            context_length: usize,
+            #[serde(default = "default_vocab_size")]
+            vocab_size: usize,
+            #[serde(default = "default_width")]
+            width: usize,
+            #[serde(default = "default_heads")]
+            heads: usize,
+            #[serde(default = "default_layers")]
+            layers: usize,
+        }
+        fn default_context_length() -> usize {
+            77
+        }
+        fn default_vocab_size() -> usize {
+            49408
+        }
+        fn default_width() -> usize {
+            512
+        }
+        fn default_heads() -> usize {
+            8
+        }
+        fn default_layers() -> usize {
+            12
+        }
+        let cfg: ModelCfg = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let t = cfg.text_cfg;
+        Ok(TextConfig {
+            width: t.width,
+            heads: t.heads,
+            layers: t.layers,
+            vocab_size: t.vocab_size,
+            context_length: t.context_length,
+            embed_dim: cfg.embed_dim,
             skip_last_layers: 1,
         })
     }
@@ -164,8 +205,8 @@ impl Default for BaseModelConfig {
                 num_head_channels: None,
             },
             vae: VaeConfig::released(),
-            text: TextConfig::from_arch("ViT-H-14").expect("known arch"),
-            text_arch: "ViT-H-14".to_string(),
+            text: TextConfig::from_arch(RELEASED_TEXT_ARCH).expect("built-in arch"),
+            text_arch: RELEASED_TEXT_ARCH.to_string(),
             diffusion: DiffusionConfig {
                 parameterization_v: true,
                 linear_start: 0.00085,
@@ -347,10 +388,12 @@ impl BaseModelConfig {
     /// Reads a StableSR diffusion YAML (`v2-finetune_face_T_512.yaml` layout).
     pub fn from_yaml_file(path: &Path) -> Result<Self> {
         let doc = read_yaml(path)?;
-        with_file(path, Self::from_yaml(&doc))
+        with_file(path, Self::from_yaml(&doc, path.parent()))
     }
 
-    pub fn from_yaml(doc: &Value) -> Result<Self> {
+    /// Reads the parsed YAML; `yaml_dir` is where an open_clip `<arch>.json` of a text tower
+    /// that is not built in is looked up (`None`: built-in architectures only).
+    pub fn from_yaml(doc: &Value, yaml_dir: Option<&Path>) -> Result<Self> {
         let root = Node {
             value: doc,
             path: "".into(),
@@ -422,13 +465,13 @@ impl BaseModelConfig {
         let vae = vae_from(&v.child("ddconfig")?, v.usize("embed_dim")?)?;
 
         let t = p.child("cond_stage_config")?.params_of(&[TEXT_TARGET])?;
-        let text = text_from(&t)?;
         let text_arch = t
             .opt("arch")
             .map(|_| t.str("arch"))
             .transpose()?
-            .unwrap_or("ViT-H-14")
+            .unwrap_or(RELEASED_TEXT_ARCH)
             .to_string();
+        let text = text_from(&t, &text_arch, yaml_dir)?;
 
         Ok(BaseModelConfig {
             unet,
@@ -441,36 +484,14 @@ impl BaseModelConfig {
     }
 }
 
-/// The text tower: `arch` (default "ViT-H-14", as `FrozenOpenCLIPEmbedder`) names a known OpenCLIP
-/// architecture; explicit `width`/`heads`/`layers`/`embed_dim` keys override it, which is how a
-/// tiny test tower is described.
-fn text_from(t: &Node) -> Result<TextConfig> {
-    let arch = t
-        .opt("arch")
-        .map(|_| t.str("arch"))
-        .transpose()?
-        .unwrap_or("ViT-H-14");
+/// The text tower of `FrozenOpenCLIPEmbedder(arch, layer)`: `arch` (default `ViT-H-14`) is
+/// resolved as open_clip does, a built-in architecture or else the model-config JSON
+/// `<arch>.json` beside the YAML (how the reference's tiny test towers are registered).
+fn text_from(t: &Node, arch: &str, yaml_dir: Option<&Path>) -> Result<TextConfig> {
     let mut cfg = match TextConfig::from_arch(arch) {
         Some(cfg) => cfg,
-        None => tiny_text_arch(arch).ok_or_else(|| {
-            Error::Config(format!(
-                "`cond_stage_config.params.arch` `{arch}` is not a known OpenCLIP text tower (give width, heads, layers)"
-            ))
-        })?,
+        None => text_from_arch_json(arch, yaml_dir)?,
     };
-    if t.opt("width").is_some() {
-        cfg.width = t.usize("width")?;
-        cfg.embed_dim = cfg.width;
-    }
-    if t.opt("heads").is_some() {
-        cfg.heads = t.usize("heads")?;
-    }
-    if t.opt("layers").is_some() {
-        cfg.layers = t.usize("layers")?;
-    }
-    if t.opt("embed_dim").is_some() {
-        cfg.embed_dim = t.usize("embed_dim")?;
-    }
     cfg.skip_last_layers = match t.opt("layer").map(|_| t.str("layer")).transpose()? {
         None | Some("last") => 0,
         Some("penultimate") => 1,
@@ -480,41 +501,54 @@ fn text_from(t: &Node) -> Result<TextConfig> {
             )))
         }
     };
-    if cfg.heads == 0 || cfg.width % cfg.heads != 0 {
+    if cfg.heads == 0 || cfg.width == 0 || cfg.width % cfg.heads != 0 {
         return Err(Error::Config(format!(
             "text width {} is not divisible by {} heads",
             cfg.width, cfg.heads
         )));
     }
+    if cfg.layers < cfg.skip_last_layers || cfg.context_length == 0 || cfg.vocab_size == 0 {
+        return Err(Error::Config(format!(
+            "text tower `{arch}`: {} layers, context {}, vocabulary {} cannot run",
+            cfg.layers, cfg.context_length, cfg.vocab_size
+        )));
+    }
     Ok(cfg)
 }
 
-/// The reference fixtures register tiny towers at run time under names
-/// `stablesr-fixture-text-<variant>`; their sizes are stated in the fixtures' README
-/// (width 32, 2 heads of 16 channels, 3 layers). Other variants keep 16-channel heads; width and
-/// depth are then taken from the checkpoint (see `TextConfig::fit_to_checkpoint`).
-fn tiny_text_arch(arch: &str) -> Option<TextConfig> {
-    arch.starts_with("stablesr-fixture-text")
-        .then_some(TextConfig {
-            width: 32,
-            heads: 2,
-            layers: 3,
-            vocab_size: 49408,
-            context_length: 77,
-            embed_dim: 32,
-            skip_last_layers: 1,
-        })
-}
-
-impl TextConfig {
-    /// For a tiny fixture tower whose exact size the YAML does not give: adopt the width and depth
-    /// found in the checkpoint, keeping 16-channel heads.
-    pub fn fit_to_checkpoint(&mut self, width: usize, layers: usize, embed_dim: usize) {
-        self.width = width;
-        self.layers = layers;
-        self.embed_dim = embed_dim;
-        self.heads = (width / 16).max(1);
+fn text_from_arch_json(arch: &str, yaml_dir: Option<&Path>) -> Result<TextConfig> {
+    // A file name, never a path: the YAML must not point outside its own folder.
+    let plain = !arch.is_empty()
+        && !arch.starts_with('.')
+        && !arch.contains(['/', '\\', '\0'])
+        && Path::new(arch).file_name() == Some(std::ffi::OsStr::new(arch));
+    let Some(dir) = yaml_dir.filter(|_| plain) else {
+        return Err(Error::Config(format!(
+            "`cond_stage_config.params.arch` `{arch}` is not a built-in OpenCLIP architecture ({RELEASED_TEXT_ARCH}) and no `{arch}.json` model config can be looked up for it"
+        )));
+    };
+    let path = dir.join(format!("{arch}.json"));
+    let size = std::fs::metadata(&path)
+        .map_err(|e| {
+            Error::Config(format!(
+                "`cond_stage_config.params.arch` `{arch}` is not built in and its open_clip model config {} cannot be read: {e}",
+                path.display()
+            ))
+        })?
+        .len();
+    if size > MAX_ARCH_JSON_BYTES {
+        return Err(Error::Config(format!(
+            "{}: {size} bytes, larger than an open_clip model config can be ({MAX_ARCH_JSON_BYTES})",
+            path.display()
+        )));
     }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    TextConfig::from_open_clip_json(&text).map_err(|e| {
+        Error::Config(format!(
+            "{}: not an open_clip model config: {e}",
+            path.display()
+        ))
+    })
 }
 
 impl CfwConfig {
@@ -533,5 +567,66 @@ impl CfwConfig {
         let vae = vae_from(&p.child("ddconfig")?, p.usize("embed_dim")?)?;
         let fusion_w = p.opt("fusion_w").map_or(Ok(1.0), |_| p.f64("fusion_w"))?;
         Ok(CfwConfig { vae, fusion_w })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(arch: Option<&str>, dir: Option<&Path>) -> Result<TextConfig> {
+        let doc: Value = serde_yaml::from_str("layer: penultimate\n").unwrap();
+        let node = Node {
+            value: &doc,
+            path: "cond_stage_config.params".into(),
+        };
+        let name = arch.unwrap_or(RELEASED_TEXT_ARCH);
+        text_from(&node, name, dir)
+    }
+
+    #[test]
+    fn text_arch_resolves_like_open_clip() {
+        let released = resolve(None, None).unwrap();
+        assert_eq!(
+            (released.width, released.heads, released.layers),
+            (1024, 16, 24)
+        );
+        assert_eq!(released.skip_last_layers, 1);
+
+        let dir = std::env::temp_dir().join(format!("pfstorer-arch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("tiny-b.json"),
+            r#"{"embed_dim": 24, "vision_cfg": {"width": 32}, "text_cfg": {"width": 32, "heads": 4, "layers": 3}}"#,
+        )
+        .unwrap();
+        let tiny = resolve(Some("tiny-b"), Some(&dir)).unwrap();
+        assert_eq!(
+            (tiny.width, tiny.heads, tiny.layers, tiny.embed_dim),
+            (32, 4, 3, 24)
+        );
+        // open_clip's CLIPTextCfg defaults for absent fields.
+        assert_eq!((tiny.context_length, tiny.vocab_size), (77, 49408));
+
+        let msg = resolve(Some("absent"), Some(&dir)).unwrap_err().to_string();
+        assert!(msg.contains("absent.json"), "{msg}");
+        for hostile in ["../tiny-b", "/etc/passwd", ".hidden", ""] {
+            let msg = resolve(Some(hostile), Some(&dir)).unwrap_err().to_string();
+            assert!(msg.contains("not a built-in"), "{hostile}: {msg}");
+        }
+        std::fs::write(
+            dir.join("odd.json"),
+            r#"{"embed_dim": 8, "text_cfg": {"width": 30, "heads": 4}}"#,
+        )
+        .unwrap();
+        let msg = resolve(Some("odd"), Some(&dir)).unwrap_err().to_string();
+        assert!(msg.contains("not divisible"), "{msg}");
+        std::fs::write(dir.join("junk.json"), "[1, 2]").unwrap();
+        let msg = resolve(Some("junk"), Some(&dir)).unwrap_err().to_string();
+        assert!(
+            msg.contains("junk.json") && msg.contains("open_clip"),
+            "{msg}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

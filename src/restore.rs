@@ -90,7 +90,7 @@ pub struct RestoreSettings {
     pub patch_size: usize,
     pub patch_stride: usize,
     /// The model's native image size in pixels (short sides below it are processed at it, and
-    /// latent tiles are this size / 8); `None` takes `image_size` of the diffusion config.
+    /// latent tiles are this size over the VAE's downsampling factor); `None` takes `image_size` of the diffusion config.
     pub native_size: Option<usize>,
 }
 
@@ -438,9 +438,9 @@ impl<'a> Restorer<'a> {
         let (proc_w, proc_h) = ((out_w as f64 * up) as usize, (out_h as f64 * up) as usize);
         let lq = image_to_tensor(rgb, device)?;
         let lq = resize_bicubic_nchw(&lq, proc_h, proc_w)?.clamp(-1f32, 1f32)?;
-        let lq = pad_reflect_to_multiple(&lq, 32)?;
-        let sr = self.restore_padded(&lq, on_step)?;
-        let sr = sr.narrow(2, 0, proc_h)?.narrow(3, 0, proc_w)?;
+        let seed = self.settings.seed;
+        let mut seeded = || -> Box<dyn NoiseSource> { Box::new(SeededNoise::new(seed)) };
+        let sr = self.restore_upscaled(&lq, &mut seeded, on_step)?;
         let sr = ((sr + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
         let sr = if (proc_w, proc_h) != (out_w, out_h) {
             resize_bicubic_nchw(&sr, out_h, out_w)?.clamp(0f32, 1f32)?
@@ -450,34 +450,51 @@ impl<'a> Restorer<'a> {
         tensor_to_image(&sr)
     }
 
-    /// Restores a padded `[1, 3, H, W]` LQ in [-1, 1]; returns the result in [-1, 1].
-    pub fn restore_padded(
+    /// The tile script from its upscaled LQ `[1, 3, H, W]` in [-1, 1]: reflect-pads the bottom
+    /// and right to a multiple of 32, restores (in pixel patches when large), crops back to
+    /// `H x W`; the result is in [-1, 1]. `new_noise` starts each patch's random sequence (the
+    /// reference re-seeds before every patch).
+    pub fn restore_upscaled(
         &self,
         lq: &Tensor,
+        new_noise: &mut dyn FnMut() -> Box<dyn NoiseSource>,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let (_, _, h, w) = lq.dims4()?;
+        let padded = pad_reflect_to_multiple(lq, 32)?;
+        let sr = self.restore_padded(&padded, new_noise, on_step)?;
+        Ok(sr.narrow(2, 0, h)?.narrow(3, 0, w)?)
+    }
+
+    /// Restores a padded `[1, 3, H, W]` LQ in [-1, 1]; returns the result in [-1, 1].
+    fn restore_padded(
+        &self,
+        lq: &Tensor,
+        new_noise: &mut dyn FnMut() -> Box<dyn NoiseSource>,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let (b, c, h, w) = lq.dims4()?;
         let s = &self.settings;
         if h <= s.patch_size && w <= s.patch_size {
-            let mut noise = SeededNoise::new(s.seed);
-            return self.restore_piece(lq, &mut noise, &mut |d| on_step(d, self.settings.steps));
+            let mut noise = new_noise();
+            return self.restore_piece(lq, noise.as_mut(), &mut |d| on_step(d, s.steps));
         }
         let pieces = patches(h, w, s.patch_size, s.patch_stride);
         let total = pieces.len() * s.steps;
         let mut blender = PatchBlender::new(b, c, h, w, lq.device())?;
         for (k, p) in pieces.iter().enumerate() {
             let piece = lq.narrow(2, p.y, p.h)?.narrow(3, p.x, p.w)?;
-            // The reference re-seeds before every patch.
-            let mut noise = SeededNoise::new(s.seed);
-            let out =
-                self.restore_piece(&piece, &mut noise, &mut |d| on_step(k * s.steps + d, total))?;
+            let mut noise = new_noise();
+            let out = self.restore_piece(&piece, noise.as_mut(), &mut |d| {
+                on_step(k * s.steps + d, total)
+            })?;
             blender.add(*p, &out)?;
         }
         Ok(blender.finish()?)
     }
 
     /// One piece: encode, sample over latent tiles, decode with CFW, colour fix.
-    pub fn restore_piece(
+    fn restore_piece(
         &self,
         lq: &Tensor,
         noise: &mut dyn NoiseSource,

@@ -31,10 +31,7 @@ fn model_flags() -> Vec<String> {
 }
 
 fn fast() -> Vec<String> {
-    ["--steps", "2", "--input-size", "64", "--tile-overlap", "4"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    common::fast_sampling_flags()
 }
 
 fn restore(args: &[String]) -> Output {
@@ -234,22 +231,30 @@ fn clear_errors_for_unsupported_or_missing_things() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
+    // An overlap as large as the latent tile (input size / the fixture VAE's factor) is refused.
+    let tile = common::fast_latent_tile();
     let mut args = vec![
         input,
         "--tile-overlap".into(),
-        "8".into(),
+        tile.to_string(),
         "--input-size".into(),
-        "64".into(),
+        common::FAST_INPUT_SIZE.to_string(),
     ];
     args.extend(model_flags());
     let o = restore(&args);
-    assert!(stderr(&o).contains("--tile-overlap 8"), "{}", stderr(&o));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("--tile-overlap {tile}")),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn large_output_goes_through_pixel_patches_and_latent_tiles() {
     // Small patches and tiles so that both tiling levels run in test time: a 400x300 output in
-    // 128-px patches (stride 100) of 16x16-latent canvases with 8-latent tiles. The full-size
+    // 128-px patches (stride 100), each a canvas of 128/f latents in tiles of 64/f latents (f the
+    // fixture VAE's factor; 16x16 canvases of 8-latent tiles for f = 8). The full-size
     // 2048x1536 case is measured in the README's performance notes.
     let dir = tmp_dir("large");
     gradient(100, 75).save(dir.join("big.png")).unwrap();
@@ -261,6 +266,7 @@ fn large_output_goes_through_pixel_patches_and_latent_tiles() {
         "--scale".into(),
         "4".into(),
     ];
+    let overlap = (common::fast_latent_tile() / 2).to_string();
     args.extend(
         [
             "--steps",
@@ -268,7 +274,7 @@ fn large_output_goes_through_pixel_patches_and_latent_tiles() {
             "--input-size",
             "64",
             "--tile-overlap",
-            "4",
+            &overlap,
             "--patch-size",
             "128",
             "--patch-stride",

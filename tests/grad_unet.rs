@@ -47,7 +47,7 @@ fn unet_gradients_match_reference_autograd() {
         let grad = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        common::assert_module_close(
+        common::assert_gradient_close(
             &format!("unet.grad.{name}"),
             grad,
             common::get(&g, &format!("unet.grad.{name}")),

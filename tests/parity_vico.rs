@@ -499,7 +499,7 @@ fn loss_reg_gradient_reaches_only_the_context() {
     let grad = grads
         .get(context.as_tensor())
         .expect("no gradient for the context");
-    common::assert_module_close(
+    common::assert_gradient_close(
         "grad.loss_reg_wrt_context",
         grad,
         fx.get("grad.loss_reg_wrt_context"),

@@ -1,8 +1,10 @@
 //! The restoration pipeline with the real tiny networks against whole reference runs:
 //! - the face script's CFG DDPM run (`diffusion/sampler.safetensors`): CFW-encoded LQ latent,
 //!   every step through the real time-aware encoder and UNet, CFW decode;
-//! - the tile script's canvas run (`diffusion/canvas.safetensors`): bicubic upscaling, VAE
-//!   encoding, tiled sampling, CFW decode and the colour fixes, through `Restorer::restore_piece`.
+//! - the tile script's canvas run (`diffusion/canvas.safetensors`): bicubic upscaling, reflect
+//!   padding to a multiple of 32 (when the upscaled size needs it), VAE encoding, tiled sampling,
+//!   CFW decode, the colour fixes and the crop back, through `Restorer::restore_upscaled`, the
+//!   path `pfstorer restore` takes.
 //!
 //! Random draws are replayed from the recordings. Trajectory tolerance 1e-3 + 1e-2*|ref|.
 
@@ -10,12 +12,14 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use pfstorer::config::{BaseModelConfig, CfwConfig};
-use pfstorer::diffusion::noise::RecordedNoise;
+use pfstorer::diffusion::noise::{NoiseSource, RecordedNoise};
 use pfstorer::diffusion::sampler::{DdpmSampler, SampleOptions};
 use pfstorer::imaging::colorfix::ColorFix;
 use pfstorer::model::base::{BaseModel, CfwModel};
 use pfstorer::restore::{resize_bicubic_nchw, ModelDenoiser, RestoreSettings, Restorer};
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 fn models() -> (BaseModel, CfwModel) {
     models_on(DType::F32, &Device::Cpu)
@@ -39,6 +43,16 @@ fn models_on(dtype: DType, device: &Device) -> (BaseModel, CfwModel) {
     )
     .unwrap();
     (base, cfw)
+}
+
+/// The recorded draws behind a handle the restorer can own while the test keeps watching them.
+#[derive(Clone)]
+struct SharedNoise(Rc<RefCell<RecordedNoise>>);
+
+impl NoiseSource for SharedNoise {
+    fn next(&mut self, shape: &[usize], device: &Device) -> pfstorer::error::Result<Tensor> {
+        self.0.borrow_mut().next(shape, device)
+    }
 }
 
 fn noise_draws(f: &HashMap<String, Tensor>) -> Vec<Tensor> {
@@ -188,6 +202,24 @@ fn tile_script_canvas_run_through_the_restorer() {
     .clamp(-1f32, 1f32)
     .unwrap();
     common::assert_module_close("in.lq_up", &lq, common::get(&f, "in.lq_up"));
+    let (_, _, h_up, w_up) = lq.dims4().unwrap();
+    // Whether this fixture exercises the padding: the script pads when a side is not a multiple
+    // of 32, and then the recorded latents are at the padded size.
+    let needs_pad = h_up % 32 != 0 || w_up % 32 != 0;
+    if let Some(flag) = m.get("flag_pad") {
+        assert_eq!(
+            flag == "True",
+            needs_pad,
+            "fixture flag_pad vs the upscaled size"
+        );
+    }
+    let factor = base.config.vae.downsample_factor();
+    let (_, _, lat_h, lat_w) = common::get(&f, "init_latent").dims4().unwrap();
+    assert_eq!(
+        (lat_h * factor, lat_w * factor),
+        (h_up.div_ceil(32) * 32, w_up.div_ceil(32) * 32),
+        "the reference encodes the image padded to a multiple of 32"
+    );
 
     for (fix, expected_u8) in [
         (ColorFix::None, "final.nofix_u8"),
@@ -211,13 +243,36 @@ fn tile_script_canvas_run_through_the_restorer() {
             common::get(&f, "in.uncond").clone(),
         )
         .unwrap();
-        let mut noise = RecordedNoise::new(noise_draws(&f));
+        // One recorded sequence for the one piece; a second piece would find it used up.
+        let recorded = SharedNoise(Rc::new(RefCell::new(RecordedNoise::new(noise_draws(&f)))));
+        let mut calls = 0;
+        let mut new_noise = || -> Box<dyn NoiseSource> {
+            calls += 1;
+            Box::new(recorded.clone())
+        };
         let out = restorer
-            .restore_piece(&lq, &mut noise, &mut |_| {})
+            .restore_upscaled(&lq, &mut new_noise, &mut |_, _| {})
             .unwrap();
-        assert_eq!(noise.remaining(), 0, "every recorded draw consumed");
+        assert_eq!(calls, 1, "one piece, one random sequence");
+        assert_eq!(
+            recorded.0.borrow().remaining(),
+            0,
+            "every recorded draw consumed"
+        );
+        let (_, _, out_h, out_w) = out.dims4().unwrap();
+        assert_eq!(
+            (out_h, out_w),
+            (h_up, w_up),
+            "cropped back to the upscaled size"
+        );
         if fix == ColorFix::None {
-            trajectory_close("decoded", &out, common::get(&f, "decoded"));
+            // `decoded` is at the padded size; the crop is what the script keeps.
+            let decoded = common::get(&f, "decoded")
+                .narrow(2, 0, h_up)
+                .unwrap()
+                .narrow(3, 0, w_up)
+                .unwrap();
+            trajectory_close("decoded", &out, &decoded);
         }
         // The script saves truncated uint8 of clamp((x+1)/2): allow one level.
         let ours = (((out + 1.0).unwrap() / 2.0)

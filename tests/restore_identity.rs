@@ -78,8 +78,15 @@ fn personalized_denoiser_against_the_base_denoiser() {
         &TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap(),
     )
     .unwrap();
-    // A small latent (one 64-px tile) keeps the UNet calls quick.
-    let latent = 8;
+    // A small latent keeps the UNet calls quick: 8, or the smallest side the fixture UNet and
+    // time-aware encoder can halve down to their deepest level.
+    let depth = base
+        .config
+        .unet
+        .channel_mult
+        .len()
+        .max(base.config.lq_encoder.channel_mult.len());
+    let latent = 8usize.max(1 << (depth - 1));
     let lq = randn(1, &[1, 4, latent, latent]);
     let x = randn(2, &[2, 4, latent, latent]);
     let x1 = x.narrow(0, 0, 1).unwrap();
@@ -237,14 +244,7 @@ fn restore_with_an_identity_from_the_command_line() {
     .unwrap();
     let restore = |extra: &[String], base: &Path| {
         let mut args = vec!["restore".to_string(), input.display().to_string()];
-        args.extend(strings(&[
-            "--steps",
-            "2",
-            "--input-size",
-            "64",
-            "--tile-overlap",
-            "4",
-        ]));
+        args.extend(common::fast_sampling_flags());
         args.extend(extra.iter().cloned());
         args.extend(model_flags(base));
         pfstorer(&home, &args)

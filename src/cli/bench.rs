@@ -215,7 +215,7 @@ fn load_base(
         Some(p) => BaseModel::load(p, cfg, dtype, device)?.0,
         None => {
             let weights = CheckedWeights::new(Source::Random(0));
-            BaseModel::from_weights(cfg, &weights, None, dtype, device)?.0
+            BaseModel::from_weights(cfg, &weights, dtype, device)?.0
         }
     })
 }
@@ -231,13 +231,7 @@ fn bench_weights(b: WeightsBench) -> anyhow::Result<()> {
     // write the seeded value of each; the schedule buffers get their true values, since the
     // reference samples with the buffers it loads.
     let probe = CheckedWeights::shapes_only();
-    BaseModel::from_weights(
-        BaseModelConfig::default(),
-        &probe,
-        None,
-        DType::F32,
-        &Device::Cpu,
-    )?;
+    BaseModel::from_weights(BaseModelConfig::default(), &probe, DType::F32, &Device::Cpu)?;
     let schedule = Schedule::linear(&BaseModelConfig::default().diffusion)?;
     let schedule_values: Vec<(&str, &Vec<f64>)> = vec![
         ("betas", &schedule.betas),

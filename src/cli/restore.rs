@@ -57,7 +57,7 @@ pub struct RestoreArgs {
     #[arg(long, default_value_t = 32)]
     pub tile_overlap: usize,
     /// The model's native size in pixels (StableSR's `--input_size`): short sides below it are
-    /// processed at it, latent tiles are this size / 8. Default: the config's image_size (512).
+    /// processed at it, latent tiles are this size / 8 (the VAE's downsampling factor). Default: the config's image_size (512).
     #[arg(long, value_name = "PIXELS")]
     pub input_size: Option<usize>,
     /// Images whose padded side exceeds this many pixels are processed in overlapping square

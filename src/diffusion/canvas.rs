@@ -22,7 +22,7 @@ const WEIGHT_VARIANCE: f64 = 0.01;
 /// Tiling of the canvas sampler, in latent pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tiling {
-    /// Tile side (the tile script uses `input_size / 8`, 64 for 512-pixel models).
+    /// Tile side (the tile script uses `input_size / 8`, the released VAE's factor: 64 for 512-pixel models).
     pub tile_size: usize,
     /// Overlap between neighbouring tiles (tile script default 32).
     pub tile_overlap: usize,

@@ -2,7 +2,7 @@
 //! checkpoint (UNet, time-aware encoder, OpenCLIP text encoder, VAE) and the CFW autoencoder.
 
 use super::lq_encoder::LqEncoder;
-use super::text_encoder::{text_config_from_checkpoint, TextEncoder};
+use super::text_encoder::TextEncoder;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::vae::{AutoencoderKL, CfwAutoencoder};
@@ -57,19 +57,9 @@ impl BaseModel {
     pub fn from_weights(
         config: BaseModelConfig,
         weights: &CheckedWeights,
-        store: Option<&TensorStore>,
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, UnusedSummary)> {
-        let mut config = config;
-        if let Some(store) = store {
-            // A file without the text tower fails below with the full list of missing keys.
-            if let Ok(text) =
-                text_config_from_checkpoint(&config.text, config.text_arch_is_fixture(), store)
-            {
-                config.text = text;
-            }
-        }
         let vb = weights.var_builder(dtype, device);
         let unet = UNet::new(&config.unet, vb.pp(UNET_PREFIX))?;
         let lq_encoder = LqEncoder::new(&config.lq_encoder, vb.pp(LQ_ENCODER_PREFIX))?;
@@ -120,8 +110,8 @@ impl BaseModel {
         device: &Device,
     ) -> Result<(Self, UnusedSummary)> {
         let store = Arc::new(TensorStore::open(path)?);
-        let weights = CheckedWeights::from_store(store.clone());
-        Self::from_weights(config, &weights, Some(&store), dtype, device).map_err(|e| match e {
+        let weights = CheckedWeights::from_store(store);
+        Self::from_weights(config, &weights, dtype, device).map_err(|e| match e {
             Error::Candle(c) => Error::Weights(format!("{}: {}", path.display(), c)),
             other => other,
         })

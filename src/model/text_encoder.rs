@@ -11,7 +11,6 @@ use crate::config::TextConfig;
 use crate::error::{Error, Result};
 use crate::model::nn::Linear;
 use crate::model::nn::{self, LayerNorm};
-use crate::weights::TensorStore;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -242,57 +241,4 @@ pub fn replace_rows(emb: &Tensor, positions: &[(usize, usize)], row: &Tensor) ->
         .reshape((1, 1, width))?
         .broadcast_as((batch, len, width))?;
     Ok(mask.where_cond(&row, emb)?)
-}
-
-/// The tower's size for `cfg`, where a fixture ("tiny") architecture adopts the width
-/// (`token_embedding`), depth (number of `resblocks`) and projection width (`text_projection`)
-/// stored in the checkpoint; other architectures are returned unchanged.
-pub fn text_config_from_checkpoint(
-    cfg: &TextConfig,
-    arch_is_fixture: bool,
-    store: &TensorStore,
-) -> Result<TextConfig> {
-    let mut cfg = cfg.clone();
-    if !arch_is_fixture {
-        return Ok(cfg);
-    }
-    let shape_of = |name: &str| -> Result<Vec<usize>> {
-        let key = format!("{TEXT_PREFIX}.{name}");
-        store
-            .shape(&key)
-            .map(|s| s.dims().to_vec())
-            .ok_or_else(|| Error::Weights(format!("{}: no tensor `{key}`", store.path().display())))
-    };
-    let width = match shape_of("token_embedding.weight")?.as_slice() {
-        [_, width] => *width,
-        other => {
-            return Err(Error::Weights(format!(
-                "{TEXT_PREFIX}.token_embedding.weight has shape {other:?}, expected [vocab, width]"
-            )))
-        }
-    };
-    let embed_dim = match shape_of("text_projection")?.as_slice() {
-        [_, dim] => *dim,
-        other => {
-            return Err(Error::Weights(format!(
-                "{TEXT_PREFIX}.text_projection has shape {other:?}, expected [width, embed_dim]"
-            )))
-        }
-    };
-    let block_prefix = format!("{TEXT_PREFIX}.transformer.resblocks.");
-    let layers = store
-        .shapes()
-        .keys()
-        .filter_map(|name| name.strip_prefix(&block_prefix))
-        .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map_or(0, |last| last + 1);
-    if layers == 0 {
-        return Err(Error::Weights(format!(
-            "{}: no text transformer blocks under `{block_prefix}`",
-            store.path().display()
-        )));
-    }
-    cfg.fit_to_checkpoint(width, layers, embed_dim);
-    Ok(cfg)
 }

@@ -263,8 +263,20 @@ fn check_config(cfg: &VaeConfig) -> Result<()> {
     Ok(())
 }
 
-/// Levels whose features the CFW encoder hands to the decoder, and at which the decoder fuses
-/// them: all but the first and the last (levels 1 and 2 of the released 4-level VAE).
+/// Levels whose output the CFW encoder returns (`Encoder.forward(return_fea=True)`): levels 1
+/// and 2 by index, whatever the depth (the reference tests `i_level == 1 or i_level == 2`), so a
+/// 3-level VAE still returns two features and a 2-level one returns one.
+const FEATURE_LEVELS: [usize; 2] = [1, 2];
+
+fn feature_levels(cfg: &VaeConfig) -> Vec<usize> {
+    FEATURE_LEVELS
+        .into_iter()
+        .filter(|&l| l < cfg.ch_mult.len())
+        .collect()
+}
+
+/// Levels at which `Decoder_Mix` fuses: all but the first and the last (levels 1 and 2 of the
+/// released 4-level VAE). Level `l` fuses encoder feature `l - 1`.
 fn fused_levels(cfg: &VaeConfig) -> std::ops::Range<usize> {
     1..cfg.ch_mult.len().saturating_sub(1).max(1)
 }
@@ -277,7 +289,7 @@ struct Encoder {
     mid: Middle,
     norm_out: GroupNorm,
     conv_out: Conv2d,
-    feature_levels: std::ops::Range<usize>,
+    feature_levels: Vec<usize>,
 }
 
 impl Encoder {
@@ -325,7 +337,7 @@ impl Encoder {
             mid: Middle::new(block_in, vb.pp("mid"))?,
             norm_out: normalize(block_in, vb.pp("norm_out"))?,
             conv_out: conv3x3(block_in, out_c, vb.pp("conv_out"))?,
-            feature_levels: fused_levels(cfg),
+            feature_levels: feature_levels(cfg),
         })
     }
 
@@ -509,9 +521,12 @@ impl Decoder {
 
     fn forward(&self, z: &Tensor, fusion: Option<(&[Tensor], f64)>) -> Result<Tensor> {
         if let Some((features, _)) = fusion {
-            if features.len() != self.fusions.len() {
+            // The reference indexes `enc_fea[l - 1]` for every fused level l; extra features
+            // (a 3-level VAE returns two, fuses one) are unused. Deeper than 4 levels the
+            // reference's own decoder fails the same way: it fuses more levels than it returns.
+            if features.len() < self.fusions.len() {
                 bail!(
-                    "CFW decoder expects {} encoder features, got {}",
+                    "CFW decoder fuses {} levels but got {} encoder features (the reference encoder returns levels 1 and 2 only)",
                     self.fusions.len(),
                     features.len()
                 );
@@ -608,5 +623,58 @@ impl CfwAutoencoder {
     ) -> Result<Tensor> {
         let h = self.post_quant_conv.forward(z)?;
         self.decoder.forward(&h, Some((enc_features, fusion_w)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{CheckedWeights, Source};
+    use candle_core::{DType, Device};
+
+    fn tiny(levels: usize) -> VaeConfig {
+        VaeConfig {
+            ch: 32,
+            ch_mult: vec![1; levels],
+            num_res_blocks: 1,
+            resolution: 32,
+            ..VaeConfig::released()
+        }
+    }
+
+    /// The reference returns the outputs of levels 1 and 2 whatever the depth, and fuses levels
+    /// 1..L-2 with feature `l - 1`; deeper than 4 levels its own decoder runs out of features.
+    #[test]
+    fn cfw_features_and_fusions_follow_the_reference_at_every_depth() {
+        for (levels, features, fusions) in [(1, 0, 0), (2, 1, 0), (3, 2, 1), (4, 2, 2), (5, 2, 3)] {
+            let cfg = tiny(levels);
+            let weights = CheckedWeights::new(Source::Random(7));
+            let cfw =
+                CfwAutoencoder::new(&cfg, weights.var_builder(DType::F32, &Device::Cpu)).unwrap();
+            assert_eq!(
+                cfw.decoder.fusions.len(),
+                fusions,
+                "{levels} levels: fusion layers"
+            );
+            let side = 1 << (levels - 1);
+            let x = Tensor::zeros((1, 3, 2 * side, 2 * side), DType::F32, &Device::Cpu).unwrap();
+            let (posterior, feats) = cfw.encode_with_features(&x).unwrap();
+            assert_eq!(feats.len(), features, "{levels} levels: encoder features");
+            for (k, f) in feats.iter().enumerate() {
+                // Level k + 1's output, before its downsampling.
+                assert_eq!(
+                    f.dims()[2],
+                    (2 * side) >> (k + 1),
+                    "{levels} levels: feature {k}"
+                );
+            }
+            let decoded = cfw.decode_fused(&posterior.mean, &feats, 0.5);
+            if levels <= 4 {
+                assert_eq!(decoded.unwrap().dims(), x.dims(), "{levels} levels");
+            } else {
+                let msg = decoded.unwrap_err().to_string();
+                assert!(msg.contains("encoder features"), "{msg}");
+            }
+        }
     }
 }

@@ -31,6 +31,8 @@ struct Log {
     requested: BTreeMap<String, Vec<usize>>,
     missing: Vec<String>,
     misshaped: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Stored as an integer or bool where the model wants floating-point values.
+    wrong_dtype: Vec<(String, DType)>,
 }
 
 #[derive(Clone)]
@@ -103,7 +105,7 @@ impl CheckedWeights {
             Source::ShapesOnly => "shape check".to_string(),
             Source::Random(_) => "random weights".to_string(),
         };
-        if !log.missing.is_empty() || !log.misshaped.is_empty() {
+        if !log.missing.is_empty() || !log.misshaped.is_empty() || !log.wrong_dtype.is_empty() {
             let mut parts = Vec::new();
             if !log.missing.is_empty() {
                 parts.push(format!(
@@ -120,6 +122,18 @@ impl CheckedWeights {
                     .collect();
                 parts.push(format!(
                     "{} with the wrong shape: {}",
+                    items.len(),
+                    abbreviate(&items)
+                ));
+            }
+            if !log.wrong_dtype.is_empty() {
+                let items: Vec<String> = log
+                    .wrong_dtype
+                    .iter()
+                    .map(|(n, stored)| format!("{n} (stored as {stored:?})"))
+                    .collect();
+                parts.push(format!(
+                    "{} not floating-point: {}",
                     items.len(),
                     abbreviate(&items)
                 ));
@@ -240,6 +254,13 @@ impl SimpleBackend for CheckedWeights {
                         shape.dims().to_vec(),
                         found.dims().to_vec(),
                     ));
+                    placeholder(&shape, dtype, dev)
+                }
+                Some(_) if dtype.is_float() && !store.dtype(name).is_some_and(|d| d.is_float()) => {
+                    // An integer tensor is never a weight, whatever its shape: converting it
+                    // would turn relabelled bits into numbers.
+                    let stored = store.dtype(name).unwrap_or(DType::U8);
+                    log.wrong_dtype.push((name.to_string(), stored));
                     placeholder(&shape, dtype, dev)
                 }
                 Some(_) => {

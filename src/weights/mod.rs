@@ -3,6 +3,7 @@
 pub mod checked;
 pub mod convert;
 pub mod hub;
+pub mod pickle_guard;
 pub mod store;
 
 pub use checked::{CheckedWeights, LoadReport, Source};

@@ -1,6 +1,7 @@
 //! Reading checkpoint files: PyTorch-Lightning `.ckpt` pickles (the `state_dict` inside) and
 //! safetensors (memory-mapped). Both are exposed as one lazy name -> tensor store.
 
+use super::pickle_guard::{check_pickle, PickleLimits};
 use crate::error::{Error, Result};
 use candle_core::pickle::PthTensors;
 use candle_core::safetensors::MmapedSafetensors;
@@ -63,17 +64,20 @@ impl TensorStore {
         };
         let (backing, shapes) = match detect_format(path)? {
             CheckpointFormat::TorchZip => {
+                // Bound the pickle before candle's reader builds it, and every tensor by the
+                // bytes its storage entry really has, before any allocation.
+                let entry_sizes = guard_torch_zip(path)?;
                 // Lightning checkpoints keep the weights under `state_dict`; plain torch.save of a
                 // state dict has them at the root.
                 let pth = match PthTensors::new(path, Some("state_dict")) {
                     Ok(p) if !p.tensor_infos().is_empty() => p,
                     _ => PthTensors::new(path, None).map_err(bad)?,
                 };
-                let shapes = pth
-                    .tensor_infos()
-                    .iter()
-                    .map(|(k, info)| (k.clone(), (info.layout.dims().to_vec(), info.dtype)))
-                    .collect();
+                let mut shapes = BTreeMap::new();
+                for (name, info) in pth.tensor_infos() {
+                    check_tensor_extent(path, name, info, &entry_sizes)?;
+                    shapes.insert(name.clone(), (info.layout.dims().to_vec(), info.dtype));
+                }
                 (Backing::Pth(pth), shapes)
             }
             CheckpointFormat::Safetensors => {
@@ -126,10 +130,113 @@ impl TensorStore {
         Error::Weights(format!("{}: no tensor `{name}`", self.path.display()))
     }
 
+    /// The stored dtype of a tensor.
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.shapes.get(name).map(|(_, d)| *d)
+    }
+
     /// The shape of a stored tensor.
     pub fn shape(&self, name: &str) -> Option<Shape> {
         self.shapes.get(name).map(|(s, _)| Shape::from(s.clone()))
     }
+}
+
+/// Most entries a `torch.save` zip may have (one per storage, plus a handful).
+const MAX_ZIP_ENTRIES: usize = 1 << 20;
+/// Largest ratio of unpacked to packed size accepted for a compressed entry (`torch.save` stores
+/// entries uncompressed; this only bounds what a crafted archive can claim).
+const MAX_COMPRESSION_RATIO: u64 = 1024;
+
+/// Checks a torch zip's pickles against [`PickleLimits`] and returns every entry's size.
+fn guard_torch_zip(path: &Path) -> Result<BTreeMap<String, u64>> {
+    let refuse = |why: String| {
+        Error::Weights(format!(
+            "{}: refused as a checkpoint: {why}",
+            path.display()
+        ))
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| refuse(format!("not a readable zip ({e})")))?;
+    if zip.len() > MAX_ZIP_ENTRIES {
+        return Err(refuse(format!("{} zip entries", zip.len())));
+    }
+    let limits = PickleLimits::default();
+    let mut sizes = BTreeMap::new();
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| refuse(format!("zip entry {i} unreadable ({e})")))?;
+        let name = entry
+            .name()
+            .map_err(|e| refuse(format!("zip entry {i} has an unreadable name ({e})")))?
+            .into_owned();
+        let size = entry.size();
+        let packed = entry.compressed_size();
+        let bound = if entry.compression() == zip::CompressionMethod::Stored {
+            file_len
+        } else {
+            packed.saturating_mul(MAX_COMPRESSION_RATIO)
+        };
+        if size > bound {
+            return Err(refuse(format!(
+                "zip entry `{name}` claims {size} bytes from {packed} stored"
+            )));
+        }
+        if name.ends_with("data.pkl") {
+            if size > limits.max_bytes {
+                return Err(refuse(format!(
+                    "pickle `{name}` of {size} bytes (limit {})",
+                    limits.max_bytes
+                )));
+            }
+            let mut data = Vec::with_capacity(size as usize);
+            entry
+                .by_ref()
+                .take(limits.max_bytes + 1)
+                .read_to_end(&mut data)
+                .map_err(|e| refuse(format!("pickle `{name}` unreadable ({e})")))?;
+            check_pickle(&data, &limits).map_err(|why| refuse(format!("`{name}`: {why}")))?;
+        }
+        sizes.insert(name, size);
+    }
+    Ok(sizes)
+}
+
+/// A tensor must fit in its storage entry: its shape is what candle allocates.
+fn check_tensor_extent(
+    path: &Path,
+    name: &str,
+    info: &candle_core::pickle::TensorInfo,
+    entry_sizes: &BTreeMap<String, u64>,
+) -> Result<()> {
+    let refuse = |why: String| {
+        Error::Weights(format!(
+            "{}: tensor `{name}` {why}; the file is corrupt or crafted",
+            path.display()
+        ))
+    };
+    let elements = info
+        .layout
+        .dims()
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .ok_or_else(|| refuse(format!("has an overflowing shape {:?}", info.layout.dims())))?;
+    let needed = elements
+        .checked_mul(info.dtype.size_in_bytes() as u64)
+        .and_then(|b| b.checked_add(info.layout.start_offset() as u64))
+        .ok_or_else(|| refuse(format!("has an overflowing shape {:?}", info.layout.dims())))?;
+    let available = entry_sizes
+        .get(&info.path)
+        .ok_or_else(|| refuse(format!("points at a missing storage `{}`", info.path)))?;
+    if needed > *available {
+        return Err(refuse(format!(
+            "of shape {:?} needs {needed} bytes but its storage holds {available}",
+            info.layout.dims()
+        )));
+    }
+    Ok(())
 }
 
 fn first_line(s: &str) -> &str {
