@@ -356,11 +356,100 @@ impl<'a> Node<'a> {
     }
 }
 
+/// Largest model YAML read (StableSR's are under 10 KiB).
+const MAX_YAML_BYTES: u64 = 1 << 20;
+/// Deepest `[`/`{` nesting accepted in a YAML file (StableSR's use 1).
+const MAX_YAML_FLOW_DEPTH: usize = 32;
+
 fn read_yaml(path: &Path) -> Result<Value> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if size > MAX_YAML_BYTES {
+        return Err(Error::Config(format!(
+            "{}: {size} bytes, larger than a model config can be ({MAX_YAML_BYTES})",
+            path.display()
+        )));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    // The YAML parser's time grows with the square of the nesting depth: refuse deep flow
+    // nesting before parsing (block nesting is bounded by the file size).
+    if flow_depth(&text) > MAX_YAML_FLOW_DEPTH {
+        return Err(Error::Config(format!(
+            "{}: nested deeper than {MAX_YAML_FLOW_DEPTH} levels of [ ] / {{ }}; not a model config",
+            path.display()
+        )));
+    }
     serde_yaml::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: not valid YAML: {e}", path.display())))
 }
+
+/// Deepest nesting of flow collections outside quotes and comments (an upper bound is enough).
+fn flow_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for line in text.lines() {
+        let mut quote: Option<char> = None;
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    deepest
+}
+
+/// A scalar that must be finite and within `range`.
+fn check_range(what: &str, v: f64, range: std::ops::RangeInclusive<f64>) -> Result<()> {
+    if v.is_finite() && range.contains(&v) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "`{what}` is {v}; it must be a finite number in [{}, {}]",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
+impl DiffusionConfig {
+    /// Refuses schedules and scales no sampler can use (NaN, zero, reversed, absurd sizes).
+    fn validate(&self) -> Result<()> {
+        check_range("model.params.scale_factor", self.scale_factor, 1e-6..=1e3)?;
+        check_range("model.params.linear_start", self.linear_start, 1e-9..=0.999)?;
+        check_range("model.params.linear_end", self.linear_end, 1e-9..=0.999)?;
+        if self.linear_start >= self.linear_end {
+            return Err(Error::Config(format!(
+                "`model.params.linear_start` {} must be below `linear_end` {}",
+                self.linear_start, self.linear_end
+            )));
+        }
+        if !(1..=100_000).contains(&self.timesteps) {
+            return Err(Error::Config(format!(
+                "`model.params.timesteps` {} must be between 1 and 100000",
+                self.timesteps
+            )));
+        }
+        if !(1..=MAX_IMAGE_SIZE).contains(&self.image_size) {
+            return Err(Error::Config(format!(
+                "`model.params.image_size` {} must be between 1 and {MAX_IMAGE_SIZE}",
+                self.image_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Largest `image_size` a config may state (the released model's is 512).
+pub const MAX_IMAGE_SIZE: usize = 2048;
 
 fn with_file<T>(path: &Path, r: Result<T>) -> Result<T> {
     r.map_err(|e| match e {
@@ -420,6 +509,7 @@ impl BaseModelConfig {
             image_size: p.usize("image_size")?,
             latent_channels: p.usize("channels")?,
         };
+        diffusion.validate()?;
 
         let u = p.child("unet_config")?.params_of(&[UNET_TARGET])?;
         let num_head_channels = u.i64("num_head_channels")?;
@@ -566,6 +656,7 @@ impl CfwConfig {
         let p = root.child("model")?.params_of(&[CFW_TARGET])?;
         let vae = vae_from(&p.child("ddconfig")?, p.usize("embed_dim")?)?;
         let fusion_w = p.opt("fusion_w").map_or(Ok(1.0), |_| p.f64("fusion_w"))?;
+        check_range("model.params.fusion_w", fusion_w, 0.0..=1.0)?;
         Ok(CfwConfig { vae, fusion_w })
     }
 }

@@ -4,10 +4,10 @@ use clap::Parser;
 
 fn main() {
     let cli = pfstorer::cli::Cli::parse();
+    // Ctrl-C or SIGTERM during a write removes the temporary file before exiting.
+    pfstorer::fsutil::install_signal_cleanup();
     if let Err(err) = pfstorer::cli::run(cli) {
-        // One line: the error and its causes, joined.
-        let chain: Vec<String> = err.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
+        eprintln!("error: {}", pfstorer::cli::error_line(&err));
         std::process::exit(1);
     }
 }

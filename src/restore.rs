@@ -90,8 +90,107 @@ pub struct RestoreSettings {
     pub patch_size: usize,
     pub patch_stride: usize,
     /// The model's native image size in pixels (short sides below it are processed at it, and
-    /// latent tiles are this size over the VAE's downsampling factor); `None` takes `image_size` of the diffusion config.
+    /// latent tiles are this size over the VAE's downsampling factor); `None` takes
+    /// `image_size` of the diffusion config.
     pub native_size: Option<usize>,
+    /// Largest image, in pixels, processed at once (after upscaling and padding); larger
+    /// requests are refused before any compute. Bounds the image buffers (about
+    /// [`BYTES_PER_PROCESSED_PIXEL`] each pixel); the networks' memory is bounded by the patch
+    /// size.
+    pub max_pixels: usize,
+}
+
+/// Default of [`RestoreSettings::max_pixels`]: 64 megapixels (e.g. 8192x8192, a 4x upscale
+/// of a 2048x2048 photo).
+pub const DEFAULT_MAX_PIXELS: usize = 64_000_000;
+
+/// Image buffers held per processed pixel: the upscaled and padded input, the patch blender's
+/// sum and weights, the result and its crops (f32 RGB, 12 bytes each).
+pub const BYTES_PER_PROCESSED_PIXEL: usize = 96;
+
+/// Largest native size (`--input-size`, `image_size`) accepted: the released model's is 512,
+/// and one latent tile of this size is what every UNet call holds.
+pub const MAX_NATIVE_SIZE: usize = 2048;
+
+/// The sizes one image goes through, known before any compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestorePlan {
+    pub out_w: usize,
+    pub out_h: usize,
+    /// The size it is processed at (short side at least the native size).
+    pub proc_w: usize,
+    pub proc_h: usize,
+    /// `proc` padded to a multiple of 32.
+    pub padded_w: usize,
+    pub padded_h: usize,
+    /// Pixel patches (1 when the padded image fits one patch).
+    pub patches: usize,
+}
+
+impl RestoreSettings {
+    /// The sizes of restoring a `width x height` image to `target` with the model's native
+    /// size `native`, or why it cannot be done within [`RestoreSettings::max_pixels`].
+    pub fn plan(
+        &self,
+        native: usize,
+        width: usize,
+        height: usize,
+        target: TargetSize,
+    ) -> Result<RestorePlan> {
+        let native = self.native_size.unwrap_or(native);
+        if native == 0 || native > MAX_NATIVE_SIZE {
+            return Err(Error::Input(format!(
+                "--input-size {native}: must be between 1 and {MAX_NATIVE_SIZE} pixels (the released model's is 512)"
+            )));
+        }
+        let (out_w, out_h) = target.output_size(width, height)?;
+        let up = (native as f64 / out_w.min(out_h) as f64).max(1.0);
+        let (proc_w, proc_h) = ((out_w as f64 * up) as usize, (out_h as f64 * up) as usize);
+        let (padded_w, padded_h) = (proc_w.div_ceil(32) * 32, proc_h.div_ceil(32) * 32);
+        let pixels = (padded_w as u128) * (padded_h as u128);
+        if pixels > self.max_pixels as u128 {
+            return Err(Error::Input(format!(
+                "restoring to {out_w}x{out_h} means processing {padded_w}x{padded_h} pixels ({:.0} MP, about {:.1} GB of image buffers), more than the limit of {:.0} MP; lower --scale/--size/--long-side or raise --max-megapixels",
+                pixels as f64 / 1e6,
+                pixels as f64 * BYTES_PER_PROCESSED_PIXEL as f64 / 1e9,
+                self.max_pixels as f64 / 1e6
+            )));
+        }
+        let patches = if padded_w <= self.patch_size && padded_h <= self.patch_size {
+            1
+        } else {
+            patches(padded_h, padded_w, self.patch_size, self.patch_stride).len()
+        };
+        Ok(RestorePlan {
+            out_w,
+            out_h,
+            proc_w,
+            proc_h,
+            padded_w,
+            padded_h,
+            patches,
+        })
+    }
+
+    /// Refuses values no restoration can use: non-finite or out-of-range scalars.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.guidance.is_finite() && (0.0..=100.0).contains(&self.guidance)) {
+            return Err(Error::Input(format!(
+                "--cfg {}: must be a number between 0 and 100 (1 turns guidance off)",
+                self.guidance
+            )));
+        }
+        if !(self.dec_w.is_finite() && (0.0..=1.0).contains(&self.dec_w)) {
+            return Err(Error::Input(format!(
+                "--dec-w {}: must be between 0 and 1",
+                self.dec_w
+            )));
+        }
+        if self.max_pixels == 0 {
+            return Err(Error::Input("--max-megapixels: must be positive".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Default for RestoreSettings {
@@ -106,6 +205,7 @@ impl Default for RestoreSettings {
             patch_size: 1280,
             patch_stride: 1000,
             native_size: None,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -206,6 +306,22 @@ impl Personalization {
         }
         identity.check_base(fingerprint)?;
         let blocks = identity.blocks(&host_specs(&base.config.unet), base.dtype, &base.device)?;
+        let token_width = identity.tensor("token.embedding")?.dim(1)?;
+        if token_width != base.config.text.width {
+            return Err(Error::Input(format!(
+                "identity {:?}: its token is {token_width} wide, this text encoder's tokens {}",
+                identity.name(),
+                base.config.text.width
+            )));
+        }
+        let channels = identity.tensor("ref.latents")?.dim(1)?;
+        if channels != base.config.diffusion.latent_channels {
+            return Err(Error::Input(format!(
+                "identity {:?}: its reference latents have {channels} channels, this model's {}",
+                identity.name(),
+                base.config.diffusion.latent_channels
+            )));
+        }
         // The first reference: the identity's primary photo.
         let reference = identity.reference_latent(0, base.dtype, &base.device)?;
         Ok(Personalization {
@@ -352,6 +468,7 @@ impl<'a> Restorer<'a> {
         cond: Tensor,
         uncond: Tensor,
     ) -> Result<Self> {
+        settings.validate()?;
         if settings.steps == 0 || settings.steps > base.config.diffusion.timesteps {
             return Err(Error::Input(format!(
                 "--steps {}: must be between 1 and {}",
@@ -362,9 +479,12 @@ impl<'a> Restorer<'a> {
             .native_size
             .unwrap_or(base.config.diffusion.image_size);
         let tile = native / base.config.vae.downsample_factor();
-        if tile == 0 || !native.is_multiple_of(base.config.vae.downsample_factor()) {
+        if tile == 0
+            || native > MAX_NATIVE_SIZE
+            || !native.is_multiple_of(base.config.vae.downsample_factor())
+        {
             return Err(Error::Input(format!(
-                "--input-size {native}: must be a positive multiple of {}",
+                "--input-size {native}: must be a positive multiple of {} up to {MAX_NATIVE_SIZE}",
                 base.config.vae.downsample_factor()
             )));
         }
@@ -429,18 +549,30 @@ impl<'a> Restorer<'a> {
         target: TargetSize,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<ImageF32> {
-        let (out_w, out_h) = target.output_size(rgb.width, rgb.height)?;
-        let device = &self.base.device;
-        let native = self.native_size();
         // Process at the output size, or larger so the short side reaches the model's native
         // size (as the reference), and resize back at the end.
-        let up = (native as f64 / out_w.min(out_h) as f64).max(1.0);
-        let (proc_w, proc_h) = ((out_w as f64 * up) as usize, (out_h as f64 * up) as usize);
+        let plan = self.settings.plan(
+            self.base.config.diffusion.image_size,
+            rgb.width,
+            rgb.height,
+            target,
+        )?;
+        let (out_w, out_h, proc_w, proc_h) = (plan.out_w, plan.out_h, plan.proc_w, plan.proc_h);
+        let device = &self.base.device;
         let lq = image_to_tensor(rgb, device)?;
         let lq = resize_bicubic_nchw(&lq, proc_h, proc_w)?.clamp(-1f32, 1f32)?;
         let seed = self.settings.seed;
         let mut seeded = || -> Box<dyn NoiseSource> { Box::new(SeededNoise::new(seed)) };
         let sr = self.restore_upscaled(&lq, &mut seeded, on_step)?;
+        // Checked before the clamp, which would turn NaN into a black picture reported as
+        // done: a poisoned weight, identity or flag ends here with an error instead.
+        let values: Vec<f32> = sr.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Input(
+                "the restoration produced non-finite values (NaN or infinity); the weights, the identity or a setting is corrupt, nothing was written".into(),
+            ));
+        }
+        drop(values);
         let sr = ((sr + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
         let sr = if (proc_w, proc_h) != (out_w, out_h) {
             resize_bicubic_nchw(&sr, out_h, out_w)?.clamp(0f32, 1f32)?

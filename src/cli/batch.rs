@@ -196,7 +196,42 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// Decides before any work whether an item with this output goes ahead.
+/// Decides before any work whether an item with this output goes ahead: never over one of
+/// `inputs` (whatever the policy), never onto a directory or a dangling symlink, only into a
+/// directory that accepts files, and over an existing file only as `policy` says.
+pub fn check_output(output: &Path, inputs: &[PathBuf], policy: ExistingPolicy) -> Option<Outcome> {
+    let failed = |e: crate::Error| Some(Outcome::Failed(e.to_string()));
+    if let Err(e) = crate::fsutil::check_not_an_input(output, inputs.iter().map(PathBuf::as_path)) {
+        return failed(e);
+    }
+    if std::fs::symlink_metadata(output).is_ok() {
+        // Existing: a directory or a broken link is never replaced, a file only with --force.
+        if let Err(e) = crate::fsutil::check_output_location(output, true) {
+            return failed(e);
+        }
+        if let Some(outcome) = check_existing(output, policy) {
+            return Some(outcome);
+        }
+        return None;
+    }
+    crate::fsutil::check_output_location(output, false)
+        .err()
+        .and_then(failed)
+}
+
+/// A name suffix is a plain file-name fragment: no path separators, so an output always lands
+/// in its directory.
+pub fn check_suffix(flag: &str, suffix: &str) -> Result<()> {
+    if suffix.contains(['/', '\\', '\0']) {
+        anyhow::bail!(
+            "{flag} {:?}: must be a plain file-name fragment (no '/', '\\' or NUL)",
+            crate::fsutil::printable(suffix)
+        );
+    }
+    Ok(())
+}
+
+/// Whether an existing output (a file) stops this item, by `policy`.
 pub fn check_existing(output: &Path, policy: ExistingPolicy) -> Option<Outcome> {
     if !output.exists() || policy == ExistingPolicy::Overwrite {
         return None;
@@ -239,12 +274,21 @@ impl Summary {
 
     /// The summary line, then one line per skipped and failed item, for stderr.
     pub fn report(&self) -> String {
+        use crate::fsutil::{printable, printable_path};
         let mut out = self.line();
         for (input, why) in &self.skipped {
-            out.push_str(&format!("\nskipped {}: {why}", input.display()));
+            out.push_str(&format!(
+                "\nskipped {}: {}",
+                printable_path(input),
+                printable(why)
+            ));
         }
         for (input, why) in &self.failed {
-            out.push_str(&format!("\nfailed {}: {why}", input.display()));
+            out.push_str(&format!(
+                "\nfailed {}: {}",
+                printable_path(input),
+                printable(why)
+            ));
         }
         out
     }
@@ -302,6 +346,13 @@ pub fn per_image_seed(base: u64, input: &Path) -> u64 {
 pub fn reason(err: &crate::Error, path: &Path) -> String {
     let text = err.to_string();
     let prefix = format!("{}: ", path.display());
+    text.strip_prefix(&prefix).unwrap_or(&text).to_string()
+}
+
+/// One item's failure as the summary shows it, for an `anyhow` chain.
+pub fn reason_any(err: &anyhow::Error, path: &Path) -> String {
+    let text = super::error_line(err);
+    let prefix = format!("{}: ", crate::fsutil::printable_path(path));
     text.strip_prefix(&prefix).unwrap_or(&text).to_string()
 }
 

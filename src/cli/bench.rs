@@ -313,7 +313,7 @@ fn write_random(
             ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    crate::fsutil::write_atomic(path, |tmp| {
+    crate::fsutil::write_atomic(path, crate::fsutil::WriteMode::Replace, |tmp| {
         safetensors::tensor::serialize_to_file(views, None, tmp)
             .map_err(|e| crate::error::Error::Input(format!("{}: {e}", tmp.display())))
     })?;

@@ -6,7 +6,7 @@
 //! parameters as PNG text; an alpha channel of the input is kept.
 
 use super::batch::{
-    check_existing, expand_inputs, output_paths, per_image_seed, progress_bar, reason,
+    check_output, expand_inputs, output_paths, per_image_seed, progress_bar, reason,
     ExistingPolicy, InputItem, Outcome, Summary,
 };
 use crate::degrade::{degrade_image, Preset};
@@ -67,7 +67,7 @@ pub fn run(args: DegradeArgs) -> Result<()> {
     for (input, output) in files.iter().zip(&outputs) {
         bar.set_message(input.display().to_string());
         let seed = per_image_seed(args.seed, input);
-        let outcome = check_existing(output, policy).unwrap_or_else(|| {
+        let outcome = check_output(output, &files, policy).unwrap_or_else(|| {
             match degrade_one(input, output, preset, &args.preset, seed, policy) {
                 Ok(line) => {
                     if args.print_params {

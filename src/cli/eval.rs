@@ -42,9 +42,13 @@ pub struct EvalArgs {
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Csv)]
     pub format: Format,
-    /// Write the report here instead of stdout.
+    /// Write the report here instead of stdout (never over an existing file without --force,
+    /// never over an input).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// Replace an existing report file.
+    #[arg(long)]
+    pub force: bool,
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,
@@ -289,6 +293,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let names: Vec<&str> = metrics.iter().map(|m| m.name()).collect();
     let restored = image_files(&args.restored)?;
     let gt = image_files(&args.gt)?;
+    // Where the report goes is settled before any image is read.
+    if let Some(out) = &args.output {
+        crate::fsutil::check_not_an_input(out, restored.iter().chain(&gt).map(PathBuf::as_path))?;
+        crate::fsutil::check_output_location(out, args.force)?;
+    }
     let pairing = pair_files(&restored, &gt);
 
     let bar = progress_bar(pairing.pairs.len(), args.quiet);
@@ -313,7 +322,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Format::Json => render_json(&args, &names, &rows, &pairing, &failed),
     };
     match &args.output {
-        Some(path) => write_atomically(path, report.as_bytes(), true)?,
+        Some(path) => write_atomically(path, report.as_bytes(), args.force)?,
         None => print!("{report}"),
     }
 

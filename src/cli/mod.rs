@@ -52,3 +52,41 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ids(args) => ids::run(args),
     }
 }
+
+/// The one line printed for a failed command: the error and its causes joined by `: `, a cause
+/// left out when the message before it already says it (no "X: X"), control characters from
+/// file names or metadata escaped, and line breaks folded.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    let folded: Vec<&str> = line
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    crate::fsutil::printable(&folded.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_lines_are_single_escaped_and_not_doubled() {
+        let inner = anyhow::anyhow!("a.png: cannot read");
+        let err = inner.context("a.png: cannot read");
+        assert_eq!(error_line(&err), "a.png: cannot read");
+        let err = anyhow::anyhow!("bad\nname\u{1b}[2J").context("loading");
+        assert_eq!(error_line(&err), "loading: bad name\\u{1b}[2J");
+    }
+}

@@ -54,6 +54,96 @@ pub struct PersonalizeArgs {
     pub model: ModelArgs,
 }
 
+/// Most iterations one run may ask for (the paper trains 500).
+pub const MAX_STEPS: usize = 1_000_000;
+
+/// Training resolutions accepted: multiples of 64 up to [`crate::config::MAX_IMAGE_SIZE`].
+fn check_size(size: usize) -> anyhow::Result<()> {
+    let max = crate::config::MAX_IMAGE_SIZE;
+    if size < 64 || !size.is_multiple_of(64) || size > max {
+        return Err(Error::Input(format!(
+            "--size {size}: use a multiple of 64 between 64 and {max} (the paper trains at 512)"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The iteration a checkpoint resumes at, if it belongs to this very run: same base (checked
+/// by the caller), same references by content, seed, size and training settings, and an
+/// iteration counter (and optimizer step count) below `--steps`. The total may differ from the
+/// interrupted run's: learning rates are constant and iteration i's draws depend only on
+/// (seed, i), so N iterations resumed to M equal an uninterrupted run of M, which is what the
+/// identity's metadata then records.
+fn check_resumable(
+    saved: &Identity,
+    checkpoint: &std::path::Path,
+    info: &IdentityInfo,
+    steps: usize,
+) -> anyhow::Result<usize> {
+    let refuse = |why: String| -> anyhow::Error {
+        Error::Input(format!(
+            "--resume: {} belongs to another run ({why}); rerun without --resume, or with that run's settings",
+            crate::fsutil::printable_path(checkpoint)
+        ))
+        .into()
+    };
+    let hashes = |sources: &[serde_json::Value]| -> Vec<String> {
+        sources
+            .iter()
+            .map(|s| s["sha256"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let saved_sources: Vec<serde_json::Value> = saved
+        .metadata
+        .get("ref_sources")
+        .and_then(|j| serde_json::from_str(j).ok())
+        .ok_or_else(|| refuse("no reference list".into()))?;
+    if hashes(&saved_sources) != hashes(&info.ref_sources) {
+        return Err(refuse("other reference photos".into()));
+    }
+    let saved_training: serde_json::Value = saved
+        .metadata
+        .get("training")
+        .and_then(|j| serde_json::from_str(j).ok())
+        .ok_or_else(|| refuse("no training record".into()))?;
+    for key in ["seed", "size", "batch", "config", "references"] {
+        if saved_training[key] != info.training[key] {
+            return Err(refuse(format!(
+                "{key} {} there, {} here",
+                saved_training[key], info.training[key]
+            )));
+        }
+    }
+    let done: usize = saved
+        .metadata
+        .get("iterations_done")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| refuse("no iteration count".into()))?;
+    let planned = saved_training["iterations"].as_u64().unwrap_or(0) as usize;
+    // A finished identity (done = planned) may be continued as well.
+    if done == 0 || done > planned {
+        return Err(refuse(format!(
+            "it claims {done} of its {planned} iterations done"
+        )));
+    }
+    if done >= steps {
+        return Err(Error::Input(format!(
+            "--resume: {} has {done} iterations done already; ask for more with --steps",
+            crate::fsutil::printable_path(checkpoint)
+        ))
+        .into());
+    }
+    if let Some(optimizer_steps) = saved.metadata.get("optimizer_steps") {
+        if optimizer_steps.parse::<usize>().ok() != Some(done) {
+            return Err(refuse(format!(
+                "{optimizer_steps} optimizer steps for {done} iterations"
+            )));
+        }
+    }
+    Ok(done)
+}
+
 fn checkpoint_path(out: &std::path::Path) -> PathBuf {
     let mut name = out.as_os_str().to_os_string();
     name.push(".checkpoint");
@@ -66,9 +156,23 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => identity::resolve(&args.id)?,
     };
-    crate::fsutil::check_overwrite(&out, args.force)?;
-    if args.steps == 0 {
-        return Err(Error::Input("--steps must be at least 1".into()).into());
+    if args.steps == 0 || args.steps > MAX_STEPS {
+        return Err(Error::Input(format!(
+            "--steps {}: must be between 1 and {MAX_STEPS}",
+            args.steps
+        ))
+        .into());
+    }
+    if let Some(size) = args.size {
+        check_size(size)?;
+    }
+    // The identity file (and its checkpoint) can be written: checked before any training.
+    crate::fsutil::check_not_an_input(&out, args.refs.iter().map(PathBuf::as_path))?;
+    if !args.resume {
+        crate::fsutil::check_output_location(&out, args.force)?;
+    } else {
+        crate::fsutil::check_output_location(&out, true)?;
+        crate::fsutil::check_overwrite(&out, args.force)?;
     }
     let mut refs = args.refs.clone();
     refs.sort_by(|a, b| a.file_name().cmp(&b.file_name()).then(a.cmp(b)));
@@ -109,9 +213,7 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
     let (device, dtype) = args.model.device_dtype()?;
     let base_path = args.model.base_path(!args.quiet)?;
     let size = args.size.unwrap_or(cfg.diffusion.image_size);
-    if size < 64 || !size.is_multiple_of(64) {
-        return Err(Error::Input(format!("--size {size}: use a multiple of 64")).into());
-    }
+    check_size(size)?;
     let fingerprint = base_fingerprint_cached(&base_path)?;
     let (base, _) = BaseModel::load(&base_path, cfg, dtype, &device)?;
     let params = TrainableParams::init(&base, args.seed)?;
@@ -145,13 +247,9 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         }
         let saved = Identity::load_file(&checkpoint)?;
         saved.check_base(&fingerprint)?;
+        let done = check_resumable(&saved, &checkpoint, &info, args.steps)?;
         trainer.params.set_from(&saved.tensors)?;
-        let done: usize = saved
-            .metadata
-            .get("iterations_done")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        trainer.iteration = done.min(args.steps);
+        trainer.iteration = done;
         // Iteration i's draws depend only on (seed, i), so with the moments restored the run
         // continues exactly as if it had never stopped.
         match saved.optimizer_state() {
@@ -188,7 +286,11 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&checkpoint);
     }
     if !args.quiet {
-        eprintln!("identity {:?} written to {}", args.id, out.display());
+        eprintln!(
+            "identity {:?} written to {}",
+            args.id,
+            crate::fsutil::printable_path(&out)
+        );
     }
     Ok(())
 }

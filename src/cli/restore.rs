@@ -3,13 +3,13 @@
 use super::batch::{self, ExistingPolicy, InputItem, Outcome, Summary};
 use super::model_args::ModelArgs;
 use crate::imaging::colorfix::ColorFix;
-use crate::imaging::io::{load_image_with_min_size, save_png, LoadedImage};
+use crate::imaging::io::{load_image_within, save_png, LoadedImage};
 use crate::imaging::ImageF32;
 use crate::model::base::{BaseModel, CfwModel};
 use crate::personalize::identity::{base_fingerprint_cached, Identity};
 use crate::restore::{
     Personalization, RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT,
-    DEFAULT_PROMPT,
+    DEFAULT_PROMPT, MAX_NATIVE_SIZE,
 };
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -73,9 +73,14 @@ pub struct RestoreArgs {
     /// Colour correction after decoding: adain, wavelet or none.
     #[arg(long, default_value = "adain")]
     pub color_fix: String,
-    /// Output name suffix before `.png`.
+    /// Output name suffix before `.png` (a file-name fragment: no `/`).
     #[arg(long, default_value = "_restored")]
     pub suffix: String,
+    /// Largest image processed at once, in megapixels after upscaling and padding; larger
+    /// requests are refused per file before any compute (image buffers take about 96 bytes a
+    /// pixel). Also the largest input decoded.
+    #[arg(long, default_value_t = 64.0, value_name = "MP")]
+    pub max_megapixels: f64,
     /// Replace existing outputs.
     #[arg(long)]
     pub force: bool,
@@ -160,14 +165,50 @@ fn output_paths(
         .collect())
 }
 
+/// `--max-megapixels` as a pixel count.
+fn max_pixels(mp: f64) -> anyhow::Result<usize> {
+    if !(mp.is_finite() && mp > 0.0 && mp <= 1e6) {
+        bail!("--max-megapixels {mp}: must be a positive number of megapixels");
+    }
+    Ok((mp * 1e6) as usize)
+}
+
 pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    // Every flag is checked before any file is touched.
+    let target = args.target()?;
+    let color_fix: ColorFix = args.color_fix.parse()?;
+    batch::check_suffix("--suffix", &args.suffix)?;
+    if !(args.id_strength.is_finite() && (0.0..=10.0).contains(&args.id_strength)) {
+        bail!(
+            "--id-strength {}: must be between 0 and 10 (1 is the trained strength)",
+            args.id_strength
+        );
+    }
+    let settings = RestoreSettings {
+        steps: args.steps,
+        guidance: args.cfg,
+        seed: args.seed,
+        dec_w: args.dec_w,
+        color_fix,
+        tile_overlap: args.tile_overlap,
+        native_size: args.input_size,
+        patch_size: args.patch_size,
+        patch_stride: args.patch_stride,
+        max_pixels: max_pixels(args.max_megapixels)?,
+    };
+    settings.validate()?;
     // Load the identity first: a wrong name fails before any model is read.
     let identity = match &args.id {
         Some(id) => Some(Identity::load(id)?),
         None => None,
     };
-    let target = args.target()?;
-    let color_fix: ColorFix = args.color_fix.parse()?;
+    let base_config = args.model.base_config()?;
+    let native = args.input_size.unwrap_or(base_config.diffusion.image_size);
+    if native == 0 || native > MAX_NATIVE_SIZE {
+        bail!(
+            "--input-size {native}: must be between 1 and {MAX_NATIVE_SIZE} pixels (the released model's is 512)"
+        );
+    }
     let mut summary = Summary::default();
     let mut files = Vec::new();
     for item in batch::expand_inputs(&args.inputs) {
@@ -177,23 +218,23 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         }
     }
     let outputs = output_paths(&files, args.output.as_deref(), &args.suffix)?;
-    for dir in outputs
-        .iter()
-        .filter_map(|o| o.parent())
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create output directory {}", dir.display()))?;
-    }
     let policy = ExistingPolicy::from_flags(args.force, args.skip_existing);
 
-    // Decide what to do before loading the model, so a batch with nothing to do is quick.
+    // Decide what to do before loading the model: outputs that cannot be written and images
+    // too large for the limit fail now, not after hours of sampling.
     let mut todo = Vec::new();
     for (input, output) in files.iter().zip(&outputs) {
-        match batch::check_existing(output, policy) {
-            Some(outcome) => summary.record(input, outcome),
-            None => todo.push((input.clone(), output.clone())),
+        if let Some(outcome) = batch::check_output(output, &files, policy) {
+            summary.record(input, outcome);
+            continue;
         }
+        if let Some((w, h)) = probe_dimensions(input) {
+            if let Err(e) = settings.plan(base_config.diffusion.image_size, w, h, target) {
+                summary.record(input, Outcome::Failed(e.to_string()));
+                continue;
+            }
+        }
+        todo.push((input.clone(), output.clone()));
     }
     if todo.is_empty() {
         return summary.finish();
@@ -210,7 +251,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         None => None,
     };
     let cfw_path = args.model.cfw_path(!args.quiet)?;
-    let (base, unused) = BaseModel::load(&base_path, args.model.base_config()?, dtype, &device)?;
+    let (base, unused) = BaseModel::load(&base_path, base_config, dtype, &device)?;
     if let Some(line) = unused {
         eprintln!("note: {}: {line}", base_path.display());
     }
@@ -228,17 +269,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     };
     let cond = Restorer::text_context(&base, &prompt)?;
     let uncond = Restorer::text_context(&base, &args.negative_prompt)?;
-    let settings = RestoreSettings {
-        steps: args.steps,
-        guidance: args.cfg,
-        seed: args.seed,
-        dec_w: args.dec_w,
-        color_fix,
-        tile_overlap: args.tile_overlap,
-        native_size: args.input_size,
-        patch_size: args.patch_size,
-        patch_stride: args.patch_stride,
-    };
+    let max_input_pixels = settings.max_pixels;
     let mut restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
     let mut identity_line = "none (base model)".to_string();
     if let (Some(identity), Some(fingerprint)) = (&identity, &fingerprint) {
@@ -290,7 +321,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     images.set_message("images");
     for (input, output) in &todo {
         let steps = bars.add(step_bar(args.quiet));
-        steps.set_message(file_name(input));
+        steps.set_message(crate::fsutil::printable(&file_name(input)));
         let started = Instant::now();
         let outcome = match restore_one(
             &restorer,
@@ -299,6 +330,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             target,
             &metadata_common,
             policy.overwrite(),
+            max_input_pixels,
             &steps,
         ) {
             Ok(()) => {
@@ -307,8 +339,8 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
                 } else {
                     bars.println(format!(
                         "{} -> {} ({:.1} s)",
-                        input.display(),
-                        output.display(),
+                        crate::fsutil::printable_path(input),
+                        crate::fsutil::printable_path(output),
                         started.elapsed().as_secs_f64()
                     ))
                     .ok();
@@ -348,9 +380,10 @@ fn restore_one(
     target: TargetSize,
     metadata: &[(String, String)],
     overwrite: bool,
+    max_input_pixels: usize,
     steps: &ProgressBar,
 ) -> crate::Result<()> {
-    let loaded: LoadedImage = load_image_with_min_size(input, MIN_INPUT_SIDE)?;
+    let loaded: LoadedImage = load_image_within(input, MIN_INPUT_SIDE, max_input_pixels)?;
     let mut on_step = |done: usize, total: usize| {
         steps.set_length(total as u64);
         steps.set_position(done as u64);
@@ -367,7 +400,7 @@ fn restore_one(
         None => None,
     };
     let rgb = if loaded.gray {
-        to_gray_rgb(&restored)
+        to_gray(&restored)
     } else {
         restored
     };
@@ -388,12 +421,24 @@ fn clamp01(mut img: ImageF32) -> ImageF32 {
     img
 }
 
-/// Gray sources stay gray: BT.601 luma replicated into the three channels.
-fn to_gray_rgb(img: &ImageF32) -> ImageF32 {
-    let mut out = img.clone();
-    for px in out.data.chunks_mut(3) {
-        let y = 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2];
-        px.fill(y);
-    }
-    out
+/// Gray sources stay gray: the BT.601 luma, saved as a one-channel (gray) PNG.
+fn to_gray(img: &ImageF32) -> ImageF32 {
+    let data = img
+        .data
+        .chunks_exact(3)
+        .map(|px| 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2])
+        .collect();
+    ImageF32::new(img.width, img.height, 1, data)
+}
+
+/// Width and height from the image header (cheap; `None` when unreadable, which the full
+/// decode then reports).
+fn probe_dimensions(path: &Path) -> Option<(usize, usize)> {
+    let (w, h) = image::ImageReader::open(path)
+        .ok()?
+        .with_guessed_format()
+        .ok()?
+        .into_dimensions()
+        .ok()?;
+    Some((w as usize, h as usize))
 }

@@ -8,9 +8,8 @@
 use super::ImageF32;
 use crate::error::{Error, Result};
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
-use std::io::{Cursor, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::Cursor;
+use std::path::Path;
 
 /// A decoded image: colour as RGB, the alpha plane apart.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +45,10 @@ pub fn has_image_extension(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Most pixels an input image may have by default (decoded as f32 RGB + alpha: 16 bytes each,
+/// so about 1 GB): `pfstorer restore --max-megapixels` changes it for restoring.
+pub const DEFAULT_MAX_INPUT_PIXELS: usize = 64_000_000;
+
 /// Reads and decodes an image file; see [`LoadedImage`].
 pub fn load_image(path: impl AsRef<Path>) -> Result<LoadedImage> {
     load_image_with_min_size(path, 1)
@@ -53,9 +56,20 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<LoadedImage> {
 
 /// As [`load_image`], and fails when either side (after orientation) is below `min_side`.
 pub fn load_image_with_min_size(path: impl AsRef<Path>, min_side: usize) -> Result<LoadedImage> {
+    load_image_within(path, min_side, DEFAULT_MAX_INPUT_PIXELS)
+}
+
+/// As [`load_image_with_min_size`], refusing before decoding an image of more than
+/// `max_pixels` pixels (by its header) or one whose decoder would allocate more than that
+/// many 16-bit RGBA pixels.
+pub fn load_image_within(
+    path: impl AsRef<Path>,
+    min_side: usize,
+    max_pixels: usize,
+) -> Result<LoadedImage> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let loaded = decode_image(&bytes).map_err(|msg| input_error(path, &msg))?;
+    let loaded = decode_image_within(&bytes, max_pixels).map_err(|msg| input_error(path, &msg))?;
     if loaded.width() < min_side || loaded.height() < min_side {
         return Err(input_error(
             path,
@@ -69,11 +83,24 @@ pub fn load_image_with_min_size(path: impl AsRef<Path>, min_side: usize) -> Resu
     Ok(loaded)
 }
 
-/// Decodes an in-memory image. The error is a short description without the file name.
+/// Decodes an in-memory image within [`DEFAULT_MAX_INPUT_PIXELS`]. The error is a short
+/// description without the file name.
 pub fn decode_image(bytes: &[u8]) -> std::result::Result<LoadedImage, String> {
-    let reader = ImageReader::new(Cursor::new(bytes))
+    decode_image_within(bytes, DEFAULT_MAX_INPUT_PIXELS)
+}
+
+/// [`decode_image`] with a pixel limit (see [`load_image_within`]).
+pub fn decode_image_within(
+    bytes: &[u8],
+    max_pixels: usize,
+) -> std::result::Result<LoadedImage, String> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot read ({e})"))?;
+    // The decoder's own allocations (frames, 16-bit RGBA at most) stay within the limit too.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some((max_pixels as u64).saturating_mul(8));
+    reader.limits(limits);
     let format = reader
         .format()
         .ok_or_else(|| "not an image (unrecognised format)".to_string())?;
@@ -84,6 +111,15 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<LoadedImage, String> {
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| describe_decode_error(name, e))?;
+    let (w, h) = decoder.dimensions();
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels as u64 {
+        return Err(format!(
+            "{name} of {w}x{h} pixels ({:.0} MP) is larger than the limit of {:.0} MP (pfstorer restore: --max-megapixels)",
+            pixels as f64 / 1e6,
+            max_pixels as f64 / 1e6
+        ));
+    }
     // A broken EXIF block should not make an otherwise good image unreadable.
     let orientation = decoder
         .orientation()
@@ -385,58 +421,8 @@ fn encode_with(
     Ok(buf.into_inner())
 }
 
-/// Error for an existing output that may not be replaced.
-pub fn exists_error(path: &Path) -> Error {
-    input_error(path, "already exists (use --force to overwrite)")
-}
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-fn temp_path_for(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let unique = format!(
-        ".{name}.{}-{}.tmp",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    path.with_file_name(unique)
-}
-
-/// Writes `bytes` to a temporary file next to `path`, then moves it into place. Without
-/// `overwrite` the move is a hard link, which fails rather than replace a file that appeared
-/// meanwhile; file systems without hard links fall back to check-then-rename.
+/// Writes `bytes` atomically to `path` (see [`crate::fsutil::write_atomic`]); without
+/// `overwrite` an existing file, or one that appears meanwhile, is an error.
 pub fn write_atomically(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
-    if !overwrite && path.exists() {
-        return Err(exists_error(path));
-    }
-    let temp = temp_path_for(path);
-    let result = write_and_sync(&temp, bytes).and_then(|()| {
-        if overwrite {
-            std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
-        } else {
-            match std::fs::hard_link(&temp, path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists_error(path)),
-                Err(_) => {
-                    if path.exists() {
-                        return Err(exists_error(path));
-                    }
-                    std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
-                }
-            }
-        }
-    });
-    // After a rename the temporary name is gone already; after a hard link or a failure it
-    // still exists and must go.
-    let _ = std::fs::remove_file(&temp);
-    result
-}
-
-fn write_and_sync(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    file.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    file.sync_all().map_err(|e| Error::io(path, e))
+    crate::fsutil::write_bytes(path, bytes, crate::fsutil::WriteMode::from_force(overwrite))
 }

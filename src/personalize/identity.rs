@@ -154,7 +154,7 @@ pub fn base_fingerprint_cached(path: &Path) -> Result<String> {
     if let (Some(key), Some(file)) = (key, cache_file) {
         cache.insert(key, fingerprint.clone());
         if let Ok(text) = serde_json::to_string_pretty(&cache) {
-            let _ = crate::fsutil::write_atomic(&file, |tmp| {
+            let _ = crate::fsutil::write_atomic(&file, crate::fsutil::WriteMode::Replace, |tmp| {
                 std::fs::write(tmp, &text).map_err(|e| Error::io(tmp, e))
             });
         }
@@ -240,8 +240,52 @@ impl Identity {
                 }
             }
         }
-        for key in ["token.embedding", "ref.latents"] {
-            identity.tensor(key)?;
+        let token = identity.tensor("token.embedding")?;
+        if token.rank() != 2 || token.dim(0)? != 1 || token.dim(1)? == 0 {
+            return Err(corrupt(
+                path,
+                &format!(
+                    "`token.embedding` has shape {:?}, expected [1, width]",
+                    token.dims()
+                ),
+            ));
+        }
+        if let Some(init) = identity.tensors.get("token.init_embedding") {
+            if init.dims() != token.dims() {
+                return Err(corrupt(
+                    path,
+                    &format!(
+                        "`token.init_embedding` has shape {:?}, the token {:?}",
+                        init.dims(),
+                        token.dims()
+                    ),
+                ));
+            }
+        }
+        let latents = identity.tensor("ref.latents")?;
+        if latents.rank() != 4 || latents.dims().contains(&0) {
+            return Err(corrupt(
+                path,
+                &format!(
+                    "`ref.latents` has shape {:?}, expected [references, channels, height, width]",
+                    latents.dims()
+                ),
+            ));
+        }
+        // A NaN or infinity anywhere would turn every restoration black.
+        let mut names: Vec<&String> = identity.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &identity.tensors[name];
+            if t.dtype().is_float() {
+                let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                if values.iter().any(|v| !v.is_finite()) {
+                    return Err(corrupt(
+                        path,
+                        &format!("`{name}` holds NaN or infinite values"),
+                    ));
+                }
+            }
         }
         Ok(identity)
     }
@@ -271,7 +315,7 @@ impl Identity {
         let metadata: HashMap<String, String> = self.metadata.clone().into_iter().collect();
         let data = safetensors::tensor::serialize(views, Some(metadata))
             .map_err(|e| Error::Input(format!("cannot serialise identity: {e}")))?;
-        crate::fsutil::write_atomic(path, |tmp| {
+        crate::fsutil::write_atomic(path, crate::fsutil::WriteMode::from_force(force), |tmp| {
             std::fs::write(tmp, &data).map_err(|e| Error::io(tmp, e))
         })
     }
@@ -320,10 +364,30 @@ impl Identity {
     ) -> Result<BTreeMap<String, PersonalizationBlock>> {
         let stored = self.hosts()?;
         if stored != hosts {
+            let paths = |hs: &[HostSpec]| hs.iter().map(|h| h.path.clone()).collect::<Vec<_>>();
+            if paths(&stored) != paths(hosts) {
+                return Err(Error::Input(format!(
+                    "identity blocks {:?} do not fit this UNet's hosts {:?}",
+                    paths(&stored),
+                    paths(hosts)
+                )));
+            }
+            // Same places, other sizes: say which size differs.
+            let describe = |h: &HostSpec| {
+                format!(
+                    "{} ({} wide, {} heads of {})",
+                    h.path, h.dim, h.heads, h.d_head
+                )
+            };
+            let (s, h) = stored
+                .iter()
+                .zip(hosts)
+                .find(|(s, h)| s != h)
+                .expect("the lists differ");
             return Err(Error::Input(format!(
-                "identity blocks {:?} do not fit this UNet's hosts {:?}",
-                stored.iter().map(|h| &h.path).collect::<Vec<_>>(),
-                hosts.iter().map(|h| &h.path).collect::<Vec<_>>()
+                "identity block {} does not fit this UNet's {}",
+                describe(s),
+                describe(h)
             )));
         }
         let map: HashMap<String, Tensor> = self

@@ -23,7 +23,8 @@ pub fn convert_checkpoint(
     dtype: DType,
     force: bool,
 ) -> Result<ConvertReport> {
-    fsutil::check_overwrite(output, force)?;
+    fsutil::check_not_an_input(output, [input])?;
+    fsutil::check_output_location(output, force)?;
     let store = TensorStore::open(input)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, (_, stored)) in store.shapes() {
@@ -31,7 +32,7 @@ pub fn convert_checkpoint(
         tensors.insert(name.clone(), store.load(name, target, &Device::Cpu)?);
     }
     let count = tensors.len();
-    fsutil::write_atomic(output, |tmp| {
+    fsutil::write_atomic(output, fsutil::WriteMode::from_force(force), |tmp| {
         candle_core::safetensors::save(&tensors, tmp).map_err(|e| {
             Error::Weights(format!(
                 "{}: cannot write safetensors: {e}",

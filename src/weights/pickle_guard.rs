@@ -357,9 +357,11 @@ impl<'a> Walker<'a> {
                     self.push_container(combine(&parts))?;
                 }
                 b'.' => return Ok(()),
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "pickle opcode 0x{other:02x} at byte {at} is not one a tensor checkpoint uses"
-                )),
+                ))
+                }
             }
         }
     }
