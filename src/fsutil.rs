@@ -365,6 +365,18 @@ mod tests {
     }
 
     #[test]
+    fn the_signal_handler_removes_files_in_flight() {
+        let d = tmp("signal");
+        let f = d.join(".x.png.abc.tmp");
+        std::fs::write(&f, b"partial").unwrap();
+        register(&f);
+        remove_in_flight();
+        assert!(!f.exists());
+        unregister(&f);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn control_characters_are_escaped() {
         assert_eq!(printable("a\u{1b}[31mb\n"), "a\\u{1b}[31mb\\u{a}");
         assert_eq!(printable("ok é"), "ok é");

@@ -316,6 +316,12 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         metadata_common.push(("pfstorer:id_ref".to_string(), args.id_ref.to_string()));
     }
 
+    let job = BatchJob {
+        target,
+        metadata: &metadata_common,
+        overwrite: policy.overwrite(),
+        max_input_pixels,
+    };
     let bars = MultiProgress::new();
     let images = bars.add(batch::progress_bar(todo.len(), args.quiet));
     images.set_message("images");
@@ -323,16 +329,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let steps = bars.add(step_bar(args.quiet));
         steps.set_message(crate::fsutil::printable(&file_name(input)));
         let started = Instant::now();
-        let outcome = match restore_one(
-            &restorer,
-            input,
-            output,
-            target,
-            &metadata_common,
-            policy.overwrite(),
-            max_input_pixels,
-            &steps,
-        ) {
+        let outcome = match restore_one(&restorer, input, output, &job, &steps) {
             Ok(()) => {
                 if args.quiet {
                     // nothing
@@ -373,16 +370,27 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_else(|| p.display().to_string())
 }
 
+/// What every image of a batch shares besides the restorer.
+struct BatchJob<'a> {
+    target: TargetSize,
+    metadata: &'a [(String, String)],
+    overwrite: bool,
+    max_input_pixels: usize,
+}
+
 fn restore_one(
     restorer: &Restorer,
     input: &Path,
     output: &Path,
-    target: TargetSize,
-    metadata: &[(String, String)],
-    overwrite: bool,
-    max_input_pixels: usize,
+    job: &BatchJob,
     steps: &ProgressBar,
 ) -> crate::Result<()> {
+    let BatchJob {
+        target,
+        metadata,
+        overwrite,
+        max_input_pixels,
+    } = *job;
     let loaded: LoadedImage = load_image_within(input, MIN_INPUT_SIDE, max_input_pixels)?;
     let mut on_step = |done: usize, total: usize| {
         steps.set_length(total as u64);

@@ -1,0 +1,778 @@
+//! Hostile and faulty input, one case per finding of the hostile-input review: every case crafts
+//! its input here and asserts a clear one-line error naming the file or flag, a non-zero exit,
+//! the batch going on past a bad file, and that no file changed that the user did not ask to
+//! change (nothing written outside the output location).
+
+mod common;
+
+use pfstorer::personalize::identity::Identity;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pfstorer-hostile-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(home: &Path, args: &[String]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+        .args(args)
+        .env("PFSTORER_HOME", home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run pfstorer");
+    println!(
+        "$ pfstorer {}\n-- status {:?}\n-- stderr\n{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn p(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failed command: non-zero exit, and its error is one line.
+fn assert_one_line_failure(o: &Output) -> String {
+    let err = stderr(o);
+    assert!(!o.status.success(), "must fail: {err}");
+    assert_eq!(o.status.code(), Some(1), "an error, not an abort: {err}");
+    let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error_lines.len(), 1, "one error line: {err}");
+    // No doubled message ("X: X").
+    let parts: Vec<&str> = error_lines[0].split(": ").collect();
+    for w in parts.windows(2) {
+        assert_ne!(w[0], w[1], "doubled message: {err}");
+    }
+    err
+}
+
+fn model_flags() -> Vec<String> {
+    [
+        ("--base", "stablesr/model.safetensors"),
+        ("--config", "stablesr/config.yaml"),
+        ("--cfw", "stablesr/cfw.safetensors"),
+        ("--cfw-config", "stablesr/cfw.yaml"),
+    ]
+    .iter()
+    .flat_map(|(flag, rel)| [flag.to_string(), p(&common::fixture(rel))])
+    .collect()
+}
+
+fn restore_args(inputs: &[&Path], extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["restore".to_string()];
+    args.extend(inputs.iter().map(|i| p(i)));
+    args.extend(strings(extra));
+    args.extend(common::fast_sampling_flags());
+    args.extend(model_flags());
+    args.push("--quiet".into());
+    args
+}
+
+/// Replaces the value of `flag` in `args`.
+fn set_flag(args: &mut [String], flag: &str, value: &str) {
+    let i = args.iter().position(|a| a == flag).expect("flag present");
+    args[i + 1] = value.to_string();
+}
+
+fn small_png(path: &Path, w: u32, h: u32) {
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 9) as u8, (y * 7) as u8, 90]))
+        .save(path)
+        .unwrap();
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                out.insert(path.clone(), std::fs::read(&path).unwrap());
+            } else {
+                out.insert(path.clone(), Vec::new());
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Data loss
+
+#[test]
+fn eval_report_never_replaces_an_existing_file_or_an_input() {
+    let dir = scratch("eval");
+    let (restored, gt) = (dir.join("restored"), dir.join("gt"));
+    std::fs::create_dir_all(&restored).unwrap();
+    std::fs::create_dir_all(&gt).unwrap();
+    small_png(&restored.join("a.png"), 16, 16);
+    small_png(&gt.join("a.png"), 16, 16);
+    let before = snapshot(&dir);
+    let eval = |out: &Path, force: bool| {
+        let mut args = strings(&["eval", "--quiet", "--restored"]);
+        args.push(p(&restored));
+        args.push("--gt".into());
+        args.push(p(&gt));
+        args.push("-o".into());
+        args.push(p(out));
+        if force {
+            args.push("--force".into());
+        }
+        run(&dir, &args)
+    };
+    // An input photo as the report, with and without --force.
+    for force in [false, true] {
+        let err = assert_one_line_failure(&eval(&gt.join("a.png"), force));
+        assert!(err.contains("is an input"), "{err}");
+        assert_eq!(snapshot(&dir), before, "nothing changed");
+    }
+    // An existing report: refused without --force, replaced with it.
+    let report = dir.join("report.csv");
+    std::fs::write(&report, "keep me").unwrap();
+    let err = assert_one_line_failure(&eval(&report, false));
+    assert!(
+        err.contains("report.csv") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&report).unwrap(), "keep me");
+    assert!(eval(&report, true).status.success());
+    assert!(std::fs::read_to_string(&report).unwrap().contains("psnr"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn restore_never_writes_over_its_input_even_with_force() {
+    let dir = scratch("self");
+    let input = dir.join("p.png");
+    small_png(&input, 16, 16);
+    let before = snapshot(&dir);
+    let o = run(
+        &dir,
+        &restore_args(&[&input], &["--suffix", "", "--force", "-o", &p(&dir)]),
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("0 done, 0 skipped, 1 failed"), "{err}");
+    assert!(err.contains("is an input"), "{err}");
+    assert_eq!(snapshot(&dir), before, "the input is untouched");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Path traversal
+
+#[test]
+fn suffix_with_path_separators_is_refused_before_anything_is_written() {
+    let dir = scratch("suffix");
+    let deep = dir.join("a/b/c/d");
+    std::fs::create_dir_all(&deep).unwrap();
+    let input = deep.join("p.png");
+    small_png(&input, 16, 16);
+    let before = snapshot(&dir);
+    for suffix in ["/../../../../escaped", "x/y", "..\\up"] {
+        let err =
+            assert_one_line_failure(&run(&dir, &restore_args(&[&input], &["--suffix", suffix])));
+        assert!(err.contains("--suffix"), "{err}");
+        assert_eq!(snapshot(&dir), before, "no file and no directory created");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Allocation bounds
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A PNG whose header claims `w x h` RGB pixels, with a few bytes of data.
+fn lying_png(path: &Path, w: u32, h: u32) {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
+    );
+    chunk(b"IEND", &[]);
+    std::fs::write(path, png).unwrap();
+}
+
+#[test]
+fn oversized_images_fail_per_file_and_the_batch_goes_on() {
+    let dir = scratch("alloc");
+    let liar = dir.join("liar.png");
+    lying_png(&liar, 100_000, 100_000);
+    assert!(std::fs::metadata(&liar).unwrap().len() < 400);
+    let strip = dir.join("strip.png");
+    image::RgbImage::new(100_000, 8).save(&strip).unwrap();
+    let good = dir.join("good.png");
+    small_png(&good, 16, 12);
+    let out = dir.join("out");
+    // The fast test flags process at 64 px (the default is 512, which alone puts the strip
+    // past the default 64 MP); a 16 MP limit keeps the same case.
+    let o = run(
+        &dir,
+        &restore_args(
+            &[&liar, &strip, &good],
+            &["-o", &p(&out), "--max-megapixels", "16"],
+        ),
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "an error, not an abort: {err}");
+    assert!(err.contains("1 done, 0 skipped, 2 failed"), "{err}");
+    assert!(err.contains("liar.png") && err.contains("limit"), "{err}");
+    assert!(
+        err.contains("strip.png") && err.contains("--max-megapixels"),
+        "{err}"
+    );
+    assert!(out.join("good_restored.png").is_file());
+    assert!(!out.join("liar_restored.png").exists() && !out.join("strip_restored.png").exists());
+}
+
+#[test]
+fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
+    let dir = scratch("flags");
+    let input = dir.join("p.png");
+    small_png(&input, 16, 16);
+    // Output sizes: per file, before the model is read (the base path does not exist).
+    let missing_base = dir.join("no-such-model.safetensors");
+    for flags in [&["--scale", "1e9"][..], &["--size", "100000x100000"]] {
+        let mut args = vec!["restore".to_string(), p(&input)];
+        args.extend(strings(flags));
+        args.extend(strings(&["--quiet", "--base", &p(&missing_base)]));
+        args.extend(strings(&[
+            "--config",
+            &p(&common::fixture("stablesr/config.yaml")),
+        ]));
+        let o = run(&dir, &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("0 done, 0 skipped, 1 failed") && err.contains("MP"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("no-such-model"),
+            "refused before the model: {err}"
+        );
+    }
+    let mut args = restore_args(&[&input], &[]);
+    set_flag(&mut args, "--input-size", "100000000");
+    let err = assert_one_line_failure(&run(&dir, &args));
+    assert!(err.contains("--input-size"), "{err}");
+    // image_size in the YAML.
+    let yaml = std::fs::read_to_string(common::fixture("stablesr/config.yaml")).unwrap();
+    let huge: String = yaml
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("image_size:") {
+            Some(_) if l.starts_with("    image_size") => {
+                format!(
+                    "{}image_size: 100000000\n",
+                    &l[..l.len() - l.trim_start().len()]
+                )
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert_ne!(
+        huge, yaml,
+        "the fixture config has a model-level image_size"
+    );
+    let cfg = dir.join("huge.yaml");
+    std::fs::write(&cfg, huge).unwrap();
+    let mut args = restore_args(&[&input], &[]);
+    set_flag(&mut args, "--config", &p(&cfg));
+    let err = assert_one_line_failure(&run(&dir, &args));
+    assert!(
+        err.contains("huge.yaml") && err.contains("image_size"),
+        "{err}"
+    );
+    // personalize --size.
+    let mut args = strings(&["personalize", "--id", "x", "--size", "102400", "--refs"]);
+    for k in 0..3 {
+        let r = dir.join(format!("r{k}.png"));
+        small_png(&r, 64 + k, 64);
+        args.push(p(&r));
+    }
+    args.extend(model_flags());
+    let err = assert_one_line_failure(&run(&dir, &args));
+    assert!(err.contains("--size 102400"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Hostile checkpoints
+
+fn torch_zip(path: &Path, pickle: &[u8]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    zip.write_all(pickle).unwrap();
+    zip.finish().unwrap();
+}
+
+#[test]
+fn hostile_checkpoints_are_refused_without_running_out_of_memory_or_stack() {
+    let dir = scratch("ckpt");
+    // A memo clone bomb: x = [x, x] twenty-five times over (2^25 values from ~250 bytes).
+    let mut bomb = b"\x80\x02]q\x00".to_vec();
+    for _ in 0..40 {
+        bomb.extend_from_slice(b"](h\x00h\x00eq\x00");
+    }
+    bomb.push(b'.');
+    // A value nested two million levels deep in 2 MB (TUPLE1 of TUPLE1 of ...).
+    let mut deep = b"\x80\x02N".to_vec();
+    deep.extend(std::iter::repeat_n(0x85u8, 2_000_000));
+    deep.push(b'.');
+    // A string claiming 4 GB.
+    let liar = b"\x80\x02X\xff\xff\xff\xff".to_vec();
+    for (name, pickle, why) in [
+        ("bomb.ckpt", bomb, "values"),
+        ("deep.ckpt", deep, "deeper"),
+        ("liar.ckpt", liar, "ends inside"),
+    ] {
+        let path = dir.join(name);
+        torch_zip(&path, &pickle);
+        let msg = match pfstorer::weights::TensorStore::open(&path) {
+            Ok(_) => panic!("{name} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg.contains(name) && msg.contains(why), "{msg}");
+        assert!(!msg.contains('\n'));
+        // And through the CLI: a one-line error, exit 1.
+        let input = dir.join("p.png");
+        small_png(&input, 16, 16);
+        let mut args = restore_args(&[&input], &[]);
+        set_flag(&mut args, "--base", &p(&path));
+        let err = assert_one_line_failure(&run(&dir, &args));
+        assert!(err.contains(name), "{err}");
+    }
+}
+
+/// The fixture checkpoint with one tensor's stored dtype relabelled (same byte size).
+fn relabelled(dir: &Path, tensor: &str, dtype: &str) -> PathBuf {
+    let bytes = std::fs::read(common::fixture("stablesr/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header[tensor]["dtype"], "F32");
+    header[tensor]["dtype"] = dtype.into();
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    let path = dir.join("relabelled.safetensors");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+#[test]
+fn a_float_tensor_relabelled_as_integer_is_refused() {
+    let dir = scratch("dtype");
+    let key = "model.diffusion_model.out.2.weight";
+    let path = relabelled(&dir, key, "I32");
+    let cfg = common::tiny_config();
+    let msg = pfstorer::model::base::BaseModel::load(
+        &path,
+        cfg,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        msg.contains(key) && msg.contains("not floating-point"),
+        "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Non-finite values
+
+#[test]
+fn non_finite_and_out_of_range_flags_are_refused() {
+    let dir = scratch("nan");
+    let input = dir.join("p.png");
+    small_png(&input, 16, 16);
+    for (flag, value) in [
+        ("--cfg", "nan"),
+        ("--cfg", "inf"),
+        ("--dec-w", "nan"),
+        ("--dec-w", "1.5"),
+        ("--id-strength", "nan"),
+        ("--max-megapixels", "nan"),
+    ] {
+        let err = assert_one_line_failure(&run(&dir, &restore_args(&[&input], &[flag, value])));
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "no output written"
+    );
+}
+
+#[test]
+fn non_finite_or_zero_config_scalars_are_refused() {
+    let dir = scratch("yaml-nan");
+    let yaml = std::fs::read_to_string(common::fixture("stablesr/config.yaml")).unwrap();
+    let line = yaml
+        .lines()
+        .find(|l| l.trim_start().starts_with("scale_factor:"))
+        .expect("scale_factor line");
+    for bad in ["0", ".nan", "-1"] {
+        let indent = &line[..line.len() - line.trim_start().len()];
+        let text = yaml.replace(line, &format!("{indent}scale_factor: {bad}"));
+        let path = dir.join("bad.yaml");
+        std::fs::write(&path, text).unwrap();
+        let msg = pfstorer::config::BaseModelConfig::from_yaml_file(&path)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            msg.contains("bad.yaml") && msg.contains("scale_factor"),
+            "{bad}: {msg}"
+        );
+    }
+    let cfw = std::fs::read_to_string(common::fixture("stablesr/cfw.yaml")).unwrap();
+    let path = dir.join("cfw.yaml");
+    let text = if cfw.contains("fusion_w:") {
+        let line = cfw.lines().find(|l| l.contains("fusion_w:")).unwrap();
+        cfw.replace(line, &line.replace(line.trim_start(), "fusion_w: .nan"))
+    } else {
+        cfw.replace("params:\n", "params:\n    fusion_w: .nan\n")
+    };
+    std::fs::write(&path, text).unwrap();
+    let msg = pfstorer::config::CfwConfig::from_yaml_file(&path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(msg.contains("fusion_w"), "{msg}");
+}
+
+/// Trains a 1-iteration identity through the CLI; returns its path.
+fn trained_identity(dir: &Path, refs: &[PathBuf], name: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(format!("{name}.identity.safetensors"));
+    let mut args = strings(&["personalize", "--id", name, "--size", "64", "--quiet"]);
+    args.extend(strings(extra));
+    args.extend(strings(&["--out", &p(&out), "--refs"]));
+    args.extend(refs.iter().map(|r| p(r)));
+    args.extend(model_flags());
+    let o = run(dir, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    out
+}
+
+fn refs(dir: &Path, count: u32, shift: u32) -> Vec<PathBuf> {
+    (0..count)
+        .map(|k| {
+            let path = dir.join(format!("ref{}_{k}.png", shift));
+            image::RgbImage::from_fn(64 + 8 * k, 64, |x, y| {
+                image::Rgb([
+                    ((x * 7 + 40 * k + shift) % 256) as u8,
+                    (y * 4) as u8,
+                    (x * 2) as u8,
+                ])
+            })
+            .save(&path)
+            .unwrap();
+            path
+        })
+        .collect()
+}
+
+/// `identity` with `edit` applied to its tensors and metadata, saved at `path`.
+fn tampered(identity: &Path, path: &Path, edit: impl FnOnce(&mut Identity)) -> PathBuf {
+    let mut id = Identity::load_file(identity).unwrap();
+    edit(&mut id);
+    id.save(path, true).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn identities_with_nan_or_wrong_shapes_are_refused() {
+    let dir = scratch("identity");
+    let refs = refs(&dir, 3, 0);
+    let good = trained_identity(&dir, &refs, "ann", &["--steps", "1"]);
+    let gamma_key = Identity::load_file(&good)
+        .unwrap()
+        .tensors
+        .keys()
+        .find(|k| k.ends_with(".gamma"))
+        .unwrap()
+        .clone();
+    let nan = tampered(&good, &dir.join("nan.identity.safetensors"), |id| {
+        let g = &id.tensors[&gamma_key];
+        let v = (g.ones_like().unwrap() * f64::NAN).unwrap();
+        id.tensors.insert(gamma_key.clone(), v);
+    });
+    let msg = Identity::load_file(&nan).unwrap_err().to_string();
+    assert!(msg.contains("nan.identity") && msg.contains("NaN"), "{msg}");
+    let width = Identity::load_file(&good).unwrap().tensors["token.embedding"].dims()[1];
+    let wrong = tampered(&good, &dir.join("wrong.identity.safetensors"), |id| {
+        let t = candle_core::Tensor::zeros(
+            (2, width / 2),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        id.tensors.insert("token.embedding".into(), t.clone());
+        id.tensors.insert("token.init_embedding".into(), t);
+    });
+    let msg = Identity::load_file(&wrong).unwrap_err().to_string();
+    assert!(
+        msg.contains("token.embedding") && msg.contains("[1, width]"),
+        "{msg}"
+    );
+    // Through restore: a one-line error, no output.
+    let input = dir.join("p.png");
+    small_png(&input, 16, 16);
+    let out = dir.join("out.png");
+    let err = assert_one_line_failure(&run(
+        &dir,
+        &restore_args(&[&input], &["--id", &p(&nan), "-o", &p(&out)]),
+    ));
+    assert!(err.contains("NaN"), "{err}");
+    assert!(!out.exists());
+    // Same block places, another head count: the message says what differs.
+    let heads = tampered(&good, &dir.join("heads.identity.safetensors"), |id| {
+        let mut hosts: serde_json::Value = serde_json::from_str(&id.metadata["hosts"]).unwrap();
+        let h = &mut hosts[0];
+        let (heads, d_head) = (h["heads"].as_u64().unwrap(), h["d_head"].as_u64().unwrap());
+        h["heads"] = (heads * 2).into();
+        h["d_head"] = (d_head / 2).max(1).into();
+        id.metadata.insert("hosts".into(), hosts.to_string());
+    });
+    let err = assert_one_line_failure(&run(
+        &dir,
+        &restore_args(&[&input], &["--id", &p(&heads), "-o", &p(&out)]),
+    ));
+    assert!(
+        err.contains("heads") && err.contains("does not fit"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. --resume belongs to one run
+
+#[test]
+fn resume_refuses_a_checkpoint_of_another_run() {
+    let dir = scratch("resume");
+    let refs_a = refs(&dir, 3, 0);
+    let refs_b = refs(&dir, 3, 77);
+    let done = trained_identity(&dir, &refs_a, "bob", &["--steps", "1", "--seed", "5"]);
+    let out = dir.join("bob2.identity.safetensors");
+    let checkpoint = dir.join("bob2.identity.safetensors.checkpoint");
+    let resume = |refs: &[PathBuf], extra: &[&str]| {
+        let mut args = strings(&[
+            "personalize",
+            "--id",
+            "bob",
+            "--quiet",
+            "--resume",
+            "--steps",
+            "2",
+        ]);
+        args.extend(strings(extra));
+        args.extend(strings(&["--out", &p(&out), "--refs"]));
+        args.extend(refs.iter().map(|r| p(r)));
+        args.extend(model_flags());
+        run(&dir, &args)
+    };
+    std::fs::copy(&done, &checkpoint).unwrap();
+    for (refs, extra, why) in [
+        (
+            &refs_b,
+            &["--seed", "5", "--size", "64"][..],
+            "other reference photos",
+        ),
+        (&refs_a, &["--seed", "6", "--size", "64"], "seed"),
+        (&refs_a, &["--seed", "5", "--size", "128"], "size"),
+    ] {
+        let err = assert_one_line_failure(&resume(refs, extra));
+        assert!(
+            err.contains("belongs to another run") && err.contains(why),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+    for claimed in ["999", "0", "x"] {
+        tampered(&done, &checkpoint, |id| {
+            id.metadata.insert("iterations_done".into(), claimed.into());
+        });
+        let err = assert_one_line_failure(&resume(&refs_a, &["--seed", "5", "--size", "64"]));
+        assert!(err.contains("belongs to another run"), "{claimed}: {err}");
+    }
+    // The genuine checkpoint resumes.
+    std::fs::copy(&done, &checkpoint).unwrap();
+    let o = resume(&refs_a, &["--seed", "5", "--size", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        Identity::load_file(&out).unwrap().metadata["iterations_done"],
+        "2"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Output locations are checked before the compute
+
+#[cfg(unix)]
+#[test]
+fn unusable_output_locations_fail_before_the_model_is_loaded() {
+    let dir = scratch("outloc");
+    let input = dir.join("p.png");
+    small_png(&input, 16, 16);
+    let missing_base = dir.join("no-such-model.safetensors");
+    let a_file = dir.join("plain.txt");
+    std::fs::write(&a_file, "x").unwrap();
+    // The default output name (next to the input) taken by a directory.
+    let a_dir = dir.join("p_restored.png");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let dangling = dir.join("dangling.png");
+    std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).unwrap();
+    for (out, why) in [
+        (Some(a_file.join("out.png")), "cannot"),
+        (None, "directory"),
+        (Some(dangling.clone()), "symbolic link"),
+    ] {
+        let mut args = strings(&["restore", &p(&input), "--force", "--quiet"]);
+        args.extend(strings(&["--base", &p(&missing_base)]));
+        if let Some(out) = out {
+            args.extend(strings(&["-o", &p(&out)]));
+        }
+        let o = run(&dir, &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("1 failed") && err.contains(why),
+            "{why}: {err}"
+        );
+        assert!(
+            !err.contains("no-such-model"),
+            "checked before the model: {err}"
+        );
+    }
+    assert!(std::fs::symlink_metadata(&dangling)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(a_dir.is_dir());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Smaller findings
+
+#[test]
+fn terminal_escapes_in_file_names_are_printed_escaped() {
+    let dir = scratch("escape");
+    let evil = dir.join("evil\u{1b}[2J.png");
+    std::fs::write(&evil, b"not an image").unwrap();
+    let o = run(&dir, &restore_args(&[&evil], &[]));
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(!err.contains('\u{1b}'), "raw escape printed: {err:?}");
+    assert!(err.contains("\\u{1b}[2J"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn ids_rm_removes_a_looping_symlink_itself() {
+    let home = scratch("ids");
+    let ids = home.join("identities");
+    std::fs::create_dir_all(&ids).unwrap();
+    let link = ids.join("loop.identity.safetensors");
+    std::os::unix::fs::symlink(&link, &link).unwrap();
+    let o = run(&home, &strings(&["ids", "rm", "loop"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::symlink_metadata(&link).is_err(), "link removed");
+    let err = assert_one_line_failure(&run(&home, &strings(&["ids", "rm", "loop"])));
+    assert!(err.contains("no stored identity"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn convert_keeps_the_mode_of_a_replaced_file_and_refuses_its_input() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("convert");
+    let input = common::fixture("stablesr/cfw.ckpt");
+    let out = dir.join("cfw.safetensors");
+    std::fs::write(&out, b"old").unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run(
+        &dir,
+        &strings(&["convert", &p(&input), &p(&out), "--force"]),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    // Onto itself: an input is never replaced.
+    let copy = dir.join("copy.ckpt");
+    std::fs::copy(&input, &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let err = assert_one_line_failure(&run(
+        &dir,
+        &strings(&["convert", &p(&copy), &p(&copy), "--force"]),
+    ));
+    assert!(err.contains("is an input"), "{err}");
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_quickly() {
+    let dir = scratch("yaml-deep");
+    let path = dir.join("deep.yaml");
+    let mut text = "model: ".to_string();
+    text.push_str(&"[".repeat(100_000));
+    text.push_str(&"]".repeat(100_000));
+    std::fs::write(&path, text).unwrap();
+    let start = std::time::Instant::now();
+    let msg = pfstorer::config::BaseModelConfig::from_yaml_file(&path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(msg.contains("deep.yaml") && msg.contains("nested"), "{msg}");
+    println!("refused in {:?}", start.elapsed());
+}
