@@ -466,8 +466,7 @@ fn non_finite_or_zero_config_scalars_are_refused() {
         let path = dir.join("bad.yaml");
         std::fs::write(&path, text).unwrap();
         let msg = pfstorer::config::BaseModelConfig::from_yaml_file(&path)
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(
             msg.contains("bad.yaml") && msg.contains("scale_factor"),
@@ -484,8 +483,7 @@ fn non_finite_or_zero_config_scalars_are_refused() {
     };
     std::fs::write(&path, text).unwrap();
     let msg = pfstorer::config::CfwConfig::from_yaml_file(&path)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(msg.contains("fusion_w"), "{msg}");
 }
@@ -770,8 +768,7 @@ fn deeply_nested_yaml_is_refused_quickly() {
     std::fs::write(&path, text).unwrap();
     let start = std::time::Instant::now();
     let msg = pfstorer::config::BaseModelConfig::from_yaml_file(&path)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(msg.contains("deep.yaml") && msg.contains("nested"), "{msg}");
     println!("refused in {:?}", start.elapsed());
