@@ -62,9 +62,13 @@ pub fn install_signal_cleanup() {
 
 fn remove_in_flight() {
     if let Ok(set) = IN_FLIGHT.lock() {
-        for path in set.iter() {
-            let _ = std::fs::remove_file(path);
-        }
+        remove_all(&set);
+    }
+}
+
+fn remove_all(paths: &BTreeSet<PathBuf>) {
+    for path in paths {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -369,10 +373,14 @@ mod tests {
         let d = tmp("signal");
         let f = d.join(".x.png.abc.tmp");
         std::fs::write(&f, b"partial").unwrap();
+        // The registry is global (other tests write in parallel): check the membership, and
+        // run the handler's removal on this file alone.
         register(&f);
-        remove_in_flight();
-        assert!(!f.exists());
+        let registered = IN_FLIGHT.lock().unwrap().contains(&f);
         unregister(&f);
+        assert!(registered && !IN_FLIGHT.lock().unwrap().contains(&f));
+        remove_all(&BTreeSet::from([f.clone()]));
+        assert!(!f.exists());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

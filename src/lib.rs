@@ -18,6 +18,7 @@ pub mod imaging;
 pub mod metrics;
 pub mod model;
 pub mod personalize;
+pub mod prompts;
 pub mod restore;
 pub mod weights;
 

@@ -72,14 +72,16 @@ fn timestep_embedding_matches_reference() {
     let cfg = config();
     let io = common::load("stablesr/io.safetensors");
     let t = common::get(&io, "unet.in.t");
-    let emb = pfstorer::model::nn::timestep_embedding(t, cfg.unet.model_channels).unwrap();
+    let emb =
+        pfstorer::model::time_embedding::timestep_embedding(t, cfg.unet.model_channels).unwrap();
     common::assert_module_close(
         "unet.debug.t_emb",
         &emb,
         common::get(&io, "unet.debug.t_emb"),
     );
     let t = common::get(&io, "struct_enc.in.t");
-    let emb = pfstorer::model::nn::timestep_embedding(t, cfg.lq_encoder.model_channels).unwrap();
+    let emb = pfstorer::model::time_embedding::timestep_embedding(t, cfg.lq_encoder.model_channels)
+        .unwrap();
     common::assert_module_close(
         "struct_enc.debug.t_emb",
         &emb,

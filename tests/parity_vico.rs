@@ -8,12 +8,13 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use pfstorer::config::UNetConfig;
-use pfstorer::model::adapter::{
-    host_forward, otsu_mask, otsu_threshold, pers_loss, HostInputs, ImageCrossAttention, ParamInit,
-    PersonalizationBlock, TokenPositions,
-};
+use pfstorer::error::Result;
 use pfstorer::model::nn;
 use pfstorer::model::unet::SpatialTransformer;
+use pfstorer::personalize::block::{
+    otsu_mask, otsu_threshold, pers_loss, placeholder_signals, run_blocks_with_text_probs,
+    ImageCrossAttention, ParamInit, PersonalizationBlock, PlaceholderSignals, TokenPositions,
+};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -789,4 +790,75 @@ fn trainable_init_is_pytorch_default_and_identity() {
         1e-6,
         0.0,
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ViCo's per-host forward composed from the library's pieces (what the fixture records).
+
+/// The two streams entering a host.
+#[derive(Debug, Clone, Copy)]
+struct HostInputs<'a> {
+    /// x-stream features `[B, C, H, W]`.
+    x: &'a Tensor,
+    /// Reference-stream features `[B_ref, C, H_ref, W_ref]`, `B_ref` = B or 1.
+    xr: &'a Tensor,
+    /// Text context of the x stream `[B, n_ctx, context_dim]`.
+    context: &'a Tensor,
+    /// Text context of the reference stream `[B_ref, n_ctx, context_dim]`.
+    ref_context: &'a Tensor,
+    /// Placeholder / EOT columns per reference row.
+    positions: &'a TokenPositions,
+}
+
+/// Everything one personalised host forward produces.
+#[derive(Debug, Clone)]
+struct HostOutput {
+    /// x-stream output `[B, C, H, W]` (residual included).
+    x: Tensor,
+    /// Reference-stream output `[B_ref, C, H_ref, W_ref]`: the frozen base host's output.
+    xr: Tensor,
+    /// Host tokens after the base blocks (`F`, input of the ICA).
+    host_tokens: Tensor,
+    /// Host tokens after Eq. 3 (`F̂`, input of `proj_out`).
+    gated_tokens: Tensor,
+    /// Reference tokens after the base blocks (`R`).
+    ref_tokens: Tensor,
+    /// Text cross-attention probabilities of the reference stream `[B_ref, N_ref, n_ctx]`.
+    text_probs: Tensor,
+    signals: PlaceholderSignals,
+}
+
+/// ViCo's `SpatialTransformer.forward` with `image_cross` on a frozen host, with PFStorer's γ
+/// gate: `x` and the reference `xr` pass the same norm / proj_in / base blocks (`xr` with its own
+/// text context `ref_context`), the placeholder map of the reference stream gives the mask and
+/// L_Pers, the block mixes the reference tokens into the x tokens, and both streams leave through
+/// proj_out and the residual. The reference stream never sees the ICA.
+fn host_forward(
+    host: &SpatialTransformer,
+    block: &PersonalizationBlock,
+    inputs: &HostInputs,
+    lambda_att: f64,
+) -> Result<HostOutput> {
+    let HostInputs {
+        x,
+        xr,
+        context,
+        ref_context,
+        positions,
+    } = *inputs;
+    let x_parts = host.tokens_in(x)?;
+    let host_tokens = host.run_blocks(&x_parts.tokens, context)?;
+    let xr_parts = host.tokens_in(xr)?;
+    let (ref_tokens, text_probs) = run_blocks_with_text_probs(host, &xr_parts.tokens, ref_context)?;
+    let signals = placeholder_signals(&text_probs, positions)?;
+    let gated_tokens = block.forward(&host_tokens, &ref_tokens, Some(&signals.mask), lambda_att)?;
+    Ok(HostOutput {
+        x: host.tokens_out(&x_parts, &gated_tokens)?,
+        xr: host.tokens_out(&xr_parts, &ref_tokens)?,
+        host_tokens,
+        gated_tokens,
+        ref_tokens,
+        text_probs,
+        signals,
+    })
 }

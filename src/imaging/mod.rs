@@ -4,6 +4,7 @@ pub mod colorfix;
 pub mod io;
 pub mod patches;
 pub mod resize;
+pub mod tensor;
 
 /// An interleaved (HWC) float image, values nominally in [0, 1], channels in RGB order
 /// (1 = gray, 3 = RGB, 4 = RGBA).

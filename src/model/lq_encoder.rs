@@ -4,7 +4,8 @@
 //! passed through its own ResBlock (`fea_tran`) to the UNet's `semb_channels`. These feed the
 //! SPADE layers of every UNet residual block.
 
-use super::nn::{self, group_norm32, GroupNorm, TimeEmbedding};
+use super::nn::{self, group_norm32, GroupNorm};
+use super::time_embedding::TimeEmbedding;
 use super::unet::{ResBlock, StructCond};
 use crate::config::LqEncoderConfig;
 use crate::model::nn::Conv2d;

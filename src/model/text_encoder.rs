@@ -8,9 +8,9 @@
 //! checkpoint is accounted for) but take no part in the computation.
 
 use crate::config::TextConfig;
-use crate::error::{Error, Result};
 use crate::model::nn::Linear;
 use crate::model::nn::{self, LayerNorm};
+use candle_core::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -44,12 +44,11 @@ impl SelfAttention {
         let head_dim = width / self.heads;
         let qkv = self.in_proj.forward(x)?;
         let split_heads = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(D::Minus1, i * width, width)?
+            qkv.narrow(D::Minus1, i * width, width)?
                 .reshape((batch, len, self.heads, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?
-                .reshape((batch * self.heads, len, head_dim))?)
+                .reshape((batch * self.heads, len, head_dim))
         };
         let (q, k, v) = (split_heads(0)?, split_heads(1)?, split_heads(2)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
@@ -58,7 +57,7 @@ impl SelfAttention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((batch, len, width))?;
-        Ok(self.out_proj.forward(&out)?)
+        self.out_proj.forward(&out)
     }
 }
 
@@ -88,7 +87,7 @@ impl ResidualBlock {
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
         let h = nn::gelu(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
-        Ok((&x + self.c_proj.forward(&h)?)?)
+        &x + self.c_proj.forward(&h)?
     }
 }
 
@@ -108,16 +107,18 @@ impl TextEncoder {
     /// Builds the tower from `vb` rooted at [`TEXT_PREFIX`].
     pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         if cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
-            return Err(Error::Config(format!(
+            bail!(
                 "text width {} is not divisible by {} heads",
-                cfg.width, cfg.heads
-            )));
+                cfg.width,
+                cfg.heads
+            );
         }
         if cfg.skip_last_layers > cfg.layers {
-            return Err(Error::Config(format!(
+            bail!(
                 "cannot skip {} of {} text transformer blocks",
-                cfg.skip_last_layers, cfg.layers
-            )));
+                cfg.skip_last_layers,
+                cfg.layers
+            );
         }
         let width = cfg.width;
         let token_embedding = vb.get((cfg.vocab_size, width), "token_embedding.weight")?;
@@ -156,10 +157,9 @@ impl TextEncoder {
     pub fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, len) = ids.dims2()?;
         let flat = ids.to_dtype(DType::U32)?.flatten_all()?;
-        Ok(self
-            .token_embedding
+        self.token_embedding
             .index_select(&flat, 0)?
-            .reshape((batch, len, self.width))?)
+            .reshape((batch, len, self.width))
     }
 
     /// The context from token embeddings `[B, L, width]` (L <= context length): adds the
@@ -171,7 +171,7 @@ impl TextEncoder {
         for block in &self.blocks[..self.active_layers] {
             x = block.forward(&x, &mask)?;
         }
-        Ok(self.ln_final.forward(&x)?)
+        self.ln_final.forward(&x)
     }
 
     /// The context `[B, L, width]` for token ids `[B, L]`.
@@ -195,14 +195,14 @@ impl TextEncoder {
         let (_, len, width) = emb.dims3()?;
         let context = self.positional_embedding.dim(0)?;
         if len > context || width != self.width {
-            return Err(Error::Input(format!(
+            bail!(
                 "text embeddings of shape {:?} do not fit a tower of width {} and context {context}",
                 emb.dims(),
                 self.width
-            )));
+            );
         }
         let positions = self.positional_embedding.narrow(0, 0, len)?;
-        Ok(emb.broadcast_add(&positions.to_dtype(emb.dtype())?)?)
+        emb.broadcast_add(&positions.to_dtype(emb.dtype())?)
     }
 
     /// Additive `[L, L]` mask, `-inf` above the diagonal, in f32 like the attention scores.
@@ -210,7 +210,7 @@ impl TextEncoder {
         let values: Vec<f32> = (0..len)
             .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
-        Ok(Tensor::from_vec(values, (len, len), device)?)
+        Tensor::from_vec(values, (len, len), device)
     }
 }
 
@@ -219,18 +219,18 @@ impl TextEncoder {
 pub fn replace_rows(emb: &Tensor, positions: &[(usize, usize)], row: &Tensor) -> Result<Tensor> {
     let (batch, len, width) = emb.dims3()?;
     if row.elem_count() != width {
-        return Err(Error::Input(format!(
+        bail!(
             "replacement row has {} values, the embeddings have width {width}",
             row.elem_count()
-        )));
+        );
     }
     let mut selected = vec![0u8; batch * len];
     for &(b, p) in positions {
         if b >= batch || p >= len {
-            return Err(Error::Input(format!(
+            bail!(
                 "row ({b}, {p}) is outside embeddings of shape {:?}",
                 emb.dims()
-            )));
+            );
         }
         selected[b * len + p] = 1;
     }
@@ -240,5 +240,5 @@ pub fn replace_rows(emb: &Tensor, positions: &[(usize, usize)], row: &Tensor) ->
         .to_dtype(emb.dtype())?
         .reshape((1, 1, width))?
         .broadcast_as((batch, len, width))?;
-    Ok(mask.where_cond(&row, emb)?)
+    mask.where_cond(&row, emb)
 }

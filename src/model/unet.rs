@@ -8,7 +8,8 @@
 //! x [ResBlockDual on the skip concat, transformer, nearest-2x + conv at the level's end]) and
 //! `out` (GroupNorm, SiLU, conv). The output is the v prediction.
 
-use super::nn::{self, attention, group_norm32, GroupNorm, LayerNorm, TimeEmbedding};
+use super::nn::{self, attention, group_norm32, GroupNorm, LayerNorm};
+use super::time_embedding::TimeEmbedding;
 use crate::config::UNetConfig;
 use crate::model::nn::{Conv2d, Linear};
 use candle_core::{Module, Result, Tensor, D};

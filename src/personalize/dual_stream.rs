@@ -22,13 +22,12 @@
 //!   per step and reuse them for every tile (they do not depend on `x`). Equivalently, build a
 //!   [`GatedSeam`] and call `unet.forward_with_seam(x, inputs, Some(&mut seam))`.
 
-use super::HostSpec;
 use crate::error::{Error, Result};
-use crate::model::adapter::{
+use crate::model::unet::{SpatialTransformer, TransformerSeam, UNet, UNetInputs};
+use crate::personalize::block::{
     placeholder_signals, run_blocks_with_text_probs, PersonalizationBlock, PlaceholderSignals,
     TokenPositions,
 };
-use crate::model::unet::{SpatialTransformer, TransformerSeam, UNet, UNetInputs};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 
@@ -212,21 +211,4 @@ impl<'a> PersonalizedUNet<'a> {
             _ => Ok(self.unet.forward(x, inputs)?),
         }
     }
-}
-
-/// Checks that `blocks` cover exactly `hosts`.
-pub fn check_hosts(
-    blocks: &BTreeMap<String, PersonalizationBlock>,
-    hosts: &[HostSpec],
-) -> Result<()> {
-    let expected: Vec<&str> = hosts.iter().map(|h| h.path.as_str()).collect();
-    let actual: Vec<&str> = blocks.keys().map(|k| k.as_str()).collect();
-    let mut sorted = expected.clone();
-    sorted.sort();
-    if sorted != actual {
-        return Err(Error::Input(format!(
-            "personalization blocks at {actual:?}, this UNet's hosts are {expected:?}"
-        )));
-    }
-    Ok(())
 }

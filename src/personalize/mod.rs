@@ -3,6 +3,7 @@
 //! ([`dual_stream`]), the training objective and loop ([`trainer`]) and the identity file
 //! ([`identity`]). The design follows `docs/personalization.md`.
 
+pub mod block;
 pub mod dual_stream;
 pub mod identity;
 pub mod optim;
@@ -12,15 +13,7 @@ pub mod trainer;
 
 use crate::config::UNetConfig;
 
-/// The fixed positive prompt; `*` is the placeholder bound to the learned token.
-pub const POSITIVE_PROMPT: &str =
-    "a photo of *, masterpiece, best quality, realistic, very clear, professional";
-/// The negative prompt of classifier-free guidance.
-pub const NEGATIVE_PROMPT: &str = "3d, cartoon, anime, sketches, worst quality, low quality";
-/// Placeholder string of the learned token.
-pub const PLACEHOLDER: &str = "*";
-/// The word whose token-table row initialises the learned token.
-pub const INIT_WORD: &str = "person";
+pub use crate::prompts::{INIT_WORD, PLACEHOLDER};
 
 /// Loss weights and learning rates of the spec (§4).
 pub const LAMBDA_GEN: f64 = 0.1;

@@ -1,11 +1,14 @@
 //! The learned token: one embedding row `v*` that replaces the output of the frozen token table at
 //! the placeholder of the positive prompt, before the positional embedding (spec §3).
 
-use super::{INIT_WORD, NEGATIVE_PROMPT, PLACEHOLDER, POSITIVE_PROMPT};
 use crate::error::{Error, Result};
-use crate::model::adapter::TokenPositions;
 use crate::model::text_encoder::{replace_rows, TextEncoder};
 use crate::model::tokenizer::{eot_position, ClipTokenizer};
+use crate::personalize::block::TokenPositions;
+use crate::prompts::{
+    DEFAULT_NEGATIVE_PROMPT as NEGATIVE_PROMPT, DEFAULT_PROMPT as POSITIVE_PROMPT, INIT_WORD,
+    PLACEHOLDER,
+};
 use candle_core::{DType, Tensor};
 
 /// Token ids of one prompt with its placeholder and end-of-text columns.
@@ -71,7 +74,7 @@ impl PromptTokens {
             (Some(k), Some(token)) => replace_rows(&emb, &[(0, k)], token)?,
             _ => emb,
         };
-        text.forward_embeddings(&emb)
+        Ok(text.forward_embeddings(&emb)?)
     }
 
     /// Mask/L_Pers columns for `rows` rows of this prompt. A prompt without placeholder (the

@@ -10,12 +10,13 @@ use super::{INIT_WORD, WEIGHT_DECAY};
 use crate::degrade::{degrade_image, Preset};
 use crate::error::{Error, Result};
 use crate::imaging::resize::{resize_torch, TorchInterp};
+use crate::imaging::tensor::image_to_tensor;
 use crate::imaging::ImageF32;
-use crate::model::adapter::PersonalizationBlock;
 use crate::model::base::BaseModel;
 use crate::model::nn;
 use crate::model::unet::{StructCond, UNetInputs};
 use crate::model::vae::DiagonalGaussian;
+use crate::personalize::block::PersonalizationBlock;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::rngs::StdRng;
@@ -44,13 +45,6 @@ pub fn centre_crop_resize(img: &ImageF32, size: usize) -> Result<ImageF32> {
     };
     out.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
     Ok(out)
-}
-
-/// HWC RGB in [0, 1] -> `[1, 3, H, W]` in [-1, 1].
-pub fn image_to_tensor(img: &ImageF32, device: &Device) -> Result<Tensor> {
-    let (w, h, c) = (img.width, img.height, img.channels);
-    let hwc = Tensor::from_vec(img.data.clone(), (h, w, c), device)?;
-    Ok(((hwc.permute((2, 0, 1))?.unsqueeze(0)? * 2.0)? - 1.0)?.contiguous()?)
 }
 
 fn normal(rng: &mut StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {

@@ -7,8 +7,8 @@
 //! base block are `R`. The block computes `F̂ = F + λ·γ⊙(ICA(F, R, M) − F)`, so γ = 1 and λ = 1
 //! reproduce ViCo and γ = 0 (the initial value) reproduces the base model exactly.
 
-use super::unet::{SpatialTransformer, TransformerBlock};
 use crate::error::{Error, Result};
+use crate::model::unet::{SpatialTransformer, TransformerBlock};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng;
@@ -412,73 +412,5 @@ pub fn placeholder_signals(
         attn_eot,
         mask,
         loss,
-    })
-}
-
-/// The two streams entering a host.
-#[derive(Debug, Clone, Copy)]
-pub struct HostInputs<'a> {
-    /// x-stream features `[B, C, H, W]`.
-    pub x: &'a Tensor,
-    /// Reference-stream features `[B_ref, C, H_ref, W_ref]`, `B_ref` = B or 1.
-    pub xr: &'a Tensor,
-    /// Text context of the x stream `[B, n_ctx, context_dim]`.
-    pub context: &'a Tensor,
-    /// Text context of the reference stream `[B_ref, n_ctx, context_dim]`.
-    pub ref_context: &'a Tensor,
-    /// Placeholder / EOT columns per reference row.
-    pub positions: &'a TokenPositions,
-}
-
-/// Everything one personalised host forward produces.
-#[derive(Debug, Clone)]
-pub struct HostOutput {
-    /// x-stream output `[B, C, H, W]` (residual included).
-    pub x: Tensor,
-    /// Reference-stream output `[B_ref, C, H_ref, W_ref]`: the frozen base host's output.
-    pub xr: Tensor,
-    /// Host tokens after the base blocks (`F`, input of the ICA).
-    pub host_tokens: Tensor,
-    /// Host tokens after Eq. 3 (`F̂`, input of `proj_out`).
-    pub gated_tokens: Tensor,
-    /// Reference tokens after the base blocks (`R`).
-    pub ref_tokens: Tensor,
-    /// Text cross-attention probabilities of the reference stream `[B_ref, N_ref, n_ctx]`.
-    pub text_probs: Tensor,
-    pub signals: PlaceholderSignals,
-}
-
-/// ViCo's `SpatialTransformer.forward` with `image_cross` on a frozen host, with PFStorer's γ
-/// gate: `x` and the reference `xr` pass the same norm / proj_in / base blocks (`xr` with its own
-/// text context `ref_context`), the placeholder map of the reference stream gives the mask and
-/// L_Pers, the block mixes the reference tokens into the x tokens, and both streams leave through
-/// proj_out and the residual. The reference stream never sees the ICA.
-pub fn host_forward(
-    host: &SpatialTransformer,
-    block: &PersonalizationBlock,
-    inputs: &HostInputs,
-    lambda_att: f64,
-) -> Result<HostOutput> {
-    let HostInputs {
-        x,
-        xr,
-        context,
-        ref_context,
-        positions,
-    } = *inputs;
-    let x_parts = host.tokens_in(x)?;
-    let host_tokens = host.run_blocks(&x_parts.tokens, context)?;
-    let xr_parts = host.tokens_in(xr)?;
-    let (ref_tokens, text_probs) = run_blocks_with_text_probs(host, &xr_parts.tokens, ref_context)?;
-    let signals = placeholder_signals(&text_probs, positions)?;
-    let gated_tokens = block.forward(&host_tokens, &ref_tokens, Some(&signals.mask), lambda_att)?;
-    Ok(HostOutput {
-        x: host.tokens_out(&x_parts, &gated_tokens)?,
-        xr: host.tokens_out(&xr_parts, &ref_tokens)?,
-        host_tokens,
-        gated_tokens,
-        ref_tokens,
-        text_probs,
-        signals,
     })
 }

@@ -1,0 +1,230 @@
+//! The layers of the networks: norms (f32 statistics), linear and convolution (frozen in
+//! training, see [`super::frozen`]) and GELU.
+
+use super::cpu_kernels::FusedGroupNormCpu;
+use super::differentiable;
+use super::frozen::{add_const, mul_const, with_input_gradient};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// `torch.nn.LayerNorm` over the last dimension, statistics in f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    pub fn from_tensors(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        LayerNorm { weight, bias, eps }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        if !differentiable() && x.is_contiguous() && dtype == DType::F32 {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let x = x.to_dtype(DType::F32)?;
+        let n = x.dim(D::Minus1)? as f64;
+        let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        add_const(
+            &mul_const(&normed.to_dtype(dtype)?, &self.weight)?,
+            &self.bias,
+        )
+    }
+}
+
+/// `torch.nn.GroupNorm(groups, channels, eps, affine=True)` on NCHW (or NC...) tensors,
+/// statistics in f32. Composed of plain ops, so it is differentiable.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if !channels.is_multiple_of(groups) {
+            candle_core::bail!("GroupNorm: {channels} channels not divisible by {groups} groups");
+        }
+        Ok(GroupNorm {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !differentiable()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && x.is_contiguous()
+        {
+            // Inference on the CPU: one fused pass instead of seven tensor-wide ones.
+            let op = FusedGroupNormCpu {
+                groups: self.groups,
+                eps: self.eps,
+                weight: self.weight.to_vec1()?,
+                bias: self.bias.to_vec1()?,
+            };
+            return x.apply_op1_no_bwd(&op);
+        }
+        let dtype = x.dtype();
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let x = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
+        let n = x.dim(2)? as f64;
+        let mean = (x.sum_keepdim(2)? / n)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim(2)? / n)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let mut affine_shape = vec![1usize; dims.len()];
+        affine_shape[1] = c;
+        let normed = normed.reshape(dims.as_slice())?.to_dtype(dtype)?;
+        add_const(
+            &mul_const(&normed, &self.weight.reshape(affine_shape.as_slice())?)?,
+            &self.bias.reshape(affine_shape.as_slice())?,
+        )
+    }
+}
+
+/// GroupNorm32 of the openaimodel blocks: 32 groups, eps 1e-5.
+pub fn group_norm32(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    GroupNorm::new(32, channels, 1e-5, vb)
+}
+
+/// 2-D convolution with `padding` and `stride`, weights `weight` / `bias` as in torch.
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = candle_nn::Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d(candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?))
+}
+
+/// `torch.nn.Linear` with bias.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear(in_dim, out_dim, vb)?))
+}
+
+/// `torch.nn.Linear` without bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear_no_bias(in_dim, out_dim, vb)?))
+}
+
+// Frozen layers in training.
+//
+// candle's backward of `matmul`, `conv2d` and binary ops computes a gradient for *both* operands
+// and keeps every one of them in the gradient store until the end, also for tensors that need
+// none (frozen weights, constant modulations). For personalization, where the whole frozen base
+// sits between the loss and the token, that is a weight-sized gradient per layer call (the full
+// 512-px step did not fit in 24 GB) and a second expensive product per layer. So, in
+// differentiable mode, a layer whose parameters are constants runs its forward without a graph
+// and attaches a backward that returns only the input's gradient. Trainable layers (weights that
+// are `Var`s) and inference take candle's ordinary path.
+
+/// A frozen (or trainable) `torch.nn.Linear`; see the note above on its backward.
+#[derive(Debug, Clone)]
+pub struct Linear(pub(crate) candle_nn::Linear);
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear(candle_nn::Linear::new(weight, bias))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    fn frozen(&self) -> bool {
+        !self.0.weight().track_op() && !self.0.bias().is_some_and(|b| b.track_op())
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if differentiable() && x.track_op() && self.frozen() {
+            let y = self.0.forward(&x.detach())?;
+            let w = self.0.weight().clone();
+            return with_input_gradient(x, y, move |g| g.broadcast_matmul(&w));
+        }
+        self.0.forward(x)
+    }
+}
+
+/// A frozen (or trainable) `torch.nn.Conv2d`; see the note above on its backward.
+#[derive(Debug, Clone)]
+pub struct Conv2d(pub(crate) candle_nn::Conv2d);
+
+impl Conv2d {
+    fn frozen(&self) -> bool {
+        !self.0.weight().track_op()
+            && !self.0.bias().is_some_and(|b| b.track_op())
+            && self.0.config().groups == 1
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if differentiable() && x.track_op() && self.frozen() {
+            let y = self.0.forward(&x.detach())?;
+            let kernel = self.0.weight().clone();
+            let cfg = *self.0.config();
+            let (in_h, in_w) = (x.dim(2)?, x.dim(3)?);
+            return with_input_gradient(x, y, move |g| {
+                // The input gradient of a convolution is the transposed convolution of the output
+                // gradient with the same kernel; output padding restores the rows and columns a
+                // stride dropped. One padding serves both axes, so take the larger and cut back.
+                let (_, _, k_h, k_w) = kernel.dims4()?;
+                let covered = |n: usize, k: usize| {
+                    (n - 1) * cfg.stride + cfg.dilation * (k - 1) + 1 - 2 * cfg.padding
+                };
+                let pad_h = in_h - covered(g.dim(2)?, k_h);
+                let pad_w = in_w - covered(g.dim(3)?, k_w);
+                g.conv_transpose2d(
+                    &kernel,
+                    cfg.padding,
+                    pad_h.max(pad_w),
+                    cfg.stride,
+                    cfg.dilation,
+                )?
+                .narrow(2, 0, in_h)?
+                .narrow(3, 0, in_w)
+            });
+        }
+        self.0.forward(x)
+    }
+}
+
+/// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}

@@ -1,0 +1,79 @@
+//! Small building blocks shared by the networks.
+//!
+//! candle's fused `softmax_last_dim` and fused `LayerNorm` kernels have no backward pass, so any
+//! gradient through them is silently dropped. The functions here switch to composed (and
+//! therefore differentiable) implementations while [`differentiable`] mode is on, which the
+//! personalization trainer and the gradient tests enable.
+
+//!
+//! One file per kind: [`layers`] (norms, linear, convolution, GELU), [`frozen`] (the
+//! input-only gradients of frozen layers and constant operands), [`attention`] (chunked for
+//! inference, recomputed for training), [`cpu_kernels`] (fused CPU kernels, each tested against
+//! the composed candle ops).
+
+mod attention;
+mod cpu_kernels;
+mod frozen;
+mod layers;
+
+pub use attention::*;
+pub use frozen::*;
+pub use layers::*;
+
+use candle_core::{DType, Result, Tensor, D};
+use std::cell::Cell;
+
+thread_local! {
+    // Per thread, so that parallel tests (and any inference thread) are not switched by a
+    // training thread.
+    static DIFFERENTIABLE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Switches the calling thread to differentiable kernels (training) or fused ones (inference).
+pub fn set_differentiable(on: bool) {
+    DIFFERENTIABLE.with(|d| d.set(on));
+}
+
+pub fn differentiable() -> bool {
+    DIFFERENTIABLE.with(|d| d.get())
+}
+
+/// Softmax over the last dimension, computed in f32.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let y = if differentiable() {
+        candle_nn::ops::softmax(&x, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&x)?
+    };
+    y.to_dtype(dtype)
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{Device, Tensor};
+
+    pub fn randn(seed: u64, shape: &[usize]) -> Tensor {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}

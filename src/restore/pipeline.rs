@@ -1,0 +1,262 @@
+//! [`Restorer`]: one image end to end, as StableSR's tile script runs it.
+
+use super::denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
+use super::settings::{RestoreSettings, TargetSize, MAX_NATIVE_SIZE};
+use crate::diffusion::canvas::{CanvasSampler, Tiling};
+use crate::diffusion::noise::{NoiseSource, SeededNoise};
+use crate::diffusion::sampler::{DdpmSampler, SampleOptions, StepProgress, VDenoiser};
+use crate::error::{Error, Result};
+use crate::imaging::patches::{patches, PatchBlender};
+use crate::imaging::tensor::{
+    image_to_tensor, pad_reflect_to_multiple, resize_bicubic_nchw, tensor_to_image,
+};
+use crate::imaging::ImageF32;
+use crate::model::base::{BaseModel, CfwModel};
+use candle_core::{DType, Tensor};
+
+/// Everything loaded once per batch.
+pub struct Restorer<'a> {
+    pub base: &'a BaseModel,
+    pub cfw: &'a CfwModel,
+    pub settings: RestoreSettings,
+    sampler: DdpmSampler,
+    cond: Tensor,
+    uncond: Tensor,
+    personalization: Option<Personalization>,
+}
+
+impl<'a> Restorer<'a> {
+    /// `cond` / `uncond` are the `[1, 77, d]` text contexts (see [`Restorer::text_context`]).
+    pub fn new(
+        base: &'a BaseModel,
+        cfw: &'a CfwModel,
+        settings: RestoreSettings,
+        cond: Tensor,
+        uncond: Tensor,
+    ) -> Result<Self> {
+        settings.validate()?;
+        if settings.steps == 0 || settings.steps > base.config.diffusion.timesteps {
+            return Err(Error::Input(format!(
+                "--steps {}: must be between 1 and {}",
+                settings.steps, base.config.diffusion.timesteps
+            )));
+        }
+        let native = settings
+            .native_size
+            .unwrap_or(base.config.diffusion.image_size);
+        let tile = native / base.config.vae.downsample_factor();
+        if tile == 0
+            || native > MAX_NATIVE_SIZE
+            || !native.is_multiple_of(base.config.vae.downsample_factor())
+        {
+            return Err(Error::Input(format!(
+                "--input-size {native}: must be a positive multiple of {} up to {MAX_NATIVE_SIZE}",
+                base.config.vae.downsample_factor()
+            )));
+        }
+        if settings.tile_overlap >= tile {
+            return Err(Error::Input(format!(
+                "--tile-overlap {}: must be smaller than the latent tile ({tile})",
+                settings.tile_overlap
+            )));
+        }
+        if settings.patch_stride == 0
+            || settings.patch_stride > settings.patch_size
+            || !settings.patch_size.is_multiple_of(32)
+        {
+            return Err(Error::Input(format!(
+                "--patch-size {} / --patch-stride {}: the size must be a multiple of 32 and the stride between 1 and the size",
+                settings.patch_size, settings.patch_stride
+            )));
+        }
+        let sampler = DdpmSampler::new(&base.config.diffusion, settings.steps)?;
+        Ok(Restorer {
+            base,
+            cfw,
+            settings,
+            sampler,
+            cond,
+            uncond,
+            personalization: None,
+        })
+    }
+
+    /// Restores with `personalization`: its contexts replace `cond` / `uncond`.
+    pub fn with_personalization(mut self, personalization: Personalization) -> Result<Self> {
+        self.cond = personalization.cond_context(self.base)?;
+        self.uncond = personalization.uncond_context(self.base)?;
+        self.personalization = Some(personalization);
+        Ok(self)
+    }
+
+    /// The text context of a prompt through the frozen text encoder.
+    pub fn text_context(base: &BaseModel, prompt: &str) -> Result<Tensor> {
+        let ids = base.tokenizer.encode(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), &base.device)?.unsqueeze(0)?;
+        Ok(base.text_encoder.forward(&ids)?)
+    }
+
+    /// Latent tile size: the model's native image size in latents (64 for 512 px).
+    fn latent_tile(&self) -> usize {
+        self.native_size() / self.base.config.vae.downsample_factor()
+    }
+
+    fn native_size(&self) -> usize {
+        self.settings
+            .native_size
+            .unwrap_or(self.base.config.diffusion.image_size)
+    }
+
+    /// Restores an RGB image in [0, 1] to `target`. `on_step(done, total)` reports progress over
+    /// all patches.
+    pub fn restore(
+        &self,
+        rgb: &ImageF32,
+        target: TargetSize,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<ImageF32> {
+        // Process at the output size, or larger so the short side reaches the model's native
+        // size (as the reference), and resize back at the end.
+        let plan = self.settings.plan(
+            self.base.config.diffusion.image_size,
+            rgb.width,
+            rgb.height,
+            target,
+        )?;
+        let (out_w, out_h, proc_w, proc_h) = (plan.out_w, plan.out_h, plan.proc_w, plan.proc_h);
+        let device = &self.base.device;
+        let lq = image_to_tensor(rgb, device)?;
+        let lq = resize_bicubic_nchw(&lq, proc_h, proc_w)?.clamp(-1f32, 1f32)?;
+        let seed = self.settings.seed;
+        let mut seeded = || -> Box<dyn NoiseSource> { Box::new(SeededNoise::new(seed)) };
+        let sr = self.restore_upscaled(&lq, &mut seeded, on_step)?;
+        // Checked before the clamp, which would turn NaN into a black picture reported as
+        // done: a poisoned weight, identity or flag ends here with an error instead.
+        let values: Vec<f32> = sr.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Input(
+                "the restoration produced non-finite values (NaN or infinity); the weights, the identity or a setting is corrupt, nothing was written".into(),
+            ));
+        }
+        drop(values);
+        let sr = ((sr + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
+        let sr = if (proc_w, proc_h) != (out_w, out_h) {
+            resize_bicubic_nchw(&sr, out_h, out_w)?.clamp(0f32, 1f32)?
+        } else {
+            sr
+        };
+        tensor_to_image(&sr)
+    }
+
+    /// The tile script from its upscaled LQ `[1, 3, H, W]` in [-1, 1]: reflect-pads the bottom
+    /// and right to a multiple of 32, restores (in pixel patches when large), crops back to
+    /// `H x W`; the result is in [-1, 1]. `new_noise` starts each patch's random sequence (the
+    /// reference re-seeds before every patch).
+    pub fn restore_upscaled(
+        &self,
+        lq: &Tensor,
+        new_noise: &mut dyn FnMut() -> Box<dyn NoiseSource>,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let (_, _, h, w) = lq.dims4()?;
+        let padded = pad_reflect_to_multiple(lq, 32)?;
+        let sr = self.restore_padded(&padded, new_noise, on_step)?;
+        Ok(sr.narrow(2, 0, h)?.narrow(3, 0, w)?)
+    }
+
+    /// Restores a padded `[1, 3, H, W]` LQ in [-1, 1]; returns the result in [-1, 1].
+    fn restore_padded(
+        &self,
+        lq: &Tensor,
+        new_noise: &mut dyn FnMut() -> Box<dyn NoiseSource>,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = lq.dims4()?;
+        let s = &self.settings;
+        if h <= s.patch_size && w <= s.patch_size {
+            let mut noise = new_noise();
+            return self.restore_piece(lq, noise.as_mut(), &mut |d| on_step(d, s.steps));
+        }
+        let pieces = patches(h, w, s.patch_size, s.patch_stride);
+        let total = pieces.len() * s.steps;
+        let mut blender = PatchBlender::new(b, c, h, w, lq.device())?;
+        for (k, p) in pieces.iter().enumerate() {
+            let piece = lq.narrow(2, p.y, p.h)?.narrow(3, p.x, p.w)?;
+            let mut noise = new_noise();
+            let out = self.restore_piece(&piece, noise.as_mut(), &mut |d| {
+                on_step(k * s.steps + d, total)
+            })?;
+            blender.add(*p, &out)?;
+        }
+        Ok(blender.finish()?)
+    }
+
+    /// One piece: encode, sample over latent tiles, decode with CFW, colour fix.
+    fn restore_piece(
+        &self,
+        lq: &Tensor,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
+        let base = self.base;
+        let dtype = base.dtype;
+        let scale = base.config.diffusion.scale_factor;
+        let lq_model = lq.to_dtype(dtype)?;
+        let posterior = base.vae.encode(&lq_model)?;
+        let eps = noise.next(posterior.mean.dims(), &base.device)?;
+        let init_latent = (posterior
+            .sample(&eps.to_dtype(dtype)?)?
+            .to_dtype(DType::F32)?
+            * scale)?;
+
+        let mut base_denoiser;
+        let mut personalized;
+        let denoiser: &mut dyn VDenoiser = match &self.personalization {
+            None => {
+                base_denoiser = ModelDenoiser {
+                    model: base,
+                    cond: self.cond.clone(),
+                    uncond: self.uncond.clone(),
+                };
+                &mut base_denoiser
+            }
+            Some(p) => {
+                personalized = PersonalizedDenoiser::new(base, p)?;
+                &mut personalized
+            }
+        };
+        let opts = SampleOptions {
+            guidance_scale: Some(self.settings.guidance),
+            record_steps: false,
+        };
+        let tile = self.latent_tile();
+        let tiling = Tiling {
+            tile_size: tile,
+            tile_overlap: self.settings.tile_overlap,
+            tiles_per_batch: 1,
+        };
+        let mut progress = |p: &StepProgress| on_step(p.done);
+        let (_, _, lh, lw) = init_latent.dims4()?;
+        let latent = if lh <= tile && lw <= tile {
+            self.sampler
+                .sample(denoiser, &init_latent, noise, &opts, &mut progress)?
+                .latent
+        } else {
+            CanvasSampler::new(&self.sampler, tiling)?
+                .sample(denoiser, &init_latent, noise, &opts, &mut progress)?
+                .latent
+        };
+        let cfw_dtype = self.cfw.dtype;
+        let (_, enc_features) = self
+            .cfw
+            .autoencoder
+            .encode_with_features(&lq.to_dtype(cfw_dtype)?)?;
+        let z = (latent / scale)?.to_dtype(cfw_dtype)?;
+        let decoded = self
+            .cfw
+            .autoencoder
+            .decode_fused(&z, &enc_features, self.settings.dec_w)?
+            .to_dtype(DType::F32)?;
+        self.settings.color_fix.apply(&decoded, lq)
+    }
+}
