@@ -6,7 +6,6 @@
 //! dimension.
 
 use crate::error::{Error, Result};
-use serde_yaml::Value;
 use std::path::Path;
 
 /// `UNetModelDualcondV2` (`unet_config.params`).
@@ -254,7 +253,8 @@ impl Default for CfwConfig {
 }
 
 // ---------------------------------------------------------------------------------------------
-// YAML reading
+// YAML reading: serde structs mirroring StableSR's files (`target` + `params` at every level).
+// Keys the reference uses only for training (losses, learning rates, checkpointing) are ignored.
 
 const DIFFUSION_TARGETS: &[&str] = &[
     "ldm.models.diffusion.ddpm.LatentDiffusionSRTextWTFFHQ",
@@ -266,102 +266,159 @@ const VAE_TARGET: &str = "ldm.models.autoencoder.AutoencoderKL";
 const CFW_TARGET: &str = "ldm.models.autoencoder.AutoencoderKLResi";
 const TEXT_TARGET: &str = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder";
 
-/// A YAML mapping with the path it came from, for error messages.
-struct Node<'a> {
-    value: &'a Value,
-    path: String,
+/// `{target: <class>, params: {...}}`, StableSR's (and Lightning's) instantiation format.
+#[derive(Debug, serde::Deserialize)]
+struct Target<P> {
+    target: String,
+    params: P,
 }
 
-impl<'a> Node<'a> {
-    fn child(&self, key: &str) -> Result<Node<'a>> {
-        let value = self
-            .value
-            .get(key)
-            .ok_or_else(|| Error::Config(format!("missing field `{}.{key}`", self.path)))?;
-        Ok(Node {
-            value,
-            path: format!("{}.{key}", self.path),
-        })
-    }
-
-    fn opt(&self, key: &str) -> Option<Node<'a>> {
-        self.child(key).ok().filter(|n| !n.value.is_null())
-    }
-
-    fn usize(&self, key: &str) -> Result<usize> {
-        let n = self.child(key)?;
-        n.value
-            .as_u64()
-            .map(|v| v as usize)
-            .ok_or_else(|| Error::Config(format!("`{}` must be a non-negative integer", n.path)))
-    }
-
-    fn i64(&self, key: &str) -> Result<i64> {
-        let n = self.child(key)?;
-        n.value
-            .as_i64()
-            .ok_or_else(|| Error::Config(format!("`{}` must be an integer", n.path)))
-    }
-
-    fn f64(&self, key: &str) -> Result<f64> {
-        let n = self.child(key)?;
-        n.value
-            .as_f64()
-            .ok_or_else(|| Error::Config(format!("`{}` must be a number", n.path)))
-    }
-
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.opt(key) {
-            None => Ok(default),
-            Some(n) => n
-                .value
-                .as_bool()
-                .ok_or_else(|| Error::Config(format!("`{}` must be true or false", n.path))),
-        }
-    }
-
-    fn str(&self, key: &str) -> Result<&'a str> {
-        let n = self.child(key)?;
-        n.value
-            .as_str()
-            .ok_or_else(|| Error::Config(format!("`{}` must be a string", n.path)))
-    }
-
-    fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
-        let n = self.child(key)?;
-        let seq = n
-            .value
-            .as_sequence()
-            .ok_or_else(|| Error::Config(format!("`{}` must be a list", n.path)))?;
-        seq.iter()
-            .map(|v| {
-                v.as_u64().map(|v| v as usize).ok_or_else(|| {
-                    Error::Config(format!("`{}` must hold non-negative integers", n.path))
-                })
-            })
-            .collect()
-    }
-
-    /// Checks `target:` and returns the `params` node.
-    fn params_of(&self, expected: &[&str]) -> Result<Node<'a>> {
-        let target = self.str("target")?;
-        if !expected.contains(&target) {
-            return Err(Error::Config(format!(
-                "`{}.target` is `{target}`, expected {}",
-                self.path,
+impl<P> Target<P> {
+    /// The params, after checking that `target` names one of `expected`.
+    fn params_of(self, path: &str, expected: &[&str]) -> Result<P> {
+        if expected.contains(&self.target.as_str()) {
+            Ok(self.params)
+        } else {
+            Err(Error::Config(format!(
+                "`{path}.target` is `{}`, expected {}",
+                self.target,
                 expected.join(" or ")
-            )));
+            )))
         }
-        self.child("params")
+    }
+}
+
+/// Only the top-level target, read first so that a file of the wrong kind is named as such.
+#[derive(Debug, serde::Deserialize)]
+struct Head {
+    model: TargetName,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct TargetName {
+    target: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Doc<P> {
+    model: Target<P>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct DiffusionParams {
+    #[serde(default)]
+    parameterization: Option<String>,
+    linear_start: f64,
+    linear_end: f64,
+    timesteps: usize,
+    scale_factor: f64,
+    image_size: usize,
+    channels: usize,
+    unet_config: Target<UNetParams>,
+    structcond_stage_config: Target<LqEncoderParams>,
+    first_stage_config: Target<VaeParams>,
+    cond_stage_config: Target<TextParams>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn minus_one() -> i64 {
+    -1
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct UNetParams {
+    in_channels: usize,
+    out_channels: usize,
+    model_channels: usize,
+    attention_resolutions: Vec<usize>,
+    num_res_blocks: usize,
+    channel_mult: Vec<usize>,
+    num_head_channels: i64,
+    #[serde(default = "one")]
+    transformer_depth: usize,
+    context_dim: usize,
+    #[serde(default)]
+    use_linear_in_transformer: bool,
+    semb_channels: usize,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LqEncoderParams {
+    in_channels: usize,
+    model_channels: usize,
+    out_channels: usize,
+    num_res_blocks: usize,
+    attention_resolutions: Vec<usize>,
+    channel_mult: Vec<usize>,
+    #[serde(default = "one")]
+    num_heads: usize,
+    #[serde(default = "minus_one")]
+    num_head_channels: i64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct VaeParams {
+    embed_dim: usize,
+    ddconfig: DdConfig,
+    /// CFW only: the default fusion weight.
+    #[serde(default)]
+    fusion_w: Option<f64>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct DdConfig {
+    #[serde(default = "yes")]
+    double_z: bool,
+    z_channels: usize,
+    resolution: usize,
+    in_channels: usize,
+    out_ch: usize,
+    ch: usize,
+    ch_mult: Vec<usize>,
+    num_res_blocks: usize,
+    attn_resolutions: Vec<usize>,
+}
+
+/// `FrozenOpenCLIPEmbedder(arch="ViT-H-14", layer="last")`.
+#[derive(Debug, serde::Deserialize)]
+struct TextParams {
+    #[serde(default)]
+    arch: Option<String>,
+    #[serde(default)]
+    layer: Option<String>,
+}
+
+impl VaeParams {
+    fn config(&self) -> VaeConfig {
+        let d = &self.ddconfig;
+        VaeConfig {
+            embed_dim: self.embed_dim,
+            z_channels: d.z_channels,
+            in_channels: d.in_channels,
+            out_ch: d.out_ch,
+            ch: d.ch,
+            ch_mult: d.ch_mult.clone(),
+            num_res_blocks: d.num_res_blocks,
+            attn_resolutions: d.attn_resolutions.clone(),
+            resolution: d.resolution,
+            double_z: d.double_z,
+        }
     }
 }
 
 /// Largest model YAML read (StableSR's are under 10 KiB).
 const MAX_YAML_BYTES: u64 = 1 << 20;
-/// Deepest `[`/`{` nesting accepted in a YAML file (StableSR's use 1).
-const MAX_YAML_FLOW_DEPTH: usize = 32;
+/// Deepest nesting accepted (StableSR's files nest 5 levels).
+const MAX_YAML_DEPTH: usize = 32;
 
-fn read_yaml(path: &Path) -> Result<Value> {
+fn read_yaml_text(path: &Path) -> Result<String> {
     let size = std::fs::metadata(path)
         .map_err(|e| Error::io(path, e))?
         .len();
@@ -371,40 +428,56 @@ fn read_yaml(path: &Path) -> Result<Value> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    // The YAML parser's time grows with the square of the nesting depth: refuse deep flow
-    // nesting before parsing (block nesting is bounded by the file size).
-    if flow_depth(&text) > MAX_YAML_FLOW_DEPTH {
-        return Err(Error::Config(format!(
-            "{}: nested deeper than {MAX_YAML_FLOW_DEPTH} levels of [ ] / {{ }}; not a model config",
-            path.display()
-        )));
-    }
-    serde_yaml::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: not valid YAML: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
 }
 
-/// Deepest nesting of flow collections outside quotes and comments (an upper bound is enough).
-fn flow_depth(text: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    for line in text.lines() {
-        let mut quote: Option<char> = None;
-        for c in line.chars() {
-            match (quote, c) {
-                (Some(q), c) if c == q => quote = None,
-                (Some(_), _) => {}
-                (None, '\'' | '"') => quote = Some(c),
-                (None, '#') => break,
-                (None, '[' | '{') => {
-                    depth += 1;
-                    deepest = deepest.max(depth);
-                }
-                (None, ']' | '}') => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-        }
+/// Deserializes with bounded depth (deep nesting is refused, not parsed slowly) and one-line
+/// errors.
+fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    let options = serde_saphyr::Options {
+        budget: Some(serde_saphyr::Budget {
+            max_depth: MAX_YAML_DEPTH,
+            ..serde_saphyr::Budget::default()
+        }),
+        with_snippet: false,
+        ..serde_saphyr::Options::default()
+    };
+    serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        let msg = e.to_string();
+        let msg: Vec<&str> = msg
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let msg = msg.join(" ");
+        let hint = if msg.contains("depth") {
+            format!("nested deeper than {MAX_YAML_DEPTH} levels; not a model config ({msg})")
+        } else {
+            msg
+        };
+        Error::Config(format!(
+            "{}: not valid YAML for this config: {hint}",
+            path.display()
+        ))
+    })
+}
+
+/// The top-level `model.target`, checked before the rest of the file is read into a schema.
+fn check_head(path: &Path, text: &str, expected: &[&str]) -> Result<()> {
+    let head: Head = parse_yaml(path, text)?;
+    Target {
+        target: head.model.target,
+        params: (),
     }
-    deepest
+    .params_of("model", expected)
+    .map_err(|e| in_file(path, e))
+}
+
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+        other => other,
+    }
 }
 
 /// A scalar that must be finite and within `range`.
@@ -451,50 +524,21 @@ impl DiffusionConfig {
 /// Largest `image_size` a config may state (the released model's is 512).
 pub const MAX_IMAGE_SIZE: usize = 2048;
 
-fn with_file<T>(path: &Path, r: Result<T>) -> Result<T> {
-    r.map_err(|e| match e {
-        Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
-        other => other,
-    })
-}
-
-fn vae_from(ddconfig: &Node, embed_dim: usize) -> Result<VaeConfig> {
-    Ok(VaeConfig {
-        embed_dim,
-        z_channels: ddconfig.usize("z_channels")?,
-        in_channels: ddconfig.usize("in_channels")?,
-        out_ch: ddconfig.usize("out_ch")?,
-        ch: ddconfig.usize("ch")?,
-        ch_mult: ddconfig.usize_list("ch_mult")?,
-        num_res_blocks: ddconfig.usize("num_res_blocks")?,
-        attn_resolutions: ddconfig.usize_list("attn_resolutions")?,
-        resolution: ddconfig.usize("resolution")?,
-        double_z: ddconfig.bool_or("double_z", true)?,
-    })
-}
-
 impl BaseModelConfig {
-    /// Reads a StableSR diffusion YAML (`v2-finetune_face_T_512.yaml` layout).
+    /// Reads a StableSR diffusion YAML (`v2-finetune_face_T_512.yaml` layout); an open_clip
+    /// `<arch>.json` of a text tower that is not built in is looked up beside it.
     pub fn from_yaml_file(path: &Path) -> Result<Self> {
-        let doc = read_yaml(path)?;
-        with_file(path, Self::from_yaml(&doc, path.parent()))
+        let text = read_yaml_text(path)?;
+        check_head(path, &text, DIFFUSION_TARGETS)?;
+        let doc: Doc<DiffusionParams> = parse_yaml(path, &text)?;
+        Self::from_params(doc.model.params, path.parent()).map_err(|e| in_file(path, e))
     }
 
-    /// Reads the parsed YAML; `yaml_dir` is where an open_clip `<arch>.json` of a text tower
-    /// that is not built in is looked up (`None`: built-in architectures only).
-    pub fn from_yaml(doc: &Value, yaml_dir: Option<&Path>) -> Result<Self> {
-        let root = Node {
-            value: doc,
-            path: "".into(),
-        };
-        let model = root.child("model")?;
-        let p = model.params_of(DIFFUSION_TARGETS)?;
-        let parameterization = p.opt("parameterization").map(|n| n.value.as_str());
-        let parameterization_v = match parameterization {
-            None => false,
-            Some(Some("v")) => true,
-            Some(Some("eps")) => false,
-            _ => {
+    fn from_params(p: DiffusionParams, yaml_dir: Option<&Path>) -> Result<Self> {
+        let parameterization_v = match p.parameterization.as_deref() {
+            None | Some("eps") => false,
+            Some("v") => true,
+            Some(_) => {
                 return Err(Error::Config(
                     "`model.params.parameterization` must be \"v\" or \"eps\"".into(),
                 ))
@@ -502,67 +546,61 @@ impl BaseModelConfig {
         };
         let diffusion = DiffusionConfig {
             parameterization_v,
-            linear_start: p.f64("linear_start")?,
-            linear_end: p.f64("linear_end")?,
-            timesteps: p.usize("timesteps")?,
-            scale_factor: p.f64("scale_factor")?,
-            image_size: p.usize("image_size")?,
-            latent_channels: p.usize("channels")?,
+            linear_start: p.linear_start,
+            linear_end: p.linear_end,
+            timesteps: p.timesteps,
+            scale_factor: p.scale_factor,
+            image_size: p.image_size,
+            latent_channels: p.channels,
         };
         diffusion.validate()?;
 
-        let u = p.child("unet_config")?.params_of(&[UNET_TARGET])?;
-        let num_head_channels = u.i64("num_head_channels")?;
-        if num_head_channels <= 0 {
+        let u = p
+            .unet_config
+            .params_of("model.params.unet_config", &[UNET_TARGET])?;
+        if u.num_head_channels <= 0 {
             return Err(Error::Config(
                 "`unet_config.params.num_head_channels` must be positive (SD-2 layout)".into(),
             ));
         }
         let unet = UNetConfig {
-            in_channels: u.usize("in_channels")?,
-            out_channels: u.usize("out_channels")?,
-            model_channels: u.usize("model_channels")?,
-            attention_resolutions: u.usize_list("attention_resolutions")?,
-            num_res_blocks: u.usize("num_res_blocks")?,
-            channel_mult: u.usize_list("channel_mult")?,
-            num_head_channels: num_head_channels as usize,
-            transformer_depth: u
-                .opt("transformer_depth")
-                .map_or(Ok(1), |_| u.usize("transformer_depth"))?,
-            context_dim: u.usize("context_dim")?,
-            use_linear_in_transformer: u.bool_or("use_linear_in_transformer", false)?,
-            semb_channels: u.usize("semb_channels")?,
+            in_channels: u.in_channels,
+            out_channels: u.out_channels,
+            model_channels: u.model_channels,
+            attention_resolutions: u.attention_resolutions,
+            num_res_blocks: u.num_res_blocks,
+            channel_mult: u.channel_mult,
+            num_head_channels: u.num_head_channels as usize,
+            transformer_depth: u.transformer_depth,
+            context_dim: u.context_dim,
+            use_linear_in_transformer: u.use_linear_in_transformer,
+            semb_channels: u.semb_channels,
         };
-
         let e = p
-            .child("structcond_stage_config")?
-            .params_of(&[LQ_ENCODER_TARGET])?;
-        let head_channels = e
-            .opt("num_head_channels")
-            .map_or(Ok(-1), |_| e.i64("num_head_channels"))?;
+            .structcond_stage_config
+            .params_of("model.params.structcond_stage_config", &[LQ_ENCODER_TARGET])?;
         let lq_encoder = LqEncoderConfig {
-            in_channels: e.usize("in_channels")?,
-            model_channels: e.usize("model_channels")?,
-            out_channels: e.usize("out_channels")?,
-            num_res_blocks: e.usize("num_res_blocks")?,
-            attention_resolutions: e.usize_list("attention_resolutions")?,
-            channel_mult: e.usize_list("channel_mult")?,
-            num_heads: e.opt("num_heads").map_or(Ok(1), |_| e.usize("num_heads"))?,
-            num_head_channels: (head_channels > 0).then_some(head_channels as usize),
+            in_channels: e.in_channels,
+            model_channels: e.model_channels,
+            out_channels: e.out_channels,
+            num_res_blocks: e.num_res_blocks,
+            attention_resolutions: e.attention_resolutions,
+            channel_mult: e.channel_mult,
+            num_heads: e.num_heads,
+            num_head_channels: (e.num_head_channels > 0).then_some(e.num_head_channels as usize),
         };
-
-        let v = p.child("first_stage_config")?.params_of(&[VAE_TARGET])?;
-        let vae = vae_from(&v.child("ddconfig")?, v.usize("embed_dim")?)?;
-
-        let t = p.child("cond_stage_config")?.params_of(&[TEXT_TARGET])?;
+        let vae = p
+            .first_stage_config
+            .params_of("model.params.first_stage_config", &[VAE_TARGET])?
+            .config();
+        let t = p
+            .cond_stage_config
+            .params_of("model.params.cond_stage_config", &[TEXT_TARGET])?;
         let text_arch = t
-            .opt("arch")
-            .map(|_| t.str("arch"))
-            .transpose()?
-            .unwrap_or(RELEASED_TEXT_ARCH)
-            .to_string();
+            .arch
+            .clone()
+            .unwrap_or_else(|| RELEASED_TEXT_ARCH.to_string());
         let text = text_from(&t, &text_arch, yaml_dir)?;
-
         Ok(BaseModelConfig {
             unet,
             lq_encoder,
@@ -577,12 +615,12 @@ impl BaseModelConfig {
 /// The text tower of `FrozenOpenCLIPEmbedder(arch, layer)`: `arch` (default `ViT-H-14`) is
 /// resolved as open_clip does, a built-in architecture or else the model-config JSON
 /// `<arch>.json` beside the YAML (how the reference's tiny test towers are registered).
-fn text_from(t: &Node, arch: &str, yaml_dir: Option<&Path>) -> Result<TextConfig> {
+fn text_from(t: &TextParams, arch: &str, yaml_dir: Option<&Path>) -> Result<TextConfig> {
     let mut cfg = match TextConfig::from_arch(arch) {
         Some(cfg) => cfg,
         None => text_from_arch_json(arch, yaml_dir)?,
     };
-    cfg.skip_last_layers = match t.opt("layer").map(|_| t.str("layer")).transpose()? {
+    cfg.skip_last_layers = match t.layer.as_deref() {
         None | Some("last") => 0,
         Some("penultimate") => 1,
         Some(other) => {
@@ -644,20 +682,16 @@ fn text_from_arch_json(arch: &str, yaml_dir: Option<&Path>) -> Result<TextConfig
 impl CfwConfig {
     /// Reads a StableSR CFW autoencoder YAML (`autoencoder_kl_64x64x4_resi_face.yaml` layout).
     pub fn from_yaml_file(path: &Path) -> Result<Self> {
-        let doc = read_yaml(path)?;
-        with_file(path, Self::from_yaml(&doc))
-    }
-
-    pub fn from_yaml(doc: &Value) -> Result<Self> {
-        let root = Node {
-            value: doc,
-            path: "".into(),
-        };
-        let p = root.child("model")?.params_of(&[CFW_TARGET])?;
-        let vae = vae_from(&p.child("ddconfig")?, p.usize("embed_dim")?)?;
-        let fusion_w = p.opt("fusion_w").map_or(Ok(1.0), |_| p.f64("fusion_w"))?;
-        check_range("model.params.fusion_w", fusion_w, 0.0..=1.0)?;
-        Ok(CfwConfig { vae, fusion_w })
+        let text = read_yaml_text(path)?;
+        check_head(path, &text, &[CFW_TARGET])?;
+        let doc: Doc<VaeParams> = parse_yaml(path, &text)?;
+        let p = doc.model.params;
+        let fusion_w = p.fusion_w.unwrap_or(1.0);
+        check_range("model.params.fusion_w", fusion_w, 0.0..=1.0).map_err(|e| in_file(path, e))?;
+        Ok(CfwConfig {
+            vae: p.config(),
+            fusion_w,
+        })
     }
 }
 
@@ -666,13 +700,12 @@ mod tests {
     use super::*;
 
     fn resolve(arch: Option<&str>, dir: Option<&Path>) -> Result<TextConfig> {
-        let doc: Value = serde_yaml::from_str("layer: penultimate\n").unwrap();
-        let node = Node {
-            value: &doc,
-            path: "cond_stage_config.params".into(),
+        let params = TextParams {
+            arch: arch.map(str::to_string),
+            layer: Some("penultimate".into()),
         };
         let name = arch.unwrap_or(RELEASED_TEXT_ARCH);
-        text_from(&node, name, dir)
+        text_from(&params, name, dir)
     }
 
     #[test]

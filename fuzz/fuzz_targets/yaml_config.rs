@@ -1,14 +1,7 @@
 //! The model YAML parsers (diffusion and CFW configs), including the `<arch>.json` lookup.
 #![no_main]
 
-#[path = "common.rs"]
-mod common;
+#[path = "../harness.rs"]
+mod harness;
 
-use libfuzzer_sys::fuzz_target;
-use pfstorer::config::{BaseModelConfig, CfwConfig};
-
-fuzz_target!(|data: &[u8]| {
-    let path = common::scratch_file(data, "yaml");
-    let _ = BaseModelConfig::from_yaml_file(&path);
-    let _ = CfwConfig::from_yaml_file(&path);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::yaml_config(data));

@@ -9,7 +9,7 @@
 //! `bench restore` times a whole restore and `bench train` personalization iterations.
 //! Every subcommand prints one JSON line.
 
-use super::model_args::{parse_device_dtype, peak_rss_bytes};
+use super::model_args::{device_spec, parse_device_dtype, peak_rss_bytes, Precision};
 use crate::config::{BaseModelConfig, CfwConfig};
 use crate::diffusion::schedule::Schedule;
 use crate::imaging::ImageF32;
@@ -79,10 +79,10 @@ pub struct RestoreBench {
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub cfw_config: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
     pub device: String,
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
 }
 
 #[derive(Debug, Args)]
@@ -98,7 +98,7 @@ pub struct TrainBench {
     pub base: Option<PathBuf>,
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
     pub device: String,
 }
 
@@ -116,10 +116,10 @@ pub struct UnetBench {
     /// Weights with the checkpoint's key names; default: seeded random weights.
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
     pub device: String,
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -132,7 +132,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench_unet(b: UnetBench) -> anyhow::Result<()> {
-    let (device, dtype) = parse_device_dtype(&b.device, &b.dtype)?;
+    let (device, dtype) = parse_device_dtype(&b.device, b.dtype)?;
     let cfg = match &b.config {
         Some(path) => BaseModelConfig::from_yaml_file(path)?,
         None => BaseModelConfig::default(),
@@ -187,7 +187,7 @@ fn bench_unet(b: UnetBench) -> anyhow::Result<()> {
             "latent": l,
             "config": b.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "released face model".into()),
             "device": b.device,
-            "dtype": b.dtype,
+            "dtype": b.dtype.to_string(),
             "load_s": load_s,
             "median_s": median,
             "runs_s": times,
@@ -321,7 +321,7 @@ fn write_random(
 }
 
 fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
-    let (device, dtype) = parse_device_dtype(&b.device, &b.dtype)?;
+    let (device, dtype) = parse_device_dtype(&b.device, b.dtype)?;
     let t_load = Instant::now();
     let base = load_base(&b.base, base_config(&b.config)?, dtype, &device)?;
     let cfw_cfg = match &b.cfw_config {
@@ -370,7 +370,7 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             "output": [out.width, out.height],
             "steps": b.steps,
             "device": b.device,
-            "dtype": b.dtype,
+            "dtype": b.dtype.to_string(),
             "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "load_s": load_s,
             "total_s": total_s,

@@ -1,5 +1,6 @@
 //! `pfstorer convert IN.ckpt OUT.safetensors [--dtype f32|f16|bf16]`.
 
+use super::model_args::Precision;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -10,15 +11,15 @@ pub struct ConvertArgs {
     /// Output safetensors file.
     pub output: PathBuf,
     /// Precision of the floating-point tensors written.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
     /// Replace OUTPUT if it exists.
     #[arg(long)]
     pub force: bool,
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
-    let dtype = pfstorer_dtype(&args.dtype)?;
+    let dtype = args.dtype.into();
     let report =
         crate::weights::convert::convert_checkpoint(&args.input, &args.output, dtype, args.force)?;
     println!(
@@ -28,8 +29,4 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         report.bytes as f64 / 1e6
     );
     Ok(())
-}
-
-fn pfstorer_dtype(s: &str) -> anyhow::Result<candle_core::DType> {
-    Ok(crate::device::parse_dtype(s)?)
 }

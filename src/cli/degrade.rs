@@ -21,8 +21,8 @@ pub struct DegradeArgs {
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// Degradation preset.
-    #[arg(long, value_parser = ["light", "heavy"])]
-    pub preset: String,
+    #[arg(long, value_enum)]
+    pub preset: Preset,
     /// Base seed; each image's seed is derived from it and the image's file name.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -44,10 +44,7 @@ pub struct DegradeArgs {
 }
 
 pub fn run(args: DegradeArgs) -> Result<()> {
-    let preset: Preset = args
-        .preset
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--preset: {e}"))?;
+    let preset = args.preset;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let policy = ExistingPolicy::from_flags(args.force, args.skip_existing);
@@ -68,7 +65,7 @@ pub fn run(args: DegradeArgs) -> Result<()> {
         bar.set_message(input.display().to_string());
         let seed = per_image_seed(args.seed, input);
         let outcome = check_output(output, &files, policy).unwrap_or_else(|| {
-            match degrade_one(input, output, preset, &args.preset, seed, policy) {
+            match degrade_one(input, output, preset, &preset.to_string(), seed, policy) {
                 Ok(line) => {
                     if args.print_params {
                         bar.suspend(|| println!("{line}"));

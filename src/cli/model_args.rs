@@ -21,12 +21,58 @@ pub struct ModelArgs {
     /// StableSR YAML describing --cfw; default: the released CFW autoencoder's architecture.
     #[arg(long, value_name = "FILE")]
     pub cfw_config: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// Where the networks run.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
     pub device: String,
-    /// Weight and activation precision: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    /// Weight and activation precision (bf16 needs CUDA).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
+}
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    #[value(alias = "float32")]
+    F32,
+    #[value(alias = "float16", alias = "half")]
+    F16,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<Precision> for DType {
+    fn from(p: Precision) -> DType {
+        match p {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// `--device` syntax (whether the device exists is checked when it is opened).
+pub fn device_spec(s: &str) -> Result<String, String> {
+    let spec = s.trim().to_ascii_lowercase();
+    let ok = spec == "cpu"
+        || spec == "cuda"
+        || spec
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+    if ok {
+        Ok(spec)
+    } else {
+        Err(format!("expected cpu, cuda or cuda:N, got {s:?}"))
+    }
 }
 
 impl ModelArgs {
@@ -69,13 +115,12 @@ impl ModelArgs {
     }
 
     pub fn device_dtype(&self) -> anyhow::Result<(Device, DType)> {
-        parse_device_dtype(&self.device, &self.dtype)
+        parse_device_dtype(&self.device, self.dtype)
     }
 }
 
-pub fn parse_device_dtype(device: &str, dtype: &str) -> anyhow::Result<(Device, DType)> {
-    // The dtype first: a typo there is reported even on a machine without CUDA.
-    let dtype = crate::device::parse_dtype(dtype)?;
+pub fn parse_device_dtype(device: &str, dtype: Precision) -> anyhow::Result<(Device, DType)> {
+    let dtype = DType::from(dtype);
     let device = crate::device::parse_device(device)?;
     crate::device::check_dtype_on(&device, dtype)?;
     Ok((device, dtype))

@@ -70,9 +70,9 @@ pub struct RestoreArgs {
     /// CFW fusion weight of the decoder (0 = pure diffusion output, 1 = most LQ detail kept).
     #[arg(long, default_value_t = 0.5)]
     pub dec_w: f64,
-    /// Colour correction after decoding: adain, wavelet or none.
-    #[arg(long, default_value = "adain")]
-    pub color_fix: String,
+    /// Colour correction after decoding.
+    #[arg(long, value_enum, default_value_t = ColorFix::Adain)]
+    pub color_fix: ColorFix,
     /// Output name suffix before `.png` (a file-name fragment: no `/`).
     #[arg(long, default_value = "_restored")]
     pub suffix: String,
@@ -176,7 +176,7 @@ fn max_pixels(mp: f64) -> anyhow::Result<usize> {
 pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     // Every flag is checked before any file is touched.
     let target = args.target()?;
-    let color_fix: ColorFix = args.color_fix.parse()?;
+    let color_fix = args.color_fix;
     batch::check_suffix("--suffix", &args.suffix)?;
     if !(args.id_strength.is_finite() && (0.0..=10.0).contains(&args.id_strength)) {
         bail!(
@@ -300,7 +300,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         ("pfstorer:steps".to_string(), args.steps.to_string()),
         ("pfstorer:cfg".to_string(), args.cfg.to_string()),
         ("pfstorer:dec_w".to_string(), args.dec_w.to_string()),
-        ("pfstorer:color_fix".to_string(), args.color_fix.clone()),
+        ("pfstorer:color_fix".to_string(), args.color_fix.to_string()),
         ("pfstorer:prompt".to_string(), prompt.clone()),
         (
             "pfstorer:negative_prompt".to_string(),

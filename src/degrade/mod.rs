@@ -33,7 +33,7 @@ use crate::imaging::ImageF32;
 pub use pipeline::{DegradeParams, Eq8Params, KernelParams};
 
 /// Degradation preset of the PFStorer supplement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
     /// Blur, optional downsampling and noise, JPEG, resize back (the paper's test setting).

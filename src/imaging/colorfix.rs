@@ -102,11 +102,15 @@ pub fn wavelet(target: &Tensor, source: &Tensor) -> Result<Tensor> {
 }
 
 /// Which colour correction to apply to the decoded image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ColorFix {
+    /// Mean and standard deviation per channel matched to the LQ input (the paper's choice).
     Adain,
+    /// Low frequencies from the LQ input, high frequencies from the restoration.
     Wavelet,
+    /// No correction (StableSR's tile-script default).
     #[default]
+    #[value(alias = "nofix")]
     None,
 }
 

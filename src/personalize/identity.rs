@@ -3,7 +3,7 @@
 //! architecture, training arguments, date, version). Stored by name under the user's data
 //! directory unless a path is given.
 
-use super::sha256::Sha256;
+use super::digest::{to_hex, Digest, Sha256};
 use super::token::PromptTokens;
 use super::trainer::block_prefix;
 use super::HostSpec;
@@ -23,19 +23,12 @@ pub const SUFFIX: &str = ".identity.safetensors";
 /// Where identities stored by name live: `$PFSTORER_HOME/identities` if set, else
 /// `$XDG_DATA_HOME/pfstorer/identities`, else `~/.local/share/pfstorer/identities`.
 pub fn identities_dir() -> Result<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(home) = var("PFSTORER_HOME") {
-        return Ok(home.join("identities"));
+    if let Some(home) = std::env::var_os("PFSTORER_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(home).join("identities"));
     }
-    if let Some(data) = var("XDG_DATA_HOME") {
-        return Ok(data.join("pfstorer").join("identities"));
-    }
-    match var("HOME") {
-        Some(home) => Ok(home.join(".local/share/pfstorer/identities")),
+    // `$XDG_DATA_HOME`, else `~/.local/share` on Linux (the platform's data directory elsewhere).
+    match dirs::data_dir() {
+        Some(data) => Ok(data.join("pfstorer").join("identities")),
         None => Err(Error::Input(
             "cannot locate the identity directory: set PFSTORER_HOME or HOME".into(),
         )),
@@ -130,7 +123,7 @@ pub fn base_fingerprint(store: &TensorStore) -> Result<String> {
             store.path().display()
         )));
     }
-    Ok(hasher.finish_hex())
+    Ok(to_hex(&hasher.finalize()))
 }
 
 /// [`base_fingerprint`] of the checkpoint at `path`, remembered across runs: hashing a
@@ -445,26 +438,10 @@ impl Identity {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (UTC).
+/// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (UTC, RFC 3339).
 pub fn utc_timestamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil-from-days (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
 }
 
 /// What the identity metadata records besides the trained tensors.

@@ -4,10 +4,10 @@
 //! ([`identity`]). The design follows `docs/personalization.md`.
 
 pub mod block;
+pub mod digest;
 pub mod dual_stream;
 pub mod identity;
 pub mod optim;
-pub mod sha256;
 pub mod token;
 pub mod trainer;
 
