@@ -103,11 +103,11 @@ pub fn base_fingerprint(store: &TensorStore) -> Result<String> {
         }
         let tensor = store.load(name, DType::F32, &Device::Cpu)?;
         hasher.update(name.as_bytes());
-        hasher.update(&[0]);
+        hasher.update([0]);
         hasher.update(dtype.as_str().as_bytes());
-        hasher.update(&[0]);
+        hasher.update([0]);
         for d in shape {
-            hasher.update(&(*d as u64).to_le_bytes());
+            hasher.update((*d as u64).to_le_bytes());
         }
         let values: Vec<f32> = tensor.flatten_all()?.to_vec1()?;
         let mut bytes = Vec::with_capacity(values.len() * 4);
