@@ -155,6 +155,19 @@ where
     result
 }
 
+/// The files (not directories) directly in `dir` that `keep` accepts, sorted by path.
+pub fn list_files(dir: &Path, keep: impl Fn(&Path) -> bool) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() && keep(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// [`write_atomic`] of an in-memory buffer.
 pub fn write_bytes(path: &Path, bytes: &[u8], mode: WriteMode) -> Result<()> {
     write_atomic(path, mode, |tmp| {

@@ -20,6 +20,7 @@ pub mod model;
 pub mod personalize;
 pub mod prompts;
 pub mod restore;
+pub mod seeds;
 pub mod weights;
 
 pub use error::{Error, Result};

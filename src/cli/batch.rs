@@ -42,7 +42,7 @@ pub fn expand_inputs(args: &[PathBuf]) -> Vec<InputItem> {
             reason: reason.to_string(),
         };
         if arg.is_dir() {
-            match list_dir(arg, has_image_extension) {
+            match crate::fsutil::list_files(arg, has_image_extension) {
                 Ok(files) if files.is_empty() => items.push(invalid("no image files in directory")),
                 Ok(files) => files.into_iter().for_each(|f| push(&mut items, f)),
                 Err(e) => items.push(invalid(&format!("cannot list directory ({e})"))),
@@ -65,7 +65,7 @@ pub fn expand_inputs(args: &[PathBuf]) -> Vec<InputItem> {
                     .map(|n| wildcard_match(&pattern, &n.chars().collect::<Vec<_>>()))
                     .unwrap_or(false)
             };
-            match list_dir(&dir, matcher) {
+            match crate::fsutil::list_files(&dir, matcher) {
                 Ok(files) if files.is_empty() => items.push(invalid("pattern matches no file")),
                 Ok(files) => files.into_iter().for_each(|f| push(&mut items, f)),
                 Err(e) => items.push(invalid(&format!("cannot list directory ({e})"))),
@@ -79,18 +79,6 @@ pub fn expand_inputs(args: &[PathBuf]) -> Vec<InputItem> {
 
 fn is_pattern(name: &str) -> bool {
     name.contains(['*', '?', '['])
-}
-
-fn list_dir(dir: &Path, keep: impl Fn(&Path) -> bool) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_file() && keep(&path) {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 /// Shell-style match of a whole name: `*` any run, `?` one character, `[abc]`/`[a-z]`/`[!a]`
@@ -330,16 +318,8 @@ pub fn per_image_seed(base: u64, input: &Path) -> u64 {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in name.bytes() {
-        hash ^= byte as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let mut z = base ^ hash;
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    let hash = crate::seeds::fnv1a(name.as_bytes());
+    crate::seeds::mix64((base ^ hash).wrapping_add(crate::seeds::GOLDEN))
 }
 
 /// The error text without a leading `<path>: ` (the summary names the input already).

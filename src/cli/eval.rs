@@ -70,15 +70,8 @@ struct Pairing {
 }
 
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
-        let path = entry.with_context(|| format!("{}", dir.display()))?.path();
-        if path.is_file() && has_image_extension(&path) {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
+    crate::fsutil::list_files(dir, has_image_extension)
+        .with_context(|| format!("{}", crate::fsutil::printable_path(dir)))
 }
 
 fn stem(path: &Path) -> String {

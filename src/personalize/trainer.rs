@@ -426,11 +426,9 @@ impl<'a> Trainer<'a> {
 
 /// The generator of iteration `iteration`'s random draws.
 fn iteration_rng(seed: u64, iteration: usize) -> StdRng {
-    // SplitMix64-style mixing, so neighbouring (seed, iteration) pairs give unrelated streams.
-    let mut z = seed ^ (iteration as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    StdRng::seed_from_u64(z ^ (z >> 31))
+    // Mixed, so neighbouring (seed, iteration) pairs give unrelated streams.
+    let z = seed ^ (iteration as u64).wrapping_mul(crate::seeds::GOLDEN);
+    StdRng::seed_from_u64(crate::seeds::mix64(z))
 }
 
 impl Trainer<'_> {

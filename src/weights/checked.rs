@@ -202,10 +202,7 @@ fn abbreviate(items: &[String]) -> String {
 /// around 1 for norm weights, small for biases): the same for a name and seed on every machine.
 pub fn random_tensor(shape: &Shape, name: &str, seed: u64) -> candle_core::Result<Tensor> {
     use rand::{Rng, SeedableRng};
-    // FNV-1a of the name: stable across Rust versions, unlike std's hasher.
-    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
+    let name_hash = crate::seeds::fnv1a(name.as_bytes());
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ name_hash);
     let dims = shape.dims();
     let n = shape.elem_count();
