@@ -42,7 +42,7 @@ import time
 
 FACE_CONFIG = "configs/stableSRNew/v2-finetune_face_T_512.yaml"
 CFW_CONFIG = "configs/autoencoder/autoencoder_kl_64x64x4_resi.yaml"
-# pfstorer's prompts (src/restore.rs), with its identity placeholder replaced as for the base model.
+# pfstorer's prompts (src/prompts.rs), with its identity placeholder replaced as for the base model.
 POSITIVE = "a Photo of person, masterpiece, best quality, realistic, very clear, professional"
 NEGATIVE = "3d, cartoon, anime, sketches, worst quality, low quality"
 

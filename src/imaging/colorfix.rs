@@ -1,5 +1,5 @@
-//! Colour correction of the restored image against the LQ input (StableSR's
-//! `scripts/wavelet_color_fix.py`): AdaIN statistics transfer or wavelet low-band swap.
+//! Colour correction of the restored image against the LQ input (`scripts/wavelet_color_fix.py`
+//! of IceClear/StableSR): AdaIN statistics transfer or wavelet low-band swap.
 //!
 //! Both work on NCHW float tensors in any value range; the pipeline applies them to [-1, 1]
 //! images before the final clamp.
