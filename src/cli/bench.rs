@@ -9,7 +9,7 @@
 //! `bench restore` times a whole restore and `bench train` personalization iterations.
 //! Every subcommand prints one JSON line.
 
-use super::model_args::{device_spec, parse_device_dtype, peak_rss_bytes, Precision};
+use super::model_args::{device_spec, peak_rss_bytes, ArchArgs, RunArgs};
 use crate::config::{BaseModelConfig, CfwConfig};
 use crate::diffusion::schedule::Schedule;
 use crate::imaging::ImageF32;
@@ -75,14 +75,10 @@ pub struct RestoreBench {
     /// CFW checkpoint; default: seeded random weights.
     #[arg(long)]
     pub cfw: Option<PathBuf>,
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub cfw_config: Option<PathBuf>,
-    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
-    pub device: String,
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
+    #[command(flatten)]
+    pub arch: ArchArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Args)]
@@ -116,10 +112,8 @@ pub struct UnetBench {
     /// Weights with the checkpoint's key names; default: seeded random weights.
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
-    pub device: String,
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -132,7 +126,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench_unet(b: UnetBench) -> anyhow::Result<()> {
-    let (device, dtype) = parse_device_dtype(&b.device, b.dtype)?;
+    let (device, dtype) = b.run.device_dtype()?;
     let cfg = match &b.config {
         Some(path) => BaseModelConfig::from_yaml_file(path)?,
         None => BaseModelConfig::default(),
@@ -186,8 +180,8 @@ fn bench_unet(b: UnetBench) -> anyhow::Result<()> {
             "what": "pfstorer: encoder + UNet forward, CFG batch 2",
             "latent": l,
             "config": b.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "released face model".into()),
-            "device": b.device,
-            "dtype": b.dtype.to_string(),
+            "device": b.run.device,
+            "dtype": b.run.dtype.to_string(),
             "load_s": load_s,
             "median_s": median,
             "runs_s": times,
@@ -321,13 +315,10 @@ fn write_random(
 }
 
 fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
-    let (device, dtype) = parse_device_dtype(&b.device, b.dtype)?;
+    let (device, dtype) = b.run.device_dtype()?;
     let t_load = Instant::now();
-    let base = load_base(&b.base, base_config(&b.config)?, dtype, &device)?;
-    let cfw_cfg = match &b.cfw_config {
-        Some(p) => CfwConfig::from_yaml_file(p)?,
-        None => CfwConfig::default(),
-    };
+    let base = load_base(&b.base, b.arch.base_config()?, dtype, &device)?;
+    let cfw_cfg = b.arch.cfw_config()?;
     // As `pfstorer restore`: the CFW autoencoder in f32.
     let cfw = match &b.cfw {
         Some(p) => CfwModel::load(p, cfw_cfg, DType::F32, &device)?.0,
@@ -369,8 +360,8 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             "size": b.size,
             "output": [out.width, out.height],
             "steps": b.steps,
-            "device": b.device,
-            "dtype": b.dtype.to_string(),
+            "device": b.run.device,
+            "dtype": b.run.dtype.to_string(),
             "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "load_s": load_s,
             "total_s": total_s,

@@ -71,7 +71,7 @@ struct Pairing {
 
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     crate::fsutil::list_files(dir, has_image_extension)
-        .with_context(|| format!("{}", crate::fsutil::printable_path(dir)))
+        .with_context(|| crate::fsutil::printable_path(dir))
 }
 
 fn stem(path: &Path) -> String {

@@ -12,21 +12,58 @@ pub struct ModelArgs {
     /// Hugging Face hub (Iceclear/StableSR), cached by hf-hub.
     #[arg(long, value_name = "FILE")]
     pub base: Option<PathBuf>,
-    /// StableSR YAML describing --base; default: the released face model's architecture.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// CFW autoencoder checkpoint; default: face_vqgan_cfw_00011.ckpt from the hub.
     #[arg(long, value_name = "FILE")]
     pub cfw: Option<PathBuf>,
-    /// StableSR YAML describing --cfw; default: the released CFW autoencoder's architecture.
+    #[command(flatten)]
+    pub arch: ArchArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The architecture flags: StableSR's own YAML files instead of the released defaults.
+#[derive(Debug, Clone, Args)]
+pub struct ArchArgs {
+    /// StableSR YAML describing the diffusion model; default: the released face model's
+    /// architecture.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// StableSR YAML describing the CFW autoencoder; default: the released one's architecture.
     #[arg(long, value_name = "FILE")]
     pub cfw_config: Option<PathBuf>,
+}
+
+/// Where and in which precision the networks run.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
     /// Where the networks run.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
     pub device: String,
     /// Weight and activation precision (bf16 needs CUDA).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
+}
+
+impl ArchArgs {
+    pub fn base_config(&self) -> anyhow::Result<BaseModelConfig> {
+        Ok(match &self.config {
+            Some(path) => BaseModelConfig::from_yaml_file(path)?,
+            None => BaseModelConfig::default(),
+        })
+    }
+
+    pub fn cfw_config(&self) -> anyhow::Result<CfwConfig> {
+        Ok(match &self.cfw_config {
+            Some(path) => CfwConfig::from_yaml_file(path)?,
+            None => CfwConfig::default(),
+        })
+    }
+}
+
+impl RunArgs {
+    pub fn device_dtype(&self) -> anyhow::Result<(Device, DType)> {
+        parse_device_dtype(&self.device, self.dtype)
+    }
 }
 
 /// `--dtype`.
@@ -77,17 +114,11 @@ pub fn device_spec(s: &str) -> Result<String, String> {
 
 impl ModelArgs {
     pub fn base_config(&self) -> anyhow::Result<BaseModelConfig> {
-        Ok(match &self.config {
-            Some(path) => BaseModelConfig::from_yaml_file(path)?,
-            None => BaseModelConfig::default(),
-        })
+        self.arch.base_config()
     }
 
     pub fn cfw_config(&self) -> anyhow::Result<CfwConfig> {
-        Ok(match &self.cfw_config {
-            Some(path) => CfwConfig::from_yaml_file(path)?,
-            None => CfwConfig::default(),
-        })
+        self.arch.cfw_config()
     }
 
     /// The diffusion checkpoint: `--base` or the hub file.
@@ -115,7 +146,7 @@ impl ModelArgs {
     }
 
     pub fn device_dtype(&self) -> anyhow::Result<(Device, DType)> {
-        parse_device_dtype(&self.device, self.dtype)
+        self.run.device_dtype()
     }
 }
 
