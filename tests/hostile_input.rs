@@ -62,15 +62,7 @@ fn assert_one_line_failure(o: &Output) -> String {
 }
 
 fn model_flags() -> Vec<String> {
-    [
-        ("--base", "stablesr/model.safetensors"),
-        ("--config", "stablesr/config.yaml"),
-        ("--cfw", "stablesr/cfw.safetensors"),
-        ("--cfw-config", "stablesr/cfw.yaml"),
-    ]
-    .iter()
-    .flat_map(|(flag, rel)| [flag.to_string(), p(&common::fixture(rel))])
-    .collect()
+    common::model_flags()
 }
 
 fn restore_args(inputs: &[&Path], extra: &[&str]) -> Vec<String> {

@@ -28,20 +28,7 @@ fn pfstorer(home: &Path, args: &[&str]) -> Output {
 }
 
 fn model_flags() -> Vec<String> {
-    [
-        ("--base", "stablesr/model.safetensors"),
-        ("--config", "stablesr/config.yaml"),
-        ("--cfw", "stablesr/cfw.safetensors"),
-        ("--cfw-config", "stablesr/cfw.yaml"),
-    ]
-    .iter()
-    .flat_map(|(flag, rel)| {
-        [
-            flag.to_string(),
-            common::fixture(rel).to_string_lossy().into_owned(),
-        ]
-    })
-    .collect()
+    common::model_flags()
 }
 
 fn personalize(home: &Path, refs: &[PathBuf], extra: &[&str]) -> Output {

@@ -279,3 +279,21 @@ pub fn fast_sampling_flags() -> Vec<String> {
     ]
     .to_vec()
 }
+
+/// `--base/--config/--cfw/--cfw-config` of the fixture model, for CLI runs.
+pub fn model_flags() -> Vec<String> {
+    [
+        ("--base", "stablesr/model.safetensors"),
+        ("--config", "stablesr/config.yaml"),
+        ("--cfw", "stablesr/cfw.safetensors"),
+        ("--cfw-config", "stablesr/cfw.yaml"),
+    ]
+    .iter()
+    .flat_map(|(flag, rel)| {
+        [
+            flag.to_string(),
+            fixture(rel).to_string_lossy().into_owned(),
+        ]
+    })
+    .collect()
+}
