@@ -204,55 +204,82 @@ fn canonical_location(p: &Path) -> Option<PathBuf> {
     Some(std::fs::canonicalize(dir).ok()?.join(name))
 }
 
+/// What identifies an existing file: device and inode on Unix (hard links and symlinks
+/// included), the canonical path elsewhere.
+#[cfg(unix)]
+pub type FileId = (u64, u64);
+#[cfg(not(unix))]
+pub type FileId = PathBuf;
+
+/// The [`FileId`] of an existing file.
+pub fn file_id(p: &Path) -> Option<FileId> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::canonicalize(p).ok()
+    }
+}
+
+/// The error for an output that is the input `input`.
+pub fn is_an_input_error(output: &Path, input: &Path) -> Error {
+    Error::Input(format!(
+        "{}: is an input ({}); pfstorer never writes over an input, choose another output name",
+        output.display(),
+        input.display()
+    ))
+}
+
 /// Refuses an output that is one of `inputs`, whatever `--force` says.
 pub fn check_not_an_input<'a>(
     output: &Path,
     inputs: impl IntoIterator<Item = &'a Path>,
 ) -> Result<()> {
-    for input in inputs {
-        if same_file(output, input) {
-            return Err(Error::Input(format!(
-                "{}: is an input ({}); pfstorer never writes over an input, choose another output name",
-                output.display(),
-                input.display()
-            )));
-        }
+    match inputs.into_iter().find(|input| same_file(output, input)) {
+        Some(input) => Err(is_an_input_error(output, input)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-/// Checks, before any compute, that a file can be written at `path`: the name is not a
-/// directory or a dangling or looping symlink, it does not exist unless `force`, and its
-/// directory exists (or can be created) and accepts new files.
+/// Checks, before any compute, that a file can be written at `path`: the name is usable (see
+/// [`check_output_name`]) and its directory exists (or can be created) and accepts new files.
 pub fn check_output_location(path: &Path, force: bool) -> Result<()> {
+    check_output_name(path, force)?;
+    check_writable_dir(&parent_dir(path))
+}
+
+/// The directory `path` would be written in (`.` for a bare name).
+pub fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("."),
+    }
+}
+
+/// The name itself: not a directory (or a link to one), not a dangling or looping symlink, and
+/// not an existing file unless `force`.
+pub fn check_output_name(path: &Path, force: bool) -> Result<()> {
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => {
-            return Err(Error::Input(format!(
-                "{}: is a directory, not a file name",
-                path.display()
-            )))
-        }
+        Ok(meta) if meta.is_dir() => Err(Error::Input(format!(
+            "{}: is a directory, not a file name",
+            path.display()
+        ))),
         Ok(meta) if meta.file_type().is_symlink() && std::fs::metadata(path).is_err() => {
-            return Err(Error::Input(format!(
+            Err(Error::Input(format!(
                 "{}: is a dangling or looping symbolic link; remove it or choose another output",
                 path.display()
             )))
         }
-        Ok(meta) if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) => {
-            let _ = meta;
-            return Err(Error::Input(format!(
-                "{}: links to a directory, not a file",
-                path.display()
-            )));
-        }
-        Ok(_) if !force => return Err(exists_error(path)),
-        _ => {}
+        Ok(_) if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) => Err(Error::Input(format!(
+            "{}: links to a directory, not a file",
+            path.display()
+        ))),
+        Ok(_) if !force => Err(exists_error(path)),
+        _ => Ok(()),
     }
-    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(d) => d.to_path_buf(),
-        None => PathBuf::from("."),
-    };
-    check_writable_dir(&dir)
 }
 
 /// The directory exists or can be created, and a file can be created in it.

@@ -184,27 +184,61 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// Decides before any work whether an item with this output goes ahead: never over one of
-/// `inputs` (whatever the policy), never onto a directory or a dangling symlink, only into a
-/// directory that accepts files, and over an existing file only as `policy` says.
-pub fn check_output(output: &Path, inputs: &[PathBuf], policy: ExistingPolicy) -> Option<Outcome> {
-    let failed = |e: crate::Error| Some(Outcome::Failed(e.to_string()));
-    if let Err(e) = crate::fsutil::check_not_an_input(output, inputs.iter().map(PathBuf::as_path)) {
-        return failed(e);
-    }
-    if std::fs::symlink_metadata(output).is_ok() {
-        // Existing: a directory or a broken link is never replaced, a file only with --force.
-        if let Err(e) = crate::fsutil::check_output_location(output, true) {
-            return failed(e);
+/// Decides before any work whether an item goes ahead with its output: never over one of the
+/// batch's inputs (whatever the policy), never onto a directory or a dangling symlink, only
+/// into a directory that accepts files, and over an existing file only as the policy says.
+/// The inputs' identities are read once and each output directory is probed once, so a batch
+/// of n files costs O(n) file-system calls.
+pub struct OutputChecks<'a> {
+    inputs: &'a [PathBuf],
+    input_ids: HashMap<crate::fsutil::FileId, usize>,
+    policy: ExistingPolicy,
+    /// Probed directories and, for unusable ones, why.
+    probed: HashMap<PathBuf, Option<String>>,
+}
+
+impl<'a> OutputChecks<'a> {
+    pub fn new(inputs: &'a [PathBuf], policy: ExistingPolicy) -> Self {
+        let input_ids = inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| crate::fsutil::file_id(p).map(|id| (id, i)))
+            .collect();
+        OutputChecks {
+            inputs,
+            input_ids,
+            policy,
+            probed: HashMap::new(),
         }
-        if let Some(outcome) = check_existing(output, policy) {
-            return Some(outcome);
-        }
-        return None;
     }
-    crate::fsutil::check_output_location(output, false)
-        .err()
-        .and_then(failed)
+
+    /// `None` when the item goes ahead, else its outcome.
+    pub fn check(&mut self, output: &Path) -> Option<Outcome> {
+        let failed = |e: crate::Error| Some(Outcome::Failed(e.to_string()));
+        // Inputs exist, so only an existing output can be one of them.
+        if let Some(&i) = crate::fsutil::file_id(output)
+            .as_ref()
+            .and_then(|id| self.input_ids.get(id))
+        {
+            return failed(crate::fsutil::is_an_input_error(output, &self.inputs[i]));
+        }
+        if std::fs::symlink_metadata(output).is_ok() {
+            // Existing: a directory or a broken link is never replaced, a file only as allowed.
+            if let Err(e) = crate::fsutil::check_output_name(output, true) {
+                return failed(e);
+            }
+            if let Some(outcome) = check_existing(output, self.policy) {
+                return Some(outcome);
+            }
+        }
+        let dir = crate::fsutil::parent_dir(output);
+        let why = self.probed.entry(dir).or_insert_with_key(|dir| {
+            crate::fsutil::check_writable_dir(dir)
+                .err()
+                .map(|e| e.to_string())
+        });
+        why.clone().map(Outcome::Failed)
+    }
 }
 
 /// A name suffix is a plain file-name fragment: no path separators, so an output always lands

@@ -6,8 +6,8 @@
 //! parameters as PNG text; an alpha channel of the input is kept.
 
 use super::batch::{
-    check_output, expand_inputs, output_paths, per_image_seed, progress_bar, reason,
-    ExistingPolicy, InputItem, Outcome, Summary,
+    expand_inputs, output_paths, per_image_seed, progress_bar, reason, ExistingPolicy, InputItem,
+    Outcome, OutputChecks, Summary,
 };
 use crate::degrade::{degrade_image, Preset};
 use crate::imaging::io::{load_image, save_png};
@@ -60,11 +60,12 @@ pub fn run(args: DegradeArgs) -> Result<()> {
     let suffix = format!("_{}", args.preset);
     let outputs = output_paths(&files, &args.out_dir, &suffix, "png");
 
+    let mut checks = OutputChecks::new(&files, policy);
     let bar = progress_bar(files.len(), args.quiet);
     for (input, output) in files.iter().zip(&outputs) {
         bar.set_message(input.display().to_string());
         let seed = per_image_seed(args.seed, input);
-        let outcome = check_output(output, &files, policy).unwrap_or_else(|| {
+        let outcome = checks.check(output).unwrap_or_else(|| {
             match degrade_one(input, output, preset, &preset.to_string(), seed, policy) {
                 Ok(line) => {
                     if args.print_params {

@@ -9,7 +9,8 @@
 //! as ambiguous. Each restored file gives one row; several may share one ground truth.
 
 use super::batch::{progress_bar, reason};
-use crate::imaging::io::{has_image_extension, load_image, write_atomically};
+use crate::fsutil::{write_bytes, WriteMode};
+use crate::imaging::io::{has_image_extension, load_image};
 use crate::metrics::{metric_by_name, Metric, MetricOptions};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -315,7 +316,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Format::Json => render_json(&args, &names, &rows, &pairing, &failed),
     };
     match &args.output {
-        Some(path) => write_atomically(path, report.as_bytes(), args.force)?,
+        Some(path) => write_bytes(path, report.as_bytes(), WriteMode::from_force(args.force))?,
         None => print!("{report}"),
     }
 

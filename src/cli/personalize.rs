@@ -168,12 +168,7 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
     }
     // The identity file (and its checkpoint) can be written: checked before any training.
     crate::fsutil::check_not_an_input(&out, args.refs.iter().map(PathBuf::as_path))?;
-    if !args.resume {
-        crate::fsutil::check_output_location(&out, args.force)?;
-    } else {
-        crate::fsutil::check_output_location(&out, true)?;
-        crate::fsutil::check_overwrite(&out, args.force)?;
-    }
+    crate::fsutil::check_output_location(&out, args.force)?;
     let mut refs = args.refs.clone();
     refs.sort_by(|a, b| a.file_name().cmp(&b.file_name()).then(a.cmp(b)));
     if refs.len() < MIN_REFS || refs.len() > MAX_REFS {

@@ -8,8 +8,8 @@ use crate::imaging::ImageF32;
 use crate::model::base::{BaseModel, CfwModel};
 use crate::personalize::identity::{base_fingerprint_cached, Identity};
 use crate::restore::{
-    Personalization, RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT,
-    DEFAULT_PROMPT, MAX_NATIVE_SIZE,
+    check_native_size, Personalization, RestoreSettings, Restorer, TargetSize, BASE_SUBJECT,
+    DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
 };
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -204,11 +204,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     };
     let base_config = args.model.base_config()?;
     let native = args.input_size.unwrap_or(base_config.diffusion.image_size);
-    if native == 0 || native > MAX_NATIVE_SIZE {
-        bail!(
-            "--input-size {native}: must be between 1 and {MAX_NATIVE_SIZE} pixels (the released model's is 512)"
-        );
-    }
+    check_native_size(native)?;
     let mut summary = Summary::default();
     let mut files = Vec::new();
     for item in batch::expand_inputs(&args.inputs) {
@@ -223,8 +219,9 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     // Decide what to do before loading the model: outputs that cannot be written and images
     // too large for the limit fail now, not after hours of sampling.
     let mut todo = Vec::new();
+    let mut checks = batch::OutputChecks::new(&files, policy);
     for (input, output) in files.iter().zip(&outputs) {
-        if let Some(outcome) = batch::check_output(output, &files, policy) {
+        if let Some(outcome) = checks.check(output) {
             summary.record(input, outcome);
             continue;
         }

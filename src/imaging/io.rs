@@ -300,7 +300,11 @@ pub fn save_png(
 ) -> Result<()> {
     let path = path.as_ref();
     let bytes = encode_png(path, rgb, alpha, sixteen_bit, text_metadata)?;
-    write_atomically(path, &bytes, overwrite)
+    crate::fsutil::write_bytes(
+        path,
+        &bytes,
+        crate::fsutil::WriteMode::from_force(overwrite),
+    )
 }
 
 /// Encodes a PNG into memory; see [`save_png`].
@@ -392,7 +396,11 @@ pub fn save_image(
             ))
         }
     };
-    write_atomically(path, &bytes, overwrite)
+    crate::fsutil::write_bytes(
+        path,
+        &bytes,
+        crate::fsutil::WriteMode::from_force(overwrite),
+    )
 }
 
 fn encode_with(
@@ -419,10 +427,4 @@ fn encode_with(
     encode(&mut buf, &data, rgb.width as u32, rgb.height as u32, color)
         .map_err(|e| input_error(path, &format!("cannot encode ({e})")))?;
     Ok(buf.into_inner())
-}
-
-/// Writes `bytes` atomically to `path` (see [`crate::fsutil::write_atomic`]); without
-/// `overwrite` an existing file, or one that appears meanwhile, is an error.
-pub fn write_atomically(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
-    crate::fsutil::write_bytes(path, bytes, crate::fsutil::WriteMode::from_force(overwrite))
 }

@@ -27,6 +27,6 @@ pub use crate::prompts::{BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT};
 pub use denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
 pub use pipeline::Restorer;
 pub use settings::{
-    RestorePlan, RestoreSettings, TargetSize, BYTES_PER_PROCESSED_PIXEL, DEFAULT_MAX_PIXELS,
-    MAX_NATIVE_SIZE,
+    check_native_size, RestorePlan, RestoreSettings, TargetSize, BYTES_PER_PROCESSED_PIXEL,
+    DEFAULT_MAX_PIXELS, MAX_NATIVE_SIZE,
 };

@@ -1,7 +1,7 @@
 //! [`Restorer`]: one image end to end, as StableSR's tile script runs it.
 
 use super::denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
-use super::settings::{RestoreSettings, TargetSize, MAX_NATIVE_SIZE};
+use super::settings::{check_native_size, RestoreSettings, TargetSize};
 use crate::diffusion::canvas::{CanvasSampler, Tiling};
 use crate::diffusion::noise::{NoiseSource, SeededNoise};
 use crate::diffusion::sampler::{DdpmSampler, SampleOptions, StepProgress, VDenoiser};
@@ -44,13 +44,11 @@ impl<'a> Restorer<'a> {
         let native = settings
             .native_size
             .unwrap_or(base.config.diffusion.image_size);
+        check_native_size(native)?;
         let tile = native / base.config.vae.downsample_factor();
-        if tile == 0
-            || native > MAX_NATIVE_SIZE
-            || !native.is_multiple_of(base.config.vae.downsample_factor())
-        {
+        if tile == 0 || !native.is_multiple_of(base.config.vae.downsample_factor()) {
             return Err(Error::Input(format!(
-                "--input-size {native}: must be a positive multiple of {} up to {MAX_NATIVE_SIZE}",
+                "--input-size {native}: must be a positive multiple of {}",
                 base.config.vae.downsample_factor()
             )));
         }

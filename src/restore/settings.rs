@@ -83,6 +83,17 @@ pub const BYTES_PER_PROCESSED_PIXEL: usize = 96;
 /// and one latent tile of this size is what every UNet call holds.
 pub const MAX_NATIVE_SIZE: usize = 2048;
 
+/// Refuses a native size (`--input-size` or the config's `image_size`) outside 1..=
+/// [`MAX_NATIVE_SIZE`].
+pub fn check_native_size(native: usize) -> Result<()> {
+    if native == 0 || native > MAX_NATIVE_SIZE {
+        return Err(Error::Input(format!(
+            "--input-size {native}: must be between 1 and {MAX_NATIVE_SIZE} pixels (the released model's is 512)"
+        )));
+    }
+    Ok(())
+}
+
 /// The sizes one image goes through, known before any compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestorePlan {
@@ -109,11 +120,7 @@ impl RestoreSettings {
         target: TargetSize,
     ) -> Result<RestorePlan> {
         let native = self.native_size.unwrap_or(native);
-        if native == 0 || native > MAX_NATIVE_SIZE {
-            return Err(Error::Input(format!(
-                "--input-size {native}: must be between 1 and {MAX_NATIVE_SIZE} pixels (the released model's is 512)"
-            )));
-        }
+        check_native_size(native)?;
         let (out_w, out_h) = target.output_size(width, height)?;
         let up = (native as f64 / out_w.min(out_h) as f64).max(1.0);
         let (proc_w, proc_h) = ((out_w as f64 * up) as usize, (out_h as f64 * up) as usize);
