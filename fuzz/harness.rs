@@ -17,15 +17,30 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// The readers under test take paths: each input is written to one scratch file per process
-/// and harness.
-fn scratch_file(data: &[u8], ext: &str) -> PathBuf {
+/// and thread, removed when the guard drops.
+struct ScratchFile(PathBuf);
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl std::ops::Deref for ScratchFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+fn scratch_file(data: &[u8], ext: &str) -> ScratchFile {
     let path = std::env::temp_dir().join(format!(
         "pfstorer-fuzz-{}-{:?}.{ext}",
         std::process::id(),
         std::thread::current().id()
     ));
     std::fs::write(&path, data).expect("scratch file");
-    path
+    ScratchFile(path)
 }
 
 /// Pixels of the image harness: small enough that one execution stays fast; the limit logic is

@@ -334,16 +334,17 @@ pub fn printable_path(p: &Path) -> String {
 mod tests {
     use super::*;
 
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("pfstorer-fsutil-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn tmp(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("pfstorer-fsutil-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn no_clobber_and_replace() {
         let d = tmp("write");
+        let d = d.path();
         let p = d.join("a.txt");
         write_bytes(&p, b"one", WriteMode::NoClobber).unwrap();
         let err = write_bytes(&p, b"two", WriteMode::NoClobber).unwrap_err();
@@ -352,13 +353,13 @@ mod tests {
         write_bytes(&p, b"three", WriteMode::Replace).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"three");
         // Nothing but the file is left behind.
-        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(d).unwrap().count(), 1);
         // A failing writer leaves the target and no temporary file.
         let err = write_atomic(&p, WriteMode::Replace, |_| Err(Error::Input("boom".into())));
         assert!(err.is_err());
         assert_eq!(std::fs::read(&p).unwrap(), b"three");
-        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
-        std::fs::remove_dir_all(&d).unwrap();
+        assert_eq!(std::fs::read_dir(d).unwrap().count(), 1);
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[cfg(unix)]
@@ -366,6 +367,7 @@ mod tests {
     fn replacing_keeps_the_mode() {
         use std::os::unix::fs::PermissionsExt;
         let d = tmp("mode");
+        let d = d.path();
         let p = d.join("w.bin");
         std::fs::write(&p, b"x").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -376,13 +378,14 @@ mod tests {
         write_bytes(&fresh, b"z", WriteMode::NoClobber).unwrap();
         let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
         assert_ne!(mode & 0o044, 0, "a new file is not owner-only: {mode:o}");
-        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[cfg(unix)]
     #[test]
     fn output_locations_are_checked_up_front() {
         let d = tmp("loc");
+        let d = d.path();
         let sub = d.join("sub");
         std::fs::create_dir_all(&sub).unwrap();
         assert!(check_output_location(&sub, true)
@@ -405,12 +408,13 @@ mod tests {
         assert!(same_file(&file, &d.join("sub/../f.png")));
         assert!(!same_file(&file, &d.join("g.png")));
         assert!(check_not_an_input(&d.join("./f.png"), [file.as_path()]).is_err());
-        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn the_signal_handler_removes_files_in_flight() {
         let d = tmp("signal");
+        let d = d.path();
         let f = d.join(".x.png.abc.tmp");
         std::fs::write(&f, b"partial").unwrap();
         // The registry is global (other tests write in parallel): check the membership, and
@@ -421,7 +425,7 @@ mod tests {
         assert!(registered && !IN_FLIGHT.lock().unwrap().contains(&f));
         remove_all(&BTreeSet::from([f.clone()]));
         assert!(!f.exists());
-        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]

@@ -8,13 +8,9 @@ use pfstorer::config::{BaseModelConfig, CfwConfig};
 use pfstorer::model::base::{BaseModel, CfwModel};
 use pfstorer::weights::CheckedWeights;
 use pfstorer::Error;
-use std::path::PathBuf;
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pfstorer-base-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp_dir(name: &str) -> common::Scratch {
+    common::scratch(&format!("base-{name}"))
 }
 
 #[test]

@@ -16,9 +16,7 @@ fn convert(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn ckpt_converts_to_identical_safetensors() {
-    let dir = std::env::temp_dir().join(format!("pfstorer-convert-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch("convert");
     let ckpt = common::fixture("stablesr/model.ckpt");
     let out = dir.join("model.safetensors");
     let o = convert(&[ckpt.to_str().unwrap(), out.to_str().unwrap()]);

@@ -1,14 +1,12 @@
 //! `pfstorer degrade` and `pfstorer eval` end to end, through the built binary.
+mod common;
 
 use image::{ImageEncoder, Rgb, RgbImage};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pfstorer-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> common::Scratch {
+    common::scratch(&format!("cli-{name}"))
 }
 
 fn pfstorer(args: &[&str]) -> Output {

@@ -10,9 +10,7 @@ use std::time::{Duration, SystemTime};
 
 #[test]
 fn fingerprint_cache_hits_and_invalidates_on_change() {
-    let root = std::env::temp_dir().join(format!("pfstorer-fp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
+    let root = common::scratch("fp");
     std::env::set_var("PFSTORER_HOME", root.join("home"));
     let model = root.join("model.safetensors");
     std::fs::copy(common::fixture("stablesr/model.safetensors"), &model).unwrap();

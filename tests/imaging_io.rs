@@ -1,19 +1,16 @@
 //! Loading and saving: formats, bit depths, alpha, EXIF orientation, PNG text, atomic writes.
+mod common;
 
 use image::{ImageEncoder, Rgb, RgbImage};
 use pfstorer::imaging::io::{
     decode_image, load_image, load_image_with_min_size, save_image, save_png,
 };
 use pfstorer::imaging::ImageF32;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A fresh, empty directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("pfstorer-imaging-io-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> common::Scratch {
+    common::scratch(&format!("imaging-io-{name}"))
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {

@@ -46,8 +46,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn personalize_then_list_show_and_remove() {
-    let root = std::env::temp_dir().join(format!("pfstorer-cli-pers-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = common::scratch("cli-pers");
     let home = root.join("home");
     let refs_dir = root.join("refs");
     std::fs::create_dir_all(&refs_dir).unwrap();

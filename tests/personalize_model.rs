@@ -333,7 +333,7 @@ fn training_steps_touch_only_the_trainable_tensors() {
         training: serde_json::json!({"seed": 9}),
     };
     let identity = Identity::from_trainer(&trainer, &info).unwrap();
-    let dir = std::env::temp_dir().join(format!("pfstorer-pers-{}", std::process::id()));
+    let dir = common::scratch("pers");
     let path = dir.join("test.identity.safetensors");
     identity.save(&path, false).unwrap();
     assert!(

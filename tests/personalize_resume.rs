@@ -71,8 +71,7 @@ fn checkpoint_and_resume_is_bit_identical_to_an_uninterrupted_run() {
     for _ in 0..2 {
         first.step().unwrap();
     }
-    let dir = std::env::temp_dir().join(format!("pfstorer-resume-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch("resume");
     let path = dir.join("run.checkpoint");
     Identity::checkpoint_from_trainer(&first, &info())
         .unwrap()
@@ -152,9 +151,7 @@ fn personalize_args(refs: &[PathBuf], out: &Path, steps: &str, extra: &[&str]) -
 
 #[test]
 fn killed_run_leaves_a_checkpoint_that_resume_finishes() {
-    let root = std::env::temp_dir().join(format!("pfstorer-sigint-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
+    let root = common::scratch("sigint");
     let refs = write_refs(&root);
     let out = root.join("bob.identity.safetensors");
     let checkpoint = root.join("bob.identity.safetensors.checkpoint");

@@ -14,7 +14,7 @@ use pfstorer::restore::{
     ModelDenoiser, Personalization, PersonalizedDenoiser, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
 };
 use pfstorer::weights::TensorStore;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn base() -> BaseModel {
@@ -171,12 +171,8 @@ fn personalized_denoiser_against_the_base_denoiser() {
     assert!(err.contains("another base model"), "{err}");
 }
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("pfstorer-restore-id-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn tmp_dir(name: &str) -> common::Scratch {
+    common::scratch(&format!("restore-id-{name}"))
 }
 
 fn fixture_flag(flag: &str, rel: &str) -> [String; 2] {

@@ -468,14 +468,14 @@ mod tests {
         );
         assert_eq!(released.skip_last_layers, 1);
 
-        let dir = std::env::temp_dir().join(format!("pfstorer-arch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
         std::fs::write(
             dir.join("tiny-b.json"),
             r#"{"embed_dim": 24, "vision_cfg": {"width": 32}, "text_cfg": {"width": 32, "heads": 4, "layers": 3}}"#,
         )
         .unwrap();
-        let tiny = resolve(Some("tiny-b"), Some(&dir)).unwrap();
+        let tiny = resolve(Some("tiny-b"), Some(dir)).unwrap();
         assert_eq!(
             (tiny.width, tiny.heads, tiny.layers, tiny.embed_dim),
             (32, 4, 3, 24)
@@ -483,10 +483,10 @@ mod tests {
         // open_clip's CLIPTextCfg defaults for absent fields.
         assert_eq!((tiny.context_length, tiny.vocab_size), (77, 49408));
 
-        let msg = resolve(Some("absent"), Some(&dir)).unwrap_err().to_string();
+        let msg = resolve(Some("absent"), Some(dir)).unwrap_err().to_string();
         assert!(msg.contains("absent.json"), "{msg}");
         for hostile in ["../tiny-b", "/etc/passwd", ".hidden", ""] {
-            let msg = resolve(Some(hostile), Some(&dir)).unwrap_err().to_string();
+            let msg = resolve(Some(hostile), Some(dir)).unwrap_err().to_string();
             assert!(msg.contains("not a built-in"), "{hostile}: {msg}");
         }
         std::fs::write(
@@ -494,14 +494,13 @@ mod tests {
             r#"{"embed_dim": 8, "text_cfg": {"width": 30, "heads": 4}}"#,
         )
         .unwrap();
-        let msg = resolve(Some("odd"), Some(&dir)).unwrap_err().to_string();
+        let msg = resolve(Some("odd"), Some(dir)).unwrap_err().to_string();
         assert!(msg.contains("not divisible"), "{msg}");
         std::fs::write(dir.join("junk.json"), "[1, 2]").unwrap();
-        let msg = resolve(Some("junk"), Some(&dir)).unwrap_err().to_string();
+        let msg = resolve(Some("junk"), Some(dir)).unwrap_err().to_string();
         assert!(
             msg.contains("junk.json") && msg.contains("open_clip"),
             "{msg}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

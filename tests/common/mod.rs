@@ -297,3 +297,28 @@ pub fn model_flags() -> Vec<String> {
     })
     .collect()
 }
+
+/// A fresh, empty directory for one test, removed when dropped (also when the test fails),
+/// so a suite run leaves nothing behind in the temp folder. Derefs to its path.
+pub struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+pub fn scratch(name: &str) -> Scratch {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("pfstorer-{name}-"))
+        .tempdir()
+        .unwrap_or_else(|e| panic!("creating a scratch directory: {e}"));
+    Scratch(dir)
+}
