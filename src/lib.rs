@@ -7,6 +7,7 @@
 //! guidance and the tiled canvas sampler; [`imaging`] the image work around them; [`degrade`] the
 //! synthetic degradations of the paper; [`metrics`] PSNR/SSIM.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod degrade;

@@ -224,6 +224,77 @@ mod tests {
         }
     }
 
+    /// The forward-convolution form of the input gradient against candle's transposed
+    /// convolution (the plain form), over strides, paddings, kernel shapes and odd sizes.
+    #[test]
+    fn conv_input_gradient_as_a_forward_convolution_matches_the_transposed_one() {
+        use crate::model::nn::conv2d_input_gradient;
+        for (stride, padding, (k_h, k_w), (h, w)) in [
+            (1, 1, (3, 3), (8, 10)),
+            (1, 0, (3, 3), (7, 5)),
+            (1, 0, (1, 1), (5, 6)),
+            (2, 1, (3, 3), (8, 8)),
+            (2, 1, (3, 3), (7, 9)),
+            (2, 0, (1, 1), (6, 7)),
+            (3, 1, (3, 3), (11, 10)),
+            (1, 1, (3, 5), (6, 9)),
+            (2, 2, (5, 3), (9, 8)),
+        ] {
+            let kernel = randn(3, &[4, 3, k_h, k_w]);
+            let cfg = candle_nn::Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let x = randn(7, &[2, 3, h, w]);
+            let y = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
+            let g = randn(8, y.dims());
+            let got = conv2d_input_gradient(&g, &kernel, &cfg, h, w).unwrap();
+            let want = super::super::layers::conv2d_input_gradient_transposed_for_test(
+                &g, &kernel, &cfg, h, w,
+            );
+            assert_eq!(got.dims(), x.dims());
+            let err = max_diff(&got, &want);
+            assert!(
+                err < 1e-4,
+                "k{k_h}x{k_w} s{stride} p{padding} {h}x{w}: {err}"
+            );
+            // And the adjoint identity <conv(x), g> = <x, dx(g)> with no reference at all.
+            let lhs: f32 = (&y * &g).unwrap().sum_all().unwrap().to_scalar().unwrap();
+            let rhs: f32 = (&x * &got).unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(
+                (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
+        }
+    }
+
+    /// candle's CPU conv2d computed wrong results for non-contiguous kernel views (candle #3736,
+    /// fixed upstream in July 2026). The release in use must get transposed and sliced kernel
+    /// views right; the input gradient above makes its kernel contiguous regardless.
+    #[test]
+    fn candle_conv2d_with_kernel_views_matches_contiguous_kernels() {
+        let base = randn(3, &[6, 4, 3, 3]);
+        let views = [
+            (
+                "transposed",
+                base.transpose(0, 1).unwrap().narrow(1, 0, 3).unwrap(),
+            ),
+            (
+                "sliced",
+                base.narrow(0, 1, 4).unwrap().narrow(1, 0, 3).unwrap(),
+            ),
+        ];
+        let x = randn(7, &[2, 3, 6, 7]);
+        for (name, kernel) in views {
+            assert!(!kernel.is_contiguous(), "{name}");
+            let view = x.conv2d(&kernel, 1, 1, 1, 1).unwrap();
+            let copy = x.conv2d(&kernel.contiguous().unwrap(), 1, 1, 1, 1).unwrap();
+            let err = max_diff(&view, &copy);
+            assert!(err < 1e-5, "{name} kernel view: max error {err}");
+        }
+    }
+
     /// Odd height, even width at stride 2 (where candle's own conv backward fails on the shape):
     /// the input gradient is the adjoint of the convolution, <conv(x), g> = <x, dx(g)>.
     #[test]

@@ -200,28 +200,109 @@ impl Module for Conv2d {
             let cfg = *self.0.config();
             let (in_h, in_w) = (x.dim(2)?, x.dim(3)?);
             return with_input_gradient(x, y, move |g| {
-                // The input gradient of a convolution is the transposed convolution of the output
-                // gradient with the same kernel; output padding restores the rows and columns a
-                // stride dropped. One padding serves both axes, so take the larger and cut back.
-                let (_, _, k_h, k_w) = kernel.dims4()?;
-                let covered = |n: usize, k: usize| {
-                    (n - 1) * cfg.stride + cfg.dilation * (k - 1) + 1 - 2 * cfg.padding
-                };
-                let pad_h = in_h - covered(g.dim(2)?, k_h);
-                let pad_w = in_w - covered(g.dim(3)?, k_w);
-                g.conv_transpose2d(
-                    &kernel,
-                    cfg.padding,
-                    pad_h.max(pad_w),
-                    cfg.stride,
-                    cfg.dilation,
-                )?
-                .narrow(2, 0, in_h)?
-                .narrow(3, 0, in_w)
+                conv2d_input_gradient(g, &kernel, &cfg, in_h, in_w)
             });
         }
         self.0.forward(x)
     }
+}
+
+/// The input gradient of `conv2d(x, kernel, cfg)` for the output gradient `g`, `x` being
+/// `in_h` x `in_w`.
+///
+/// That gradient is the transposed convolution of `g`, which candle runs as a direct loop on the
+/// CPU and a naive kernel on CUDA. Written instead as a forward convolution (the fast im2col +
+/// gemm / cuDNN path): insert `stride - 1` zeros between the gradient's rows and columns, pad by
+/// `k - 1 - padding` (plus the rows and columns the stride dropped on the far side), and
+/// convolve with the kernel flipped in space and with its channel axes swapped.
+pub fn conv2d_input_gradient(
+    g: &Tensor,
+    kernel: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+    in_h: usize,
+    in_w: usize,
+) -> Result<Tensor> {
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    let (_, _, out_h, out_w) = g.dims4()?;
+    let (s, p) = (cfg.stride, cfg.padding);
+    if cfg.dilation != 1 || cfg.groups != 1 || p + 1 > k_h || p + 1 > k_w {
+        return conv2d_input_gradient_transposed(g, kernel, cfg, in_h, in_w);
+    }
+    let flipped = flip_spatial(&kernel.transpose(0, 1)?.contiguous()?)?;
+    let (spread_h, spread_w) = ((out_h - 1) * s + 1, (out_w - 1) * s + 1);
+    if s == 1 && k_h == k_w {
+        // Stride 1 and a square kernel: the padding is symmetric and the convolution does it.
+        return g.conv2d(&flipped, k_h - 1 - p, 1, 1, 1);
+    }
+    let spread = spread_with_zeros(&spread_with_zeros(g, 2, s)?, 3, s)?;
+    let spread = spread
+        .pad_with_zeros(2, k_h - 1 - p, in_h + p - spread_h)?
+        .pad_with_zeros(3, k_w - 1 - p, in_w + p - spread_w)?;
+    spread.conv2d(&flipped, 0, 1, 1, 1)
+}
+
+/// The same gradient through candle's transposed convolution; for the cases the forward form
+/// does not cover (dilation, groups, padding of a kernel's size or more).
+fn conv2d_input_gradient_transposed(
+    g: &Tensor,
+    kernel: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+    in_h: usize,
+    in_w: usize,
+) -> Result<Tensor> {
+    // Output padding restores the rows and columns a stride dropped. One padding serves both
+    // axes, so take the larger and cut back.
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    let covered =
+        |n: usize, k: usize| (n - 1) * cfg.stride + cfg.dilation * (k - 1) + 1 - 2 * cfg.padding;
+    let pad_h = in_h - covered(g.dim(2)?, k_h);
+    let pad_w = in_w - covered(g.dim(3)?, k_w);
+    g.conv_transpose2d(
+        kernel,
+        cfg.padding,
+        pad_h.max(pad_w),
+        cfg.stride,
+        cfg.dilation,
+    )?
+    .narrow(2, 0, in_h)?
+    .narrow(3, 0, in_w)
+}
+
+#[cfg(test)]
+pub(crate) fn conv2d_input_gradient_transposed_for_test(
+    g: &Tensor,
+    kernel: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+    in_h: usize,
+    in_w: usize,
+) -> Tensor {
+    conv2d_input_gradient_transposed(g, kernel, cfg, in_h, in_w).unwrap()
+}
+
+/// `x` reversed along its last two axes, as a fresh contiguous tensor: candle's CPU conv2d gives
+/// wrong results for kernels that are non-contiguous views (candle #3736), so never pass one.
+fn flip_spatial(x: &Tensor) -> Result<Tensor> {
+    let reversed = |n: usize| Tensor::from_vec((0..n as u32).rev().collect(), n, x.device());
+    let (h, w) = (x.dim(2)?, x.dim(3)?);
+    x.index_select(&reversed(h)?, 2)?
+        .index_select(&reversed(w)?, 3)?
+        .contiguous()
+}
+
+/// `x` with `stride - 1` zeros between consecutive entries along `axis`.
+fn spread_with_zeros(x: &Tensor, axis: usize, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(x.clone());
+    }
+    let n = x.dim(axis)?;
+    let zeros = x.zeros_like()?;
+    let mut parts = vec![x.clone()];
+    parts.extend(std::iter::repeat_n(zeros, stride - 1));
+    let mut dims = x.dims().to_vec();
+    dims[axis] = n * stride;
+    Tensor::stack(&parts, axis + 1)?
+        .reshape(dims)?
+        .narrow(axis, 0, (n - 1) * stride + 1)
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
