@@ -72,23 +72,9 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !differentiable()
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && x.is_contiguous()
-        {
-            // Inference on the CPU: one fused pass instead of seven tensor-wide ones.
-            let op = FusedGroupNormCpu {
-                groups: self.groups,
-                eps: self.eps,
-                weight: self.weight.to_vec1()?,
-                bias: self.bias.to_vec1()?,
-            };
-            return x.apply_op1_no_bwd(&op);
-        }
+impl GroupNorm {
+    /// The norm from plain candle ops (differentiable in everything, any device and dtype).
+    pub(crate) fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
@@ -105,6 +91,34 @@ impl Module for GroupNorm {
             &mul_const(&normed, &self.weight.reshape(affine_shape.as_slice())?)?,
             &self.bias.reshape(affine_shape.as_slice())?,
         )
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let fusable = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && x.is_contiguous()
+            && !self.weight.track_op()
+            && !self.bias.track_op();
+        if !fusable {
+            return self.forward_composed(x);
+        }
+        // On the CPU: one fused pass instead of seven tensor-wide ones, and in training one
+        // fused backward pass instead of the composed ops' graph (which kept several
+        // activation-sized tensors per norm).
+        let op = FusedGroupNormCpu {
+            groups: self.groups,
+            eps: self.eps,
+            weight: self.weight.to_vec1()?,
+            bias: self.bias.to_vec1()?,
+        };
+        if differentiable() && x.track_op() {
+            x.apply_op1(op)
+        } else {
+            x.apply_op1_no_bwd(&op)
+        }
     }
 }
 
