@@ -15,6 +15,9 @@ Measurements (one JSON line each on stdout; all other output goes to stderr):
            fusion features), x_T = q_sample(LQ latent, t = 999) on the original 1000-step
            schedule, the --steps respaced DDPM loop with classifier-free guidance (positive
            prompt, negative prompt as the unconditional branch), CFW decode with dec_w 0.5.
+           Also times its parts: vae_encode_s (diffusion VAE encode), sample_s (the loop),
+           cfw_encode_s (CFW encoder features) and cfw_decode_s (fused decode).
+  Runs on the CPU as well (--device cpu --dtype f32 --threads N) for the CPU ratios.
 
   STABLESR_ROOT=$REF/StableSR python scripts/gpu_reference.py --device cuda --dtype f16
       --weights stablesr_face_random.safetensors --cfw cfw_random.safetensors  (one command)
@@ -534,6 +537,8 @@ def bench_restore(args, run, model, vq, schedule, text_ok):
         # As the tile script: the LQ latent from the diffusion model's VAE, the fusion features
         # from the CFW encoder (a second encoder pass).
         init_latent = model.get_first_stage_encoding(model.encode_first_stage(image))
+        run.sync()
+        t_enc = time.perf_counter()
         if text_ok:
             cond = model.cond_stage_model([POSITIVE])
             uncond = model.cond_stage_model([NEGATIVE]) if guided else None
@@ -560,6 +565,8 @@ def bench_restore(args, run, model, vq, schedule, text_ok):
         run.sync()
         t2 = time.perf_counter()
         _, enc_fea = vq.encode(image)
+        run.sync()
+        t_cfw_enc = time.perf_counter()
         out = vq.decode(samples * 1.0 / model.scale_factor, enc_fea)
         out = torch.clamp((out + 1.0) / 2.0, min=0.0, max=1.0)
         run.sync()
@@ -569,6 +576,7 @@ def bench_restore(args, run, model, vq, schedule, text_ok):
             "size": S, "steps": args.steps, "guidance": args.guidance, "dec_w": args.dec_w,
             "sampler": args.sampler, "total_s": t3 - t0, "prepare_s": t1 - t0, "sample_s": t2 - t1,
             "decode_s": t3 - t2, "per_step_s": (t2 - t1) / args.steps,
+            "vae_encode_s": t_enc - t0, "cfw_encode_s": t_cfw_enc - t2, "cfw_decode_s": t3 - t_cfw_enc,
             "finite": bool(torch.isfinite(out).all()), "out_mean": float(out.float().mean()), **run.peak()}
 
 

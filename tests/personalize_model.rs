@@ -80,7 +80,7 @@ fn zero_gamma_and_zero_lambda_reproduce_the_base_unet_exactly() {
     let blocks = params.blocks(&Device::Cpu).unwrap();
     let prompt = PromptTokens::default_positive(&base.tokenizer).unwrap();
     let context = prompt
-        .context(&base.text_encoder, Some(params.token.as_tensor()))
+        .context(base.text_encoder().unwrap(), Some(params.token.as_tensor()))
         .unwrap();
     let context2 = Tensor::cat(&[&context, &context], 0).unwrap();
     // x and reference of different spatial sizes.
@@ -144,12 +144,12 @@ fn learned_token_replaces_the_placeholder_embedding() {
     assert_eq!(negative.eot, 15);
     // v*0 = row of "person": the context equals the prompt with "person" in place of "*".
     let ctx = prompt
-        .context(&base.text_encoder, Some(params.token.as_tensor()))
+        .context(base.text_encoder().unwrap(), Some(params.token.as_tensor()))
         .unwrap();
     let mut ids = prompt.ids.clone();
     ids[4] = 2533;
     let ids = Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap();
-    let expected = base.text_encoder.forward(&ids).unwrap();
+    let expected = base.text_encoder().unwrap().forward(&ids).unwrap();
     assert_eq!(max_abs_diff(&ctx, &expected), 0.0);
     // Columns before the placeholder do not depend on the token; gradients reach the token.
     let grads = ctx
@@ -190,7 +190,9 @@ fn frozen_probe(base: &BaseModel) -> Vec<Tensor> {
     let x = randn(11, &[1, 4, 8, 8]);
     let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
     let negative = PromptTokens::default_negative(&base.tokenizer).unwrap();
-    let ctx = negative.context(&base.text_encoder, None).unwrap();
+    let ctx = negative
+        .context(base.text_encoder().unwrap(), None)
+        .unwrap();
     let cond = base.lq_encoder.forward(&x, &t).unwrap();
     let out = base
         .unet
@@ -206,7 +208,8 @@ fn frozen_probe(base: &BaseModel) -> Vec<Tensor> {
     let img = randn(12, &[1, 3, 64, 64]);
     let enc = base.vae.encode(&img).unwrap().mean;
     let table = base
-        .text_encoder
+        .text_encoder()
+        .unwrap()
         .token_embeddings(&Tensor::from_vec(vec![2533u32, 265], (1, 2), &Device::Cpu).unwrap())
         .unwrap();
     vec![ctx, out, enc, table, base.vae.decode(&x).unwrap()]

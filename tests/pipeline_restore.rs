@@ -166,7 +166,8 @@ fn text_contexts_of_the_fixture_come_from_the_tiny_text_encoder() {
         .to_dtype(DType::U32)
         .unwrap();
     let ctx = base
-        .text_encoder
+        .text_encoder()
+        .unwrap()
         .forward(&tokens.narrow(0, 0, 2).unwrap())
         .unwrap();
     common::assert_module_close(

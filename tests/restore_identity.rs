@@ -66,8 +66,8 @@ fn identity(base: &BaseModel, fingerprint: &str, random_gammas: bool) -> Identit
 fn base_denoiser<'a>(base: &'a BaseModel, p: &Personalization) -> ModelDenoiser<'a> {
     ModelDenoiser {
         model: base,
-        cond: p.cond_context(base).unwrap(),
-        uncond: p.uncond_context(base).unwrap(),
+        cond: p.cond_context(),
+        uncond: p.uncond_context(),
     }
 }
 

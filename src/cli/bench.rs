@@ -317,7 +317,7 @@ fn write_random(
 fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     let (device, dtype) = b.run.device_dtype()?;
     let t_load = Instant::now();
-    let base = load_base(&b.base, b.arch.base_config()?, dtype, &device)?;
+    let mut base = load_base(&b.base, b.arch.base_config()?, dtype, &device)?;
     let cfw_cfg = b.arch.cfw_config()?;
     // As `pfstorer restore`: the CFW autoencoder in f32.
     let cfw = match &b.cfw {
@@ -335,9 +335,13 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
         ..RestoreSettings::default()
     };
     let prompt = DEFAULT_PROMPT.replace('*', BASE_SUBJECT);
+    let stages = time_codec_stages(&base, &cfw, &synthetic_face(b.size, 7), settings.dec_w)?;
     let t_total = Instant::now();
+    let t_text = Instant::now();
     let cond = Restorer::text_context(&base, &prompt)?;
     let uncond = Restorer::text_context(&base, DEFAULT_NEGATIVE_PROMPT)?;
+    let text_s = t_text.elapsed().as_secs_f64();
+    base.release_text_encoder(); // as `pfstorer restore`
     let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
     let image = synthetic_face(b.size, 7);
     let mut first_step: Option<Instant> = None;
@@ -365,12 +369,61 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "load_s": load_s,
             "total_s": total_s,
+            "text_s": text_s,
+            "vae_encode_s": stages.vae_encode_s,
             "sample_s": sample_s,
+            "cfw_encode_s": stages.cfw_encode_s,
+            "cfw_decode_s": stages.cfw_decode_s,
             "per_step_s": sample_s.map(|s| s / b.steps as f64),
             "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
         })
     );
     Ok(())
+}
+
+/// Seconds of the codec stages of one restore, each timed once on its own.
+struct CodecStages {
+    vae_encode_s: f64,
+    cfw_encode_s: f64,
+    cfw_decode_s: f64,
+}
+
+/// Times what the reference script times separately: the diffusion VAE's encode of the image,
+/// and the CFW autoencoder's encoder features and fused decode of that latent.
+fn time_codec_stages(
+    base: &BaseModel,
+    cfw: &CfwModel,
+    image: &ImageF32,
+    dec_w: f64,
+) -> anyhow::Result<CodecStages> {
+    let lq = crate::imaging::tensor::image_to_tensor(image, &base.device)?;
+    let t = Instant::now();
+    let latent = base.vae.encode(&lq.to_dtype(base.dtype)?)?.mean;
+    latent.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    let vae_encode_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (_, features) = cfw
+        .autoencoder
+        .encode_with_features(&lq.to_dtype(cfw.dtype)?)?;
+    features[0]
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    let cfw_encode_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let decoded = cfw
+        .autoencoder
+        .decode_fused(&latent.to_dtype(cfw.dtype)?, &features, dec_w)?;
+    decoded
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    let cfw_decode_s = t.elapsed().as_secs_f64();
+    Ok(CodecStages {
+        vae_encode_s,
+        cfw_encode_s,
+        cfw_decode_s,
+    })
 }
 
 /// A smooth face-sized test pattern (deterministic), RGB in [0, 1].

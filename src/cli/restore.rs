@@ -248,7 +248,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         None => None,
     };
     let cfw_path = args.model.cfw_path(!args.quiet)?;
-    let (base, unused) = BaseModel::load(&base_path, base_config, dtype, &device)?;
+    let (mut base, unused) = BaseModel::load(&base_path, base_config, dtype, &device)?;
     if let Some(line) = unused {
         eprintln!("note: {}: {line}", base_path.display());
     }
@@ -267,10 +267,10 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let cond = Restorer::text_context(&base, &prompt)?;
     let uncond = Restorer::text_context(&base, &args.negative_prompt)?;
     let max_input_pixels = settings.max_pixels;
-    let mut restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
     let mut identity_line = "none (base model)".to_string();
+    let mut personalization = None;
     if let (Some(identity), Some(fingerprint)) = (&identity, &fingerprint) {
-        let mut personalization = Personalization::new(
+        let mut prepared = Personalization::new(
             identity,
             &base,
             fingerprint,
@@ -279,11 +279,18 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             args.id_strength,
         )?;
         if args.id_ref != 0 {
-            personalization
+            prepared
                 .use_reference(identity, &base, args.id_ref)
                 .with_context(|| format!("--id-ref {}", args.id_ref))?;
         }
-        identity_line = format!("{} (base {fingerprint})", personalization.name);
+        identity_line = format!("{} (base {fingerprint})", prepared.name);
+        personalization = Some(prepared);
+    }
+    // Every context is computed: the text encoder's weights (~1.4 GB in f32) are not needed
+    // while sampling.
+    base.release_text_encoder();
+    let mut restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
+    if let Some(personalization) = personalization {
         restorer = restorer.with_personalization(personalization)?;
     }
     let mut metadata_common = vec![

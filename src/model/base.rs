@@ -41,7 +41,9 @@ pub struct BaseModel {
     pub config: BaseModelConfig,
     pub unet: UNet,
     pub lq_encoder: LqEncoder,
-    pub text_encoder: TextEncoder,
+    /// `None` once released: a restore needs it only for its prompts' contexts, and it holds
+    /// about a quarter of the model's weights.
+    text_encoder: Option<TextEncoder>,
     pub vae: AutoencoderKL,
     pub tokenizer: ClipTokenizer,
     pub device: Device,
@@ -92,7 +94,7 @@ impl BaseModel {
                 config,
                 unet,
                 lq_encoder,
-                text_encoder,
+                text_encoder: Some(text_encoder),
                 vae,
                 tokenizer: ClipTokenizer::from_bundled()?,
                 device: device.clone(),
@@ -100,6 +102,18 @@ impl BaseModel {
             },
             summary,
         ))
+    }
+
+    /// The frozen text encoder; an error once [`BaseModel::release_text_encoder`] dropped it.
+    pub fn text_encoder(&self) -> Result<&TextEncoder> {
+        self.text_encoder.as_ref().ok_or_else(|| {
+            Error::Config("the text encoder was released after the prompts were encoded".into())
+        })
+    }
+
+    /// Frees the text encoder's weights (every context needed was computed).
+    pub fn release_text_encoder(&mut self) {
+        self.text_encoder = None;
     }
 
     /// Loads the diffusion checkpoint at `path` (.ckpt or .safetensors).

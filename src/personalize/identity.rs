@@ -433,7 +433,7 @@ impl Identity {
     pub fn positive_context(&self, base: &BaseModel) -> Result<(Tensor, PromptTokens)> {
         let prompt = PromptTokens::default_positive(&base.tokenizer)?;
         let token = self.token(&base.device)?.to_dtype(base.dtype)?;
-        let context = prompt.context(&base.text_encoder, Some(&token))?;
+        let context = prompt.context(base.text_encoder()?, Some(&token))?;
         Ok((context, prompt))
     }
 }

@@ -97,7 +97,7 @@ impl TrainableParams {
                 &base.device,
             )?;
         }
-        let init_token = init_embedding(&base.tokenizer, &base.text_encoder, INIT_WORD)?;
+        let init_token = init_embedding(&base.tokenizer, base.text_encoder()?, INIT_WORD)?;
         let token = Var::from_tensor(&init_token)?;
         Ok(TrainableParams {
             varmap,
@@ -363,7 +363,7 @@ impl<'a> Trainer<'a> {
 
         let context = self
             .prompt
-            .context(&base.text_encoder, Some(self.params.token.as_tensor()))?;
+            .context(base.text_encoder()?, Some(self.params.token.as_tensor()))?;
         let t1 = Tensor::new(&[t as f32], device)?;
         let t2 = Tensor::new(&[t as f32, t as f32], device)?;
         let pers_unet = PersonalizedUNet::new(&base.unet, &self.blocks, 1.0);

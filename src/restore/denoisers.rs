@@ -87,6 +87,9 @@ pub struct Personalization {
     pub negative: PromptTokens,
     /// The learned token `[1, width]` in the model's dtype.
     pub token: Tensor,
+    /// The two prompts' contexts (`[1, 77, C]`), the positive one with the token at `*`.
+    cond: Tensor,
+    uncond: Tensor,
     pub name: String,
     pub base_fingerprint: String,
 }
@@ -128,13 +131,21 @@ impl Personalization {
         }
         // The first reference: the identity's primary photo.
         let reference = identity.reference_latent(0, base.dtype, &base.device)?;
+        let positive = PromptTokens::positive(&base.tokenizer, prompt)?;
+        let negative = PromptTokens::plain(&base.tokenizer, negative_prompt)?;
+        let token = identity.token(&base.device)?.to_dtype(base.dtype)?;
+        // Encoded once here, so the text encoder can be released before sampling.
+        let cond = positive.context(base.text_encoder()?, Some(&token))?;
+        let uncond = negative.context(base.text_encoder()?, None)?;
         Ok(Personalization {
             blocks,
             reference,
             lambda_att,
-            positive: PromptTokens::positive(&base.tokenizer, prompt)?,
-            negative: PromptTokens::plain(&base.tokenizer, negative_prompt)?,
-            token: identity.token(&base.device)?.to_dtype(base.dtype)?,
+            positive,
+            negative,
+            token,
+            cond,
+            uncond,
             name: identity.name().to_string(),
             base_fingerprint: fingerprint.to_string(),
         })
@@ -152,13 +163,13 @@ impl Personalization {
     }
 
     /// The positive context with the learned token at `*` (`[1, 77, C]`).
-    pub fn cond_context(&self, base: &BaseModel) -> Result<Tensor> {
-        self.positive.context(&base.text_encoder, Some(&self.token))
+    pub fn cond_context(&self) -> Tensor {
+        self.cond.clone()
     }
 
     /// The negative context (`[1, 77, C]`).
-    pub fn uncond_context(&self, base: &BaseModel) -> Result<Tensor> {
-        self.negative.context(&base.text_encoder, None)
+    pub fn uncond_context(&self) -> Tensor {
+        self.uncond.clone()
     }
 
     /// Placeholder/EOT columns of the rows of a UNet call: the negative rows use their own EOT
@@ -195,8 +206,8 @@ impl<'a> PersonalizedDenoiser<'a> {
         Ok(PersonalizedDenoiser {
             base: ModelDenoiser {
                 model,
-                cond: personalization.cond_context(model)?,
-                uncond: personalization.uncond_context(model)?,
+                cond: personalization.cond_context(),
+                uncond: personalization.uncond_context(),
             },
             personalization,
             cached: None,

@@ -81,8 +81,8 @@ impl<'a> Restorer<'a> {
 
     /// Restores with `personalization`: its contexts replace `cond` / `uncond`.
     pub fn with_personalization(mut self, personalization: Personalization) -> Result<Self> {
-        self.cond = personalization.cond_context(self.base)?;
-        self.uncond = personalization.uncond_context(self.base)?;
+        self.cond = personalization.cond_context();
+        self.uncond = personalization.uncond_context();
         self.personalization = Some(personalization);
         Ok(self)
     }
@@ -91,7 +91,7 @@ impl<'a> Restorer<'a> {
     pub fn text_context(base: &BaseModel, prompt: &str) -> Result<Tensor> {
         let ids = base.tokenizer.encode(prompt)?;
         let ids = Tensor::new(ids.as_slice(), &base.device)?.unsqueeze(0)?;
-        Ok(base.text_encoder.forward(&ids)?)
+        Ok(base.text_encoder()?.forward(&ids)?)
     }
 
     /// Latent tile size: the model's native image size in latents (64 for 512 px).
