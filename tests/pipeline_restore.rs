@@ -183,6 +183,18 @@ fn text_contexts_of_the_fixture_come_from_the_tiny_text_encoder() {
 }
 
 #[test]
+fn released_text_encoder_is_a_clear_error_and_contexts_survive_it() {
+    let (mut base, _) = models();
+    let cond = Restorer::text_context(&base, "a photo").unwrap();
+    base.release_text_encoder();
+    let err = Restorer::text_context(&base, "a photo").unwrap_err().to_string();
+    assert!(err.contains("text encoder was released"), "{err}");
+    // The contexts computed before stay usable (they own their storage).
+    assert_eq!(cond.dims()[0], 1);
+    assert!(cond.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+}
+
+#[test]
 fn tile_script_canvas_run_through_the_restorer() {
     let (base, cfw) = models();
     let f = common::load("diffusion/canvas.safetensors");

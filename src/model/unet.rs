@@ -105,10 +105,10 @@ impl ResBlock {
         emb: &Tensor,
         struct_cond: Option<&StructCond>,
     ) -> Result<Tensor> {
-        let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?;
+        let h = self.in_conv.forward(&self.in_norm.forward_silu(x)?)?;
         let emb_out = self.emb.forward(&emb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = nn::add_const(&h, &emb_out)?;
-        let mut h = self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)?;
+        let mut h = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
         if let (Some(spade), Some(cond)) = (&self.spade, struct_cond) {
             let width = h.dim(D::Minus1)?;
             let segmap = cond.get(&width).ok_or_else(|| {
@@ -635,6 +635,6 @@ impl UNet {
             h = Tensor::cat(&[&h, &skip], 1)?;
             h = Self::run_layers(block, h, &emb, inputs, &mut seam)?;
         }
-        self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)
+        self.out_conv.forward(&self.out_norm.forward_silu(&h)?)
     }
 }

@@ -104,8 +104,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.shortcut {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,
@@ -356,7 +356,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        let h = self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?;
+        let h = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
         Ok((h, features))
     }
 }
@@ -546,7 +546,7 @@ impl Decoder {
                 h = self.upsamples[i - 1].forward(&h)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

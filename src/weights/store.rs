@@ -121,7 +121,11 @@ impl TensorStore {
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let tensor = match &self.backing {
             Backing::Pth(p) => p.get(name)?.ok_or_else(|| self.missing(name))?,
-            Backing::Safetensors(s) => s.load(name, &Device::Cpu)?,
+            Backing::Safetensors(s) => {
+                let tensor = s.load(name, &Device::Cpu)?;
+                release_mapped_pages(s.get(name)?.data());
+                tensor
+            }
         };
         Ok(tensor.to_dtype(dtype)?.to_device(device)?)
     }
@@ -139,6 +143,36 @@ impl TensorStore {
     pub fn shape(&self, name: &str) -> Option<Shape> {
         self.shapes.get(name).map(|(s, _)| Shape::from(s.clone()))
     }
+}
+
+/// Drops the mapped file pages of a tensor already copied out of the map from this process's
+/// resident set (they stay in the page cache and are read again if touched). Without this, a
+/// loaded model's peak RSS is its weights twice: the copies plus every page of the mapped file.
+fn release_mapped_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let Ok(page) = usize::try_from(page) else {
+            return;
+        };
+        if page == 0 || bytes.is_empty() {
+            return;
+        }
+        // Only whole pages inside the tensor: its neighbours may still be read from the map.
+        let start = (bytes.as_ptr() as usize).div_ceil(page) * page;
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: [start, end) lies inside a read-only private file mapping that stays
+            // mapped; MADV_DONTNEED only drops resident pages, which the kernel re-reads from
+            // the unchanged file on the next access, so every slice into the map stays valid.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
 }
 
 /// Most entries a `torch.save` zip may have (one per storage, plus a handful).
@@ -241,4 +275,37 @@ fn check_tensor_extent(
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_read_again_after_their_pages_were_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        // Several pages per tensor, and a small one sharing pages with its neighbours.
+        let big: Vec<f32> = (0..20_000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let small: Vec<f32> = vec![1.5, -2.5, 3.25];
+        let tensors = [
+            ("a", Tensor::from_vec(big.clone(), (100, 200), &Device::Cpu).unwrap()),
+            ("b", Tensor::from_vec(small.clone(), 3, &Device::Cpu).unwrap()),
+            ("c", Tensor::from_vec(big.clone(), 20_000, &Device::Cpu).unwrap()),
+        ];
+        candle_core::safetensors::save(
+            &tensors.iter().map(|(n, t)| (n.to_string(), t.clone())).collect(),
+            &path,
+        )
+        .unwrap();
+        let store = TensorStore::open(&path).unwrap();
+        for _ in 0..2 {
+            let a = store.load("a", DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), big);
+            let b = store.load("b", DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(b.to_vec1::<f32>().unwrap(), small);
+            let c = store.load("c", DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(c.to_vec1::<f32>().unwrap(), big);
+        }
+    }
 }

@@ -46,13 +46,27 @@ fn for_each_row(out: &mut [f32], group_len: usize, work: impl Fn(usize, &mut [f3
 
 /// GroupNorm on contiguous f32 CPU tensors with constant affine parameters: per (sample, group)
 /// mean and variance in f64 accumulators, then `(x - mean) / sqrt(var + eps) * w[c] + b[c]`,
-/// rows split over threads. Its backward gives the input gradient in one fused pass as well
-/// ([`GroupNormInputGradCpu`]), recomputing the statistics from the saved input.
+/// rows split over threads; with `silu` the SiLU that follows every norm of the UNet and VAE
+/// blocks is applied in the same pass. Its backward gives the input gradient in one fused pass
+/// as well ([`GroupNormInputGradCpu`]), recomputing the statistics (and the SiLU's input) from
+/// the saved input, so training keeps one tensor per norm instead of three.
 pub(crate) struct FusedGroupNormCpu {
     pub(crate) groups: usize,
     pub(crate) eps: f64,
     pub(crate) weight: Vec<f32>,
     pub(crate) bias: Vec<f32>,
+    pub(crate) silu: bool,
+}
+
+/// SiLU as candle computes it, `v / (1 + exp(-v))`.
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// d silu(v) / dv = s(v) * (1 + v * (1 - s(v))), with s the logistic function.
+fn silu_slope(v: f32) -> f64 {
+    let s = 1.0 / (1.0 + (-(v as f64)).exp());
+    s * (1.0 + v as f64 * (1.0 - s))
 }
 
 impl candle_core::CustomOp1 for FusedGroupNormCpu {
@@ -84,8 +98,14 @@ impl candle_core::CustomOp1 for FusedGroupNormCpu {
                 let ch = first_channel + k;
                 let scale = (rstd * self.weight[ch] as f64) as f32;
                 let shift = (self.bias[ch] as f64 - mean * rstd * self.weight[ch] as f64) as f32;
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = v * scale + shift;
+                if self.silu {
+                    for (o, &v) in o.iter_mut().zip(xs) {
+                        *o = silu(v * scale + shift);
+                    }
+                } else {
+                    for (o, &v) in o.iter_mut().zip(xs) {
+                        *o = v * scale + shift;
+                    }
                 }
             }
         });
@@ -102,17 +122,22 @@ impl candle_core::CustomOp1 for FusedGroupNormCpu {
             groups: self.groups,
             eps: self.eps,
             weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            silu: self.silu,
         };
         Ok(Some(x.apply_op2_no_bwd(&grad_y.contiguous()?, &op)?))
     }
 }
 
 /// The input gradient of [`FusedGroupNormCpu`]: with `xh = (x - mean) * rstd` and
-/// `d = dy * w[c]`, per (sample, group) row `dx = rstd * (d - mean(d) - xh * mean(d * xh))`.
+/// `d = dy * w[c]`, per (sample, group) row `dx = rstd * (d - mean(d) - xh * mean(d * xh))`;
+/// with `silu`, `dy` is first multiplied by the SiLU's slope at `xh * w[c] + b[c]`.
 pub(crate) struct GroupNormInputGradCpu {
     pub(crate) groups: usize,
     pub(crate) eps: f64,
     pub(crate) weight: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) silu: bool,
 }
 
 impl candle_core::CustomOp2 for GroupNormInputGradCpu {
@@ -144,22 +169,149 @@ impl candle_core::CustomOp2 for GroupNormInputGradCpu {
             let (mean, rstd) = row_stats(x_row, self.eps);
             let first_channel = (row % self.groups) * per_group;
             let channel_of = |i: usize| first_channel + i / spatial;
+            // d = (gradient at the norm's output) * w[c], kept in the output row meanwhile.
             let (mut sum_d, mut sum_d_xh) = (0f64, 0f64);
-            for (i, (&xv, &g)) in x_row.iter().zip(dy_row).enumerate() {
-                let d = g as f64 * self.weight[channel_of(i)] as f64;
+            for (i, (o, (&xv, &g))) in out_row.iter_mut().zip(x_row.iter().zip(dy_row)).enumerate()
+            {
+                let ch = channel_of(i);
+                let xh = (xv as f64 - mean) * rstd;
+                let mut g = g as f64;
+                if self.silu {
+                    let y = (xh * self.weight[ch] as f64 + self.bias[ch] as f64) as f32;
+                    g *= silu_slope(y);
+                }
+                let d = g * self.weight[ch] as f64;
+                *o = d as f32;
                 sum_d += d;
-                sum_d_xh += d * (xv as f64 - mean) * rstd;
+                sum_d_xh += d * xh;
             }
             let n = group_len as f64;
             let (mean_d, mean_d_xh) = (sum_d / n, sum_d_xh / n);
-            for (i, (o, (&xv, &g))) in out_row.iter_mut().zip(x_row.iter().zip(dy_row)).enumerate()
-            {
-                let d = g as f64 * self.weight[channel_of(i)] as f64;
+            for (o, &xv) in out_row.iter_mut().zip(x_row) {
                 let xh = (xv as f64 - mean) * rstd;
-                *o = (rstd * (d - mean_d - xh * mean_d_xh)) as f32;
+                *o = (rstd * (*o as f64 - mean_d - xh * mean_d_xh)) as f32;
             }
         });
         Ok((candle_core::CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+}
+
+/// Stride-1, undilated, ungrouped convolution of contiguous f32 CPU tensors (no bias) as a sum
+/// of `k_h * k_w` matrix products over shifted views of the zero-padded input, with no im2col
+/// buffer: computed over the padded width, output pixel `(y, x)` of kernel tap `(dy, dx)` reads
+/// padded pixel `(y + dy, x + dx)`, which for every tap is the same `[c_in, out_h * padded_w]`
+/// matrix shifted by `dy * padded_w + dx`; the `k_w - 1` extra columns per row are dropped.
+/// candle 0.11's CPU path instead transposes the input to NHWC single-threaded and builds an
+/// im2col tile per 512 pixels (over half of a 512x512 VAE decode's time).
+pub(crate) struct ShiftedGemmConv2d {
+    pub(crate) padding: usize,
+}
+
+impl candle_core::CustomOp2 for ShiftedGemmConv2d {
+    fn name(&self) -> &'static str {
+        "shifted-gemm-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &candle_core::CpuStorage,
+        x_layout: &candle_core::Layout,
+        k_storage: &candle_core::CpuStorage,
+        k_layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = f32_slice(x_storage, x_layout, "shifted-gemm conv2d input")?;
+        let kernel = f32_slice(k_storage, k_layout, "shifted-gemm conv2d kernel")?;
+        let (b, c_in, h, w) = x_layout.shape().dims4()?;
+        let (c_out, k_c_in, k_h, k_w) = k_layout.shape().dims4()?;
+        let p = self.padding;
+        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        if k_c_in != c_in || k_h > hp || k_w > wp {
+            candle_core::bail!(
+                "shifted-gemm conv2d: input {:?}, kernel {:?}, padding {p}",
+                x_layout.shape(),
+                k_layout.shape()
+            );
+        }
+        let (out_h, out_w) = (hp - k_h + 1, wp - k_w + 1);
+        // Taps as `[k_h * k_w][c_out][c_in]` matrices.
+        let taps = k_h * k_w;
+        let mut tap_kernels = vec![0f32; taps * c_out * c_in];
+        for o in 0..c_out {
+            for i in 0..c_in {
+                for t in 0..taps {
+                    tap_kernels[(t * c_out + o) * c_in + i] = kernel[(o * c_in + i) * taps + t];
+                }
+            }
+        }
+        // One spare row: the last tap's view runs `k_w - 1` elements past the padded plane.
+        let plane = (hp + 1) * wp;
+        let wide = out_h * wp;
+        let mut padded = vec![0f32; c_in * plane];
+        let mut acc = vec![0f32; c_out * wide];
+        let mut out = vec![0f32; b * c_out * out_h * out_w];
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // Bands of output rows whose accumulator stays cache-sized across the taps.
+        let band_rows = ((1usize << 20) / (c_out * wp).max(1)).clamp(1, out_h);
+        for n in 0..b {
+            let image = &x[n * c_in * h * w..(n + 1) * c_in * h * w];
+            for (dst, src) in padded.chunks_mut(plane).zip(image.chunks(h * w)) {
+                for (y, row) in src.chunks(w).enumerate() {
+                    let start = (y + p) * wp + p;
+                    dst[start..start + w].copy_from_slice(row);
+                }
+            }
+            for band_start in (0..out_h).step_by(band_rows) {
+                let rows = band_rows.min(out_h - band_start);
+                let cols = rows * wp;
+                for t in 0..taps {
+                    let (dy, dx) = (t / k_w, t % k_w);
+                    let shift = (band_start + dy) * wp + dx;
+                    // SAFETY: dst is `c_out` rows of `cols` within `acc` (row stride `wide`,
+                    // starting at column band_start * wp, and band_start * wp + cols <= wide);
+                    // lhs is tap t's `c_out x c_in` matrix; rhs is `c_in` rows (stride `plane`)
+                    // of `cols` elements from `shift`, whose last element is below
+                    // (c_in - 1) * plane + (hp + 1) * wp (shift + cols <= hp * wp + k_w - 1).
+                    unsafe {
+                        gemm::gemm(
+                            c_out,
+                            cols,
+                            c_in,
+                            acc.as_mut_ptr().add(band_start * wp),
+                            1,
+                            wide as isize,
+                            t > 0,
+                            tap_kernels.as_ptr().add(t * c_out * c_in),
+                            1,
+                            c_in as isize,
+                            padded.as_ptr().add(shift),
+                            1,
+                            plane as isize,
+                            1f32,
+                            1f32,
+                            false,
+                            false,
+                            false,
+                            parallelism,
+                        );
+                    }
+                }
+            }
+            let out_image = &mut out[n * c_out * out_h * out_w..(n + 1) * c_out * out_h * out_w];
+            for (dst, src) in out_image.chunks_mut(out_h * out_w).zip(acc.chunks(wide)) {
+                for (d, s) in dst.chunks_mut(out_w).zip(src.chunks(wp)) {
+                    d.copy_from_slice(&s[..out_w]);
+                }
+            }
+        }
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((b, c_out, out_h, out_w)),
+        ))
     }
 }
 
@@ -167,28 +319,42 @@ impl candle_core::CustomOp2 for GroupNormInputGradCpu {
 mod tests {
     use crate::model::nn::test_util::{max_diff, randn};
     use crate::model::nn::{set_differentiable, GroupNorm};
-    use candle_core::Module;
+    use candle_core::{Module, Tensor};
+
+    const CASES: [(&[usize], usize); 3] = [(&[2, 64, 5, 7], 32), (&[1, 12, 9], 4), (&[3, 6, 4, 4], 6)];
+
+    fn norm(c: usize, groups: usize) -> GroupNorm {
+        GroupNorm {
+            weight: randn(1, &[c]),
+            bias: randn(2, &[c]),
+            groups,
+            eps: 1e-5,
+        }
+    }
+
+    /// The fused forward (`silu`: GroupNorm then SiLU) and the composed candle ops.
+    fn both(norm: &GroupNorm, x: &Tensor, silu: bool) -> (Tensor, Tensor) {
+        if silu {
+            (
+                norm.forward_silu(x).unwrap(),
+                norm.forward_composed(x).unwrap().silu().unwrap(),
+            )
+        } else {
+            (norm.forward(x).unwrap(), norm.forward_composed(x).unwrap())
+        }
+    }
 
     #[test]
     fn fused_cpu_group_norm_matches_the_composed_one() {
-        for (shape, groups) in [
-            (vec![2, 64, 5, 7], 32),
-            (vec![1, 12, 9], 4),
-            (vec![3, 6, 4, 4], 6),
-        ] {
-            let c = shape[1];
-            let norm = GroupNorm {
-                weight: randn(1, &[c]),
-                bias: randn(2, &[c]),
-                groups,
-                eps: 1e-5,
-            };
-            // An offset mean, as real activations have.
-            let x = ((randn(3, &shape) * 3.0).unwrap() + 5.0).unwrap();
-            let composed = norm.forward_composed(&x).unwrap();
-            let fused = norm.forward(&x).unwrap();
-            let err = max_diff(&fused, &composed);
-            assert!(err < 2e-5, "{shape:?}: {err}");
+        for silu in [false, true] {
+            for (shape, groups) in CASES {
+                let norm = norm(shape[1], groups);
+                // An offset mean, as real activations have.
+                let x = ((randn(3, shape) * 3.0).unwrap() + 5.0).unwrap();
+                let (fused, composed) = both(&norm, &x, silu);
+                let err = max_diff(&fused, &composed);
+                assert!(err < 2e-5, "{shape:?} silu {silu}: {err}");
+            }
         }
     }
 
@@ -196,39 +362,54 @@ mod tests {
     /// ops; the affine parameters are constants and get no gradient.
     #[test]
     fn fused_cpu_group_norm_gradient_matches_the_composed_one() {
-        for (shape, groups) in [
-            (vec![2, 64, 5, 7], 32),
-            (vec![1, 12, 9], 4),
-            (vec![3, 6, 4, 4], 6),
-        ] {
-            let c = shape[1];
-            let norm = GroupNorm {
-                weight: randn(1, &[c]),
-                bias: randn(2, &[c]),
-                groups,
-                eps: 1e-5,
-            };
-            let x =
-                candle_core::Var::from_tensor(&((randn(3, &shape) * 3.0).unwrap() + 5.0).unwrap())
-                    .unwrap();
-            let w_out = randn(4, &shape);
-            let loss = |y: candle_core::Tensor| (y * &w_out).unwrap().sum_all().unwrap();
-            let want = loss(norm.forward_composed(x.as_tensor()).unwrap())
-                .backward()
+        for silu in [false, true] {
+            for (shape, groups) in CASES {
+                let norm = norm(shape[1], groups);
+                let x = candle_core::Var::from_tensor(
+                    &((randn(3, shape) * 3.0).unwrap() + 5.0).unwrap(),
+                )
                 .unwrap();
-            set_differentiable(true);
-            let fused = norm.forward(x.as_tensor()).unwrap();
-            set_differentiable(false);
-            let composed = norm.forward_composed(x.as_tensor()).unwrap();
-            assert!(max_diff(&fused, &composed) < 2e-5, "{shape:?}: forward");
-            let got = loss(fused).backward().unwrap();
-            let (got_dx, want_dx) = (
-                got.get(x.as_tensor()).unwrap(),
-                want.get(x.as_tensor()).unwrap(),
-            );
-            let err = max_diff(got_dx, want_dx);
-            assert!(err < 1e-4, "{shape:?}: input gradient error {err}");
-            assert!(got.get(&norm.weight).is_none() && got.get(&norm.bias).is_none());
+                let w_out = randn(4, shape);
+                let loss = |y: Tensor| (y * &w_out).unwrap().sum_all().unwrap();
+                let (_, composed) = both(&norm, x.as_tensor(), silu);
+                let want = loss(composed.clone()).backward().unwrap();
+                set_differentiable(true);
+                let (fused, _) = both(&norm, x.as_tensor(), silu);
+                set_differentiable(false);
+                assert!(max_diff(&fused, &composed) < 2e-5, "{shape:?}: forward");
+                let got = loss(fused).backward().unwrap();
+                let (got_dx, want_dx) = (
+                    got.get(x.as_tensor()).unwrap(),
+                    want.get(x.as_tensor()).unwrap(),
+                );
+                let err = max_diff(got_dx, want_dx);
+                assert!(err < 1e-4, "{shape:?} silu {silu}: input gradient error {err}");
+                assert!(got.get(&norm.weight).is_none() && got.get(&norm.bias).is_none());
+            }
+        }
+    }
+
+    /// The shifted-gemm convolution against candle's conv2d: square and oblong kernels, odd
+    /// sizes, padding 0 to 2, batches, one input channel.
+    #[test]
+    fn shifted_gemm_conv2d_matches_candle_conv2d() {
+        for (x_shape, k_shape, padding) in [
+            ([2, 5, 7, 9], [6, 5, 3, 3], 1),
+            ([1, 3, 8, 8], [4, 3, 3, 3], 0),
+            ([1, 1, 5, 6], [3, 1, 3, 3], 2),
+            ([3, 4, 6, 5], [2, 4, 1, 3], 1),
+            ([1, 16, 33, 31], [8, 16, 3, 3], 1),
+            ([1, 2, 4, 4], [2, 2, 4, 4], 0),
+        ] {
+            let x = randn(5, &x_shape);
+            let kernel = randn(6, &k_shape);
+            let want = x.conv2d(&kernel, padding, 1, 1, 1).unwrap();
+            let got = x
+                .apply_op2_no_bwd(&kernel, &super::ShiftedGemmConv2d { padding })
+                .unwrap();
+            assert_eq!(got.dims(), want.dims(), "{x_shape:?} {k_shape:?}");
+            let err = max_diff(&got, &want);
+            assert!(err < 1e-4, "{x_shape:?} {k_shape:?} pad {padding}: {err}");
         }
     }
 }

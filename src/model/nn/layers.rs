@@ -1,7 +1,7 @@
 //! The layers of the networks: norms (f32 statistics), linear and convolution (frozen in
 //! training, see [`super::frozen`]) and GELU.
 
-use super::cpu_kernels::FusedGroupNormCpu;
+use super::cpu_kernels::{FusedGroupNormCpu, ShiftedGemmConv2d};
 use super::differentiable;
 use super::frozen::{add_const, mul_const, with_input_gradient};
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -94,8 +94,19 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl GroupNorm {
+    /// `silu(norm(x))`, the pair every UNet and VAE block applies.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match self.fused(x, true)? {
+            Some(y) => Ok(y),
+            None => self.forward_composed(x)?.silu(),
+        }
+    }
+
+    /// The fused CPU pass, where it applies: one pass instead of seven tensor-wide ones (eight
+    /// with the SiLU), and in training one fused backward pass instead of the composed ops'
+    /// graph, which kept several activation-sized tensors per norm.
+    fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
         let fusable = x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
@@ -103,21 +114,28 @@ impl Module for GroupNorm {
             && !self.weight.track_op()
             && !self.bias.track_op();
         if !fusable {
-            return self.forward_composed(x);
+            return Ok(None);
         }
-        // On the CPU: one fused pass instead of seven tensor-wide ones, and in training one
-        // fused backward pass instead of the composed ops' graph (which kept several
-        // activation-sized tensors per norm).
         let op = FusedGroupNormCpu {
             groups: self.groups,
             eps: self.eps,
             weight: self.weight.to_vec1()?,
             bias: self.bias.to_vec1()?,
+            silu,
         };
-        if differentiable() && x.track_op() {
-            x.apply_op1(op)
+        Ok(Some(if differentiable() && x.track_op() {
+            x.apply_op1(op)?
         } else {
-            x.apply_op1_no_bwd(&op)
+            x.apply_op1_no_bwd(&op)?
+        }))
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.fused(x, false)? {
+            Some(y) => Ok(y),
+            None => self.forward_composed(x),
         }
     }
 }
@@ -209,7 +227,7 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if differentiable() && x.track_op() && self.frozen() {
-            let y = self.0.forward(&x.detach())?;
+            let y = self.forward_plain(&x.detach())?;
             let kernel = self.0.weight().clone();
             let cfg = *self.0.config();
             let (in_h, in_w) = (x.dim(2)?, x.dim(3)?);
@@ -217,8 +235,47 @@ impl Module for Conv2d {
                 conv2d_input_gradient(g, &kernel, &cfg, in_h, in_w)
             });
         }
-        self.0.forward(x)
+        self.forward_plain(x)
     }
+}
+
+impl Conv2d {
+    /// `torch.nn.Conv2d`'s forward, on the fast CPU convolution where it applies.
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
+        let y = conv2d_forward(x, self.0.weight(), self.0.config())?;
+        match self.0.bias() {
+            None => Ok(y),
+            Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dims1()?, 1, 1))?),
+        }
+    }
+}
+
+/// `x.conv2d(kernel, ...)`; on the CPU in f32, for stride 1 without dilation or groups and with
+/// no gradient to track, the shifted-gemm kernel ([`ShiftedGemmConv2d`]) instead of candle's
+/// im2col path.
+pub(crate) fn conv2d_forward(
+    x: &Tensor,
+    kernel: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+) -> Result<Tensor> {
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    let fast = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && kernel.dtype() == DType::F32
+        && cfg.stride == 1
+        && cfg.dilation == 1
+        && cfg.groups == 1
+        && k_h * k_w > 1
+        && !x.track_op()
+        && !kernel.track_op();
+    if !fast {
+        return x.conv2d(kernel, cfg.padding, cfg.stride, cfg.dilation, cfg.groups);
+    }
+    let op = ShiftedGemmConv2d {
+        padding: cfg.padding,
+    };
+    x.contiguous()?
+        .apply_op2_no_bwd(&kernel.contiguous()?, &op)
 }
 
 /// The input gradient of `conv2d(x, kernel, cfg)` for the output gradient `g`, `x` being
@@ -246,13 +303,20 @@ pub fn conv2d_input_gradient(
     let (spread_h, spread_w) = ((out_h - 1) * s + 1, (out_w - 1) * s + 1);
     if s == 1 && k_h == k_w {
         // Stride 1 and a square kernel: the padding is symmetric and the convolution does it.
-        return g.conv2d(&flipped, k_h - 1 - p, 1, 1, 1);
+        return conv2d_forward(g, &flipped, &unit_stride(k_h - 1 - p));
     }
     let spread = spread_with_zeros(&spread_with_zeros(g, 2, s)?, 3, s)?;
     let spread = spread
         .pad_with_zeros(2, k_h - 1 - p, in_h + p - spread_h)?
         .pad_with_zeros(3, k_w - 1 - p, in_w + p - spread_w)?;
-    spread.conv2d(&flipped, 0, 1, 1, 1)
+    conv2d_forward(&spread, &flipped, &unit_stride(0))
+}
+
+fn unit_stride(padding: usize) -> candle_nn::Conv2dConfig {
+    candle_nn::Conv2dConfig {
+        padding,
+        ..Default::default()
+    }
 }
 
 /// The same gradient through candle's transposed convolution; for the cases the forward form
