@@ -187,11 +187,19 @@ fn released_text_encoder_is_a_clear_error_and_contexts_survive_it() {
     let (mut base, _) = models();
     let cond = Restorer::text_context(&base, "a photo").unwrap();
     base.release_text_encoder();
-    let err = Restorer::text_context(&base, "a photo").unwrap_err().to_string();
+    let err = Restorer::text_context(&base, "a photo")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("text encoder was released"), "{err}");
     // The contexts computed before stay usable (they own their storage).
     assert_eq!(cond.dims()[0], 1);
-    assert!(cond.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    assert!(cond
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite()));
 }
 
 #[test]

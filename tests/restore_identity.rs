@@ -107,7 +107,7 @@ fn personalized_denoiser_against_the_base_denoiser() {
     let p = prepare(&zero, 1.0);
     let mut personalized = PersonalizedDenoiser::new(&base, &p).unwrap();
     let mut plain = base_denoiser(&base, &p);
-    let mut worst = 0f32;
+    let (mut worst, mut scale) = (0f32, 0f32);
     for (t, xt, branches) in [
         (999, &x, Branches::UncondCond),
         (999, &x, Branches::UncondCond),
@@ -116,11 +116,13 @@ fn personalized_denoiser_against_the_base_denoiser() {
         let v = personalized.predict_v(xt, &lq, t, branches).unwrap();
         let v_base = plain.predict_v(xt, &lq, t, branches).unwrap();
         worst = worst.max(max_abs_diff(&v, &v_base));
+        scale = scale.max(common::max_abs(&v_base));
     }
-    println!("zero gates: max abs error {worst:e}");
+    println!("zero gates: max abs error {worst:e} (outputs up to {scale})");
+    // Float rounding only: the two paths order some sums differently.
     assert!(
-        worst <= 1e-6,
-        "zero-gate identity differs from base: {worst}"
+        worst <= 1e-5 * scale.max(1.0),
+        "zero-gate identity differs from base: {worst} (outputs up to {scale})"
     );
     // The repeated call reused the reference features of its step.
     assert_eq!(personalized.reference_passes(), 2);

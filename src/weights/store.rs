@@ -289,12 +289,24 @@ mod tests {
         let big: Vec<f32> = (0..20_000).map(|i| (i as f32 * 0.37).sin()).collect();
         let small: Vec<f32> = vec![1.5, -2.5, 3.25];
         let tensors = [
-            ("a", Tensor::from_vec(big.clone(), (100, 200), &Device::Cpu).unwrap()),
-            ("b", Tensor::from_vec(small.clone(), 3, &Device::Cpu).unwrap()),
-            ("c", Tensor::from_vec(big.clone(), 20_000, &Device::Cpu).unwrap()),
+            (
+                "a",
+                Tensor::from_vec(big.clone(), (100, 200), &Device::Cpu).unwrap(),
+            ),
+            (
+                "b",
+                Tensor::from_vec(small.clone(), 3, &Device::Cpu).unwrap(),
+            ),
+            (
+                "c",
+                Tensor::from_vec(big.clone(), 20_000, &Device::Cpu).unwrap(),
+            ),
         ];
         candle_core::safetensors::save(
-            &tensors.iter().map(|(n, t)| (n.to_string(), t.clone())).collect(),
+            &tensors
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect(),
             &path,
         )
         .unwrap();

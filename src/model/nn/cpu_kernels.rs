@@ -321,7 +321,8 @@ mod tests {
     use crate::model::nn::{set_differentiable, GroupNorm};
     use candle_core::{Module, Tensor};
 
-    const CASES: [(&[usize], usize); 3] = [(&[2, 64, 5, 7], 32), (&[1, 12, 9], 4), (&[3, 6, 4, 4], 6)];
+    const CASES: [(&[usize], usize); 3] =
+        [(&[2, 64, 5, 7], 32), (&[1, 12, 9], 4), (&[3, 6, 4, 4], 6)];
 
     fn norm(c: usize, groups: usize) -> GroupNorm {
         GroupNorm {
@@ -383,7 +384,10 @@ mod tests {
                     want.get(x.as_tensor()).unwrap(),
                 );
                 let err = max_diff(got_dx, want_dx);
-                assert!(err < 1e-4, "{shape:?} silu {silu}: input gradient error {err}");
+                assert!(
+                    err < 1e-4,
+                    "{shape:?} silu {silu}: input gradient error {err}"
+                );
                 assert!(got.get(&norm.weight).is_none() && got.get(&norm.bias).is_none());
             }
         }

@@ -175,7 +175,10 @@ mod tests {
         set_differentiable(false);
         // The frozen path may run the shifted-gemm convolution (other summation order).
         let forward_err = max_diff(&frozen, &plain);
-        assert!(forward_err < 1e-5, "{name}: forward differs by {forward_err}");
+        assert!(
+            forward_err < 1e-5,
+            "{name}: forward differs by {forward_err}"
+        );
         let err = max_diff(
             got.get(x.as_tensor()).unwrap(),
             want.get(x.as_tensor()).unwrap(),

@@ -274,8 +274,7 @@ pub(crate) fn conv2d_forward(
     let op = ShiftedGemmConv2d {
         padding: cfg.padding,
     };
-    x.contiguous()?
-        .apply_op2_no_bwd(&kernel.contiguous()?, &op)
+    x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op)
 }
 
 /// The input gradient of `conv2d(x, kernel, cfg)` for the output gradient `g`, `x` being
