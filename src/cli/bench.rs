@@ -335,7 +335,8 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
         ..RestoreSettings::default()
     };
     let prompt = DEFAULT_PROMPT.replace('*', BASE_SUBJECT);
-    let stages = time_codec_stages(&base, &cfw, &synthetic_face(b.size, 7), settings.dec_w)?;
+    let image = synthetic_face(b.size, 7);
+    let stages = time_codec_stages(&base, &cfw, &image, settings.dec_w)?;
     let t_total = Instant::now();
     let t_text = Instant::now();
     let cond = Restorer::text_context(&base, &prompt)?;
@@ -343,7 +344,6 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     let text_s = t_text.elapsed().as_secs_f64();
     base.release_text_encoder(); // as `pfstorer restore`
     let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
-    let image = synthetic_face(b.size, 7);
     let mut first_step: Option<Instant> = None;
     let mut last_step = Instant::now();
     let out = restorer.restore(&image, TargetSize::Scale(1.0), &mut |done, _| {

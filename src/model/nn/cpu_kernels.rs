@@ -233,16 +233,9 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
             );
         }
         let (out_h, out_w) = (hp - k_h + 1, wp - k_w + 1);
-        // Taps as `[k_h * k_w][c_out][c_in]` matrices.
+        // Tap t's `c_out x c_in` matrix is a strided view of the kernel (row stride
+        // c_in * taps, column stride taps, offset t): gemm packs it, so no re-layout per call.
         let taps = k_h * k_w;
-        let mut tap_kernels = vec![0f32; taps * c_out * c_in];
-        for o in 0..c_out {
-            for i in 0..c_in {
-                for t in 0..taps {
-                    tap_kernels[(t * c_out + o) * c_in + i] = kernel[(o * c_in + i) * taps + t];
-                }
-            }
-        }
         // One spare row: the last tap's view runs `k_w - 1` elements past the padded plane.
         let plane = (hp + 1) * wp;
         let wide = out_h * wp;
@@ -273,7 +266,7 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
                     let shift = (band_start + dy) * wp + dx;
                     // SAFETY: dst is `c_out` rows of `cols` within `acc` (row stride `wide`,
                     // starting at column band_start * wp, and band_start * wp + cols <= wide);
-                    // lhs is tap t's `c_out x c_in` matrix; rhs is `c_in` rows (stride `plane`)
+                    // lhs is tap t's `c_out x c_in` view of the kernel; rhs is `c_in` rows (stride `plane`)
                     // of `cols` elements from `shift`, whose last element is below
                     // (c_in - 1) * plane + (hp + 1) * wp (shift + cols <= hp * wp + k_w - 1).
                     unsafe {
@@ -285,9 +278,9 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
                             1,
                             wide as isize,
                             t > 0,
-                            tap_kernels.as_ptr().add(t * c_out * c_in),
-                            1,
-                            c_in as isize,
+                            kernel.as_ptr().add(t),
+                            taps as isize,
+                            (c_in * taps) as isize,
                             padded.as_ptr().add(shift),
                             1,
                             plane as isize,
