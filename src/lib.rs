@@ -5,9 +5,12 @@
 //! ([`model::text_encoder`]) and a VAE whose decoder fuses encoder features (CFW,
 //! [`model::vae`]). [`diffusion`] holds the schedule, the DDPM sampler with classifier-free
 //! guidance and the tiled canvas sampler; [`imaging`] the image work around them; [`degrade`] the
-//! synthetic degradations of the paper; [`metrics`] PSNR/SSIM.
+//! synthetic degradations of the paper; [`metrics`] PSNR/SSIM. [`personalize`] learns an
+//! identity on a frozen base; [`base_training`] fine-tunes the base itself (the paper's Base
+//! Model); both update with [`optim`]'s AdamW.
 
 pub mod allocator;
+pub mod base_training;
 pub mod cli;
 pub mod config;
 pub mod degrade;
@@ -18,6 +21,7 @@ pub mod fsutil;
 pub mod imaging;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod personalize;
 pub mod prompts;
 pub mod restore;

@@ -62,7 +62,17 @@ impl BaseModel {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, UnusedSummary)> {
-        let vb = weights.var_builder(dtype, device);
+        Self::from_var_builder(config, weights.var_builder(dtype, device), weights)
+    }
+
+    /// Builds every network from `vb`, whose tensors come from `weights` (directly, or through
+    /// a wrapper such as base training's, which turns the trained tensors into variables).
+    pub fn from_var_builder(
+        config: BaseModelConfig,
+        vb: candle_nn::VarBuilder<'static>,
+        weights: &CheckedWeights,
+    ) -> Result<(Self, UnusedSummary)> {
+        let (dtype, device) = (vb.dtype(), vb.device().clone());
         let unet = UNet::new(&config.unet, vb.pp(UNET_PREFIX))?;
         let lq_encoder = LqEncoder::new(&config.lq_encoder, vb.pp(LQ_ENCODER_PREFIX))?;
         let text_encoder = TextEncoder::new(&config.text, vb.pp(TEXT_PREFIX))?;
@@ -97,7 +107,7 @@ impl BaseModel {
                 text_encoder: Some(text_encoder),
                 vae,
                 tokenizer: ClipTokenizer::from_bundled()?,
-                device: device.clone(),
+                device,
                 dtype,
             },
             summary,

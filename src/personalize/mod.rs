@@ -7,7 +7,6 @@ pub mod block;
 pub mod digest;
 pub mod dual_stream;
 pub mod identity;
-pub mod optim;
 pub mod token;
 pub mod trainer;
 

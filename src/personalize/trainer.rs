@@ -3,7 +3,6 @@
 //! only (three parameter groups with their own learning rates).
 
 use super::dual_stream::PersonalizedUNet;
-use super::optim::{AdamW, AdamWParams};
 use super::token::{init_embedding, PromptTokens};
 use super::{host_specs, HostSpec, LAMBDA_GEN, LAMBDA_PERS, LR_GAMMA, LR_ICA, LR_TOKEN, P_HQ};
 use super::{INIT_WORD, WEIGHT_DECAY};
@@ -16,6 +15,7 @@ use crate::model::base::BaseModel;
 use crate::model::nn;
 use crate::model::unet::{StructCond, UNetInputs};
 use crate::model::vae::DiagonalGaussian;
+use crate::optim::{AdamW, AdamWParams};
 use crate::personalize::block::PersonalizationBlock;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;

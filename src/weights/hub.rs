@@ -8,6 +8,9 @@ use std::path::PathBuf;
 pub const STABLESR_REPO: &str = "Iceclear/StableSR";
 /// The face diffusion model (UNet, time-aware encoder, text encoder, VAE).
 pub const FACE_DIFFUSION_FILE: &str = "face_stablesr_000050.ckpt";
+/// The generic StableSR model (SD-2.1 base fine-tuned on general images, eps-prediction): what
+/// StableSR's face config initialises from, so base training's default init.
+pub const GENERIC_DIFFUSION_FILE: &str = "stablesr_000117.ckpt";
 /// The CFW autoencoder fine-tuned on faces.
 pub const FACE_CFW_FILE: &str = "face_vqgan_cfw_00011.ckpt";
 

@@ -226,6 +226,13 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if differentiable() && self.0.weight().track_op() && self.0.config().groups == 1 {
+            let y = super::trainable::conv2d_trainable(x, self.0.weight(), self.0.config())?;
+            return match self.0.bias() {
+                None => Ok(y),
+                Some(bias) => y.broadcast_add(&bias.reshape((1, bias.dims1()?, 1, 1))?),
+            };
+        }
         if differentiable() && x.track_op() && self.frozen() {
             let y = self.forward_plain(&x.detach())?;
             let kernel = self.0.weight().clone();

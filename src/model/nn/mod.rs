@@ -8,13 +8,15 @@
 //!
 //! One file per kind: [`layers`] (norms, linear, convolution, GELU), [`frozen`] (the
 //! input-only gradients of frozen layers and constant operands), [`attention`] (chunked for
-//! inference, recomputed for training), [`cpu_kernels`] (fused CPU kernels, each tested against
+//! inference, recomputed for training), [`trainable`] (the backward of trained convolutions),
+//! [`cpu_kernels`] (fused CPU kernels, each tested against
 //! the composed candle ops).
 
 mod attention;
 mod cpu_kernels;
 mod frozen;
 mod layers;
+mod trainable;
 
 pub use attention::*;
 pub use frozen::*;

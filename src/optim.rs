@@ -60,15 +60,22 @@ impl AdamW {
 
     /// One update from `grads`; variables without a gradient are left alone (as torch does).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_with(|var| grads.get(var.as_tensor()).cloned())
+    }
+
+    /// One update with each variable's gradient given by `grad_of` (`None`: left alone), for
+    /// gradients that were accumulated or averaged outside a [`GradStore`].
+    pub fn step_with(&mut self, grad_of: impl Fn(&Var) -> Option<Tensor>) -> Result<()> {
         self.step += 1;
         let p = self.params;
         let correction1 = 1.0 / (1.0 - p.beta1.powi(self.step as i32));
         let correction2 = 1.0 / (1.0 - p.beta2.powi(self.step as i32));
         for slot in &self.slots {
             let theta = slot.var.as_tensor();
-            let Some(grad) = grads.get(theta) else {
+            let Some(grad) = grad_of(&slot.var) else {
                 continue;
             };
+            let grad = &grad;
             let m = ((slot.first_moment.as_tensor() * p.beta1)? + (grad * (1.0 - p.beta1))?)?;
             let v =
                 ((slot.second_moment.as_tensor() * p.beta2)? + (grad.sqr()? * (1.0 - p.beta2))?)?;
