@@ -16,7 +16,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 /// What a training step needs from its peers.
-pub trait Communicator: Send {
+pub trait Communicator {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Replaces every tensor by its mean over the ranks (same shapes on every rank).
@@ -469,6 +469,127 @@ mod tests {
             let (a, b) = h.join().unwrap();
             assert_eq!(a, vec![1.0, 2.0]);
             assert_eq!(b, vec![vec![2.0]]);
+        }
+    }
+}
+
+/// NCCL across processes (one per GPU), in the `nccl` build.
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use super::{rendezvous, Communicator, LaunchEnv};
+    use crate::error::{Error, Result};
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::{Device, Storage, Tensor};
+    use std::time::Duration;
+
+    /// How long ranks wait for each other at the rendezvous.
+    const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(600);
+
+    pub struct NcclGroup {
+        comm: Comm,
+        device: Device,
+    }
+
+    impl NcclGroup {
+        /// Joins the launch: rank 0 makes the NCCL id and hands it out at
+        /// MASTER_ADDR:MASTER_PORT, then every rank initialises its communicator on `device`.
+        pub fn connect(env: &LaunchEnv, device: &Device) -> Result<Self> {
+            let Device::Cuda(cuda) = device else {
+                return Err(Error::Input(
+                    "data-parallel training runs on CUDA devices (--device cuda)".into(),
+                ));
+            };
+            let nccl = |e: candle_core::cuda_backend::cudarc::nccl::result::NcclError| {
+                Error::Config(format!("NCCL: {e:?}"))
+            };
+            let addr = format!(
+                "{}:{}",
+                env.master_addr.as_deref().unwrap_or("127.0.0.1"),
+                env.master_port.unwrap_or(29500)
+            );
+            let mine = if env.rank == 0 {
+                let id = Id::new().map_err(nccl)?;
+                Some(id.internal().iter().map(|&c| c as u8).collect::<Vec<u8>>())
+            } else {
+                None
+            };
+            let bytes = rendezvous(
+                &addr,
+                env.rank,
+                env.world_size,
+                mine.as_deref(),
+                RENDEZVOUS_TIMEOUT,
+            )?;
+            let mut internal = [0 as std::ffi::c_char; 128];
+            if bytes.len() != internal.len() {
+                return Err(Error::Input(format!(
+                    "rendezvous at {addr}: an NCCL id of {} bytes",
+                    bytes.len()
+                )));
+            }
+            for (dst, src) in internal.iter_mut().zip(&bytes) {
+                *dst = *src as std::ffi::c_char;
+            }
+            let comm = Comm::from_rank(
+                cuda.cuda_stream(),
+                env.rank,
+                env.world_size,
+                Id::uninit(internal),
+            )
+            .map_err(nccl)?;
+            Ok(NcclGroup {
+                comm,
+                device: device.clone(),
+            })
+        }
+    }
+
+    impl Communicator for NcclGroup {
+        fn rank(&self) -> usize {
+            self.comm.rank()
+        }
+
+        fn world_size(&self) -> usize {
+            self.comm.world_size()
+        }
+
+        fn all_reduce_mean(&self, tensors: &mut [Tensor]) -> Result<()> {
+            // One reduction over all tensors, flattened into one f32 buffer.
+            let flat: Vec<Tensor> = tensors
+                .iter()
+                .map(|t| t.to_dtype(candle_core::DType::F32)?.flatten_all())
+                .collect::<candle_core::Result<_>>()?;
+            let flat = Tensor::cat(&flat, 0)?.contiguous()?;
+            let n = flat.elem_count();
+            let stream = self.comm.stream();
+            let mut sum = stream
+                .alloc_zeros::<f32>(n)
+                .map_err(|e| Error::Config(format!("CUDA: {e:?}")))?;
+            {
+                let (storage, layout) = flat.storage_and_layout();
+                let Storage::Cuda(cuda) = &*storage else {
+                    return Err(Error::Config("NCCL reduction of a non-CUDA tensor".into()));
+                };
+                let slice = cuda.as_cuda_slice::<f32>()?;
+                let slice = slice.slice(layout.start_offset()..layout.start_offset() + n);
+                self.comm
+                    .all_reduce(&slice, &mut sum, &ReduceOp::Avg)
+                    .map_err(|e| Error::Config(format!("NCCL all-reduce: {e:?}")))?;
+            }
+            let host = stream
+                .clone_dtoh(&sum)
+                .map_err(|e| Error::Config(format!("CUDA: {e:?}")))?;
+            let mean = Tensor::from_vec(host, n, &self.device)?;
+            let mut offset = 0;
+            for t in tensors.iter_mut() {
+                let count = t.elem_count();
+                *t = mean
+                    .narrow(0, offset, count)?
+                    .reshape(t.dims())?
+                    .to_dtype(t.dtype())?;
+                offset += count;
+            }
+            Ok(())
         }
     }
 }

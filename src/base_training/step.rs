@@ -200,13 +200,23 @@ impl BaseTrainer {
     /// A whole step: this rank's micro-batches, gradients averaged over the ranks of `comm`,
     /// one update. Returns the loss averaged over the ranks.
     pub fn step(&mut self, micro_batches: &[LatentBatch], comm: &dyn Communicator) -> Result<f32> {
-        let (loss, mut grads) = self.gradients(micro_batches)?;
-        let mut loss_t = Tensor::new(&[loss], &self.base.device)?;
-        grads.push(loss_t.clone());
-        comm.all_reduce_mean(&mut grads)?;
-        loss_t = grads.pop().expect("pushed above");
+        let (loss, grads) = self.averaged_gradients(micro_batches, comm)?;
         self.apply(&grads)?;
-        Ok(loss_t.to_vec1::<f32>()?[0])
+        Ok(loss)
+    }
+
+    /// [`BaseTrainer::gradients`] of this rank's micro-batches, then loss and gradients
+    /// averaged over the ranks of `comm` (one reduction).
+    pub fn averaged_gradients(
+        &self,
+        micro_batches: &[LatentBatch],
+        comm: &dyn Communicator,
+    ) -> Result<(f32, Vec<Tensor>)> {
+        let (loss, mut grads) = self.gradients(micro_batches)?;
+        grads.push(Tensor::new(&[loss], &self.base.device)?);
+        comm.all_reduce_mean(&mut grads)?;
+        let loss = grads.pop().expect("pushed above").to_vec1::<f32>()?[0];
+        Ok((loss, grads))
     }
 
     /// Updates taken (the bias-correction step count).

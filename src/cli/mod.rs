@@ -9,6 +9,7 @@ pub mod ids;
 pub mod model_args;
 pub mod personalize;
 pub mod restore;
+pub mod train_base;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +40,8 @@ pub enum Command {
     Personalize(personalize::PersonalizeArgs),
     /// List, show or remove stored identities.
     Ids(ids::IdsArgs),
+    /// Fine-tune StableSR on a folder of face photos into the paper's Base Model.
+    TrainBase(Box<train_base::TrainBaseArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Personalize(args) => personalize::run(args),
         Command::Ids(args) => ids::run(args),
+        Command::TrainBase(args) => train_base::run(*args),
     }
 }
 
