@@ -44,6 +44,8 @@ pub enum BenchWhat {
     Restore(RestoreBench),
     /// Personalization training iterations on synthetic references.
     Train(TrainBench),
+    /// Base-model training steps (train-base) on synthetic faces.
+    TrainBase(TrainBaseBench),
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +101,26 @@ pub struct TrainBench {
 }
 
 #[derive(Debug, Args)]
+pub struct TrainBaseBench {
+    /// Training resolution in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Timed steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    /// Diffusion checkpoint; default: seeded random weights of the released architecture.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
 pub struct UnetBench {
     /// Latent size (square); 64 is a 512x512 image.
     #[arg(long, default_value_t = 64)]
@@ -122,6 +144,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Weights(b) => bench_weights(b),
         BenchWhat::Restore(b) => bench_restore(b),
         BenchWhat::Train(b) => bench_train(b),
+        BenchWhat::TrainBase(b) => bench_train_base(b),
     }
 }
 
@@ -484,6 +507,91 @@ fn bench_train(b: TrainBench) -> anyhow::Result<()> {
             "iter_s": iter_s,
             "median_s": median,
             "projected_500_s": median.map(|m| m * 500.0),
+            "losses": losses,
+            "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
+        })
+    );
+    Ok(())
+}
+
+fn bench_train_base(b: TrainBaseBench) -> anyhow::Result<()> {
+    use crate::base_training::data::{FaceDataset, SampleRecipe, Sharding};
+    use crate::base_training::parallel::SingleProcess;
+    use crate::base_training::step::{adamw, BaseTrainer};
+    use crate::base_training::trainable::TrainableWeights;
+    use crate::base_training::{Run, RunPlan, BASE_LR, P_HQ};
+    if b.batch_size == 0 || b.batch_size > 64 || b.iters > 1000 {
+        return Err(crate::Error::Input(
+            "--batch-size must be 1 to 64 and --iters at most 1000".into(),
+        )
+        .into());
+    }
+    let device = crate::device::parse_device(&b.device)?;
+    let t_load = Instant::now();
+    let checked = match &b.base {
+        Some(p) => CheckedWeights::from_store(Arc::new(TensorStore::open(p)?)),
+        None => CheckedWeights::new(Source::Random(0)),
+    };
+    let weights = TrainableWeights::new(checked);
+    let (mut trainer, _) =
+        BaseTrainer::new(base_config(&b.config)?, &weights, &device, adamw(BASE_LR))?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let trained: usize = trainer.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    // The data pipeline reads files: synthetic faces in a scratch folder.
+    let dir = tempfile::tempdir()?;
+    for k in 0..b.batch_size {
+        let path = dir.path().join(format!("face{k}.png"));
+        crate::imaging::io::save_png(&path, &synthetic_face(b.size, k as u64), None, false, &[], true)?;
+    }
+    let data = FaceDataset::scan(&[dir.path().to_path_buf()])?;
+    let plan = RunPlan {
+        epochs: b.iters + 1,
+        sharding: Sharding {
+            batch_size: b.batch_size,
+            grad_accum: 1,
+            world_size: 1,
+        },
+        recipe: SampleRecipe {
+            size: b.size,
+            p_hq: P_HQ,
+        },
+        seed: 0,
+    };
+    let mut run = Run::new(&mut trainer, &data, plan, &SingleProcess)?;
+    let positions: Vec<usize> = (0..b.batch_size).collect();
+    let (mut data_s, mut step_s, mut losses) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=b.iters {
+        let start = Instant::now();
+        let batch = run.micro_batch(i, &positions)?;
+        let prepared = start.elapsed().as_secs_f64();
+        let loss = run.trainer.step(std::slice::from_ref(&batch), &SingleProcess)?;
+        losses.push(loss);
+        if i > 0 {
+            data_s.push(prepared);
+            step_s.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let median = |v: &[f64]| -> Option<f64> {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        s.get(s.len() / 2).copied()
+    };
+    let step_median = median(&step_s);
+    println!(
+        "{}",
+        serde_json::json!({
+            "what": "pfstorer: base-model training step (load + augment + degrade + 2 VAE encodes, encoder + UNet forward, backward, AdamW)",
+            "size": b.size,
+            "batch_size": b.batch_size,
+            "device": b.device,
+            "dtype": "f32",
+            "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
+            "trained_parameters": trained,
+            "load_s": load_s,
+            "step_s": step_s,
+            "data_s": data_s,
+            "median_step_s": step_median,
+            "images_per_s": step_median.map(|m| b.batch_size as f64 / m),
             "losses": losses,
             "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
         })
