@@ -73,6 +73,24 @@ fn write_inputs(dir: &Path) {
     std::fs::write(dir.join("notes.jpg"), "not an image\n").unwrap();
 }
 
+/// Windows of `size` every `stride` along `n` until one reaches the end (the last moved back to
+/// end there), walked one by one.
+fn walk_windows(n: usize, size: usize, stride: usize) -> usize {
+    if n <= size {
+        return 1;
+    }
+    let mut starts = std::collections::BTreeSet::new();
+    let mut start = 0;
+    loop {
+        starts.insert(start.min(n - size));
+        if start + size >= n {
+            break;
+        }
+        start += stride;
+    }
+    starts.len()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -244,6 +262,24 @@ fn clear_errors_for_unsupported_or_missing_things() {
         "{}",
         stderr(&o)
     );
+
+    // No tiles per call, an unknown device or precision: one line naming the flag, before any
+    // file is read.
+    for (flag, value, says) in [
+        ("--tile-batch", "0", "--tile-batch 0"),
+        ("--device", "gpu", "--device"),
+        ("--dtype", "f8", "--dtype"),
+    ] {
+        let o = restore(&[
+            dir.join("face.png").display().to_string(),
+            flag.into(),
+            value.into(),
+        ]);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{flag} {value}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        assert!(err.contains(value), "{flag} {value}: {err}");
+    }
 }
 
 #[test]
@@ -275,6 +311,8 @@ fn large_output_goes_through_pixel_patches_and_latent_tiles() {
             "128",
             "--patch-stride",
             "100",
+            "--tile-batch",
+            "4",
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -282,6 +320,30 @@ fn large_output_goes_through_pixel_patches_and_latent_tiles() {
     args.extend(model_flags());
     let o = restore(&args);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The work is announced before sampling, counted here window by window: 400x300 padded to
+    // 416x320, 128-px patches every 100 px, canvases of 128/f latents in 64/f tiles every 32/f.
+    let f = common::tiny_config().vae.downsample_factor();
+    let patches = walk_windows(416, 128, 100) * walk_windows(320, 128, 100);
+    let tile = common::fast_latent_tile();
+    let tiles = walk_windows(128 / f, tile, tile - tile / 2).pow(2);
+    let calls = patches * tiles.div_ceil(4);
+    let work = format!(
+        "big.png: 400x300 output, work: {patches} patches x {tiles} latent tiles x 1 step = {} UNet passes (x2 for CFG), in {calls} UNet calls of up to 4 tiles",
+        2 * patches * tiles
+    );
+    let err = stderr(&o);
+    assert!(err.contains(&work), "expected `{work}` in:\n{err}");
+    if !candle_core::utils::cuda_is_available() {
+        assert!(err.contains(&format!("{work}; cpu, f32")), "{err}");
+        assert!(
+            err.contains("device: cpu (this build has no CUDA); dtype: f32 (auto on the CPU)"),
+            "{err}"
+        );
+    }
+    assert!(
+        err.contains("sampling will take about") && err.contains(&format!("({patches} steps)")),
+        "projection after the first step: {err}"
+    );
     let img = image::open(&out).unwrap().to_rgb8();
     assert_eq!((img.width(), img.height()), (400, 300));
     // Blending leaves no step at the patch borders: neighbouring columns there differ about as

@@ -316,3 +316,176 @@ fn tile_script_canvas_run_through_the_restorer() {
         common::assert_close(expected_u8, &ours, &reference, 1.0, 0.0);
     }
 }
+
+/// A smooth synthetic RGB image in [0, 1].
+fn synthetic(width: usize, height: usize) -> pfstorer::imaging::ImageF32 {
+    let data = (0..width * height)
+        .flat_map(|i| {
+            let (x, y) = ((i % width) as f32, (i / width) as f32);
+            [
+                0.5 + 0.4 * (x * 0.11).sin(),
+                0.5 + 0.4 * (y * 0.07).cos(),
+                0.3 + 0.5 * ((x + y) * 0.05).sin().abs(),
+            ]
+        })
+        .collect();
+    pfstorer::imaging::ImageF32::new(width, height, 3, data)
+}
+
+/// Several latent tiles per UNet call give the image of one tile at a time (the tiles are
+/// independent rows of the batch, the blend adds them in the same order and the noise is drawn
+/// on the whole latent either way), and the restorer makes exactly the UNet calls its work plan
+/// announces, with one patch and with several.
+#[test]
+fn batched_tiles_match_one_at_a_time_and_the_planned_calls() {
+    let (base, cfw) = models();
+    let factor = base.config.vae.downsample_factor();
+    let native = common::FAST_INPUT_SIZE;
+    let tile = native / factor;
+    let cond = Restorer::text_context(&base, "a photo of a person").unwrap();
+    let uncond = Restorer::text_context(&base, "blurry").unwrap();
+    let settings = |tile_batch: usize, patch_size: usize| RestoreSettings {
+        steps: 2,
+        native_size: Some(native),
+        tile_overlap: tile / 2,
+        tile_batch: Some(tile_batch),
+        patch_size,
+        patch_stride: patch_size * 3 / 4,
+        ..RestoreSettings::default()
+    };
+    let restorer = |tile_batch: usize, patch_size: usize| {
+        Restorer::new(
+            &base,
+            &cfw,
+            settings(tile_batch, patch_size),
+            cond.clone(),
+            uncond.clone(),
+        )
+        .unwrap()
+    };
+    const BATCH: usize = 3;
+    let target = pfstorer::restore::TargetSize::Scale(1.0);
+    // The first size (multiples of 32 px) whose canvas has more than BATCH tiles, not a
+    // multiple of it, so that the last call is a partial batch.
+    let probe = restorer(BATCH, 4096);
+    let (w, h, tiles) = (2..12)
+        .flat_map(|a| (2..12).map(move |b| (a * 32, b * 32)))
+        .map(|(w, h)| (w, h, probe.work(w, h, target).unwrap().1.tiles_per_patch))
+        .find(|&(_, _, t)| t > BATCH && !t.is_multiple_of(BATCH))
+        .expect("a canvas size with a partial last batch");
+    let image = synthetic(w, h);
+
+    let one = restorer(1, 4096);
+    let batched = restorer(BATCH, 4096);
+    let mut outputs = Vec::new();
+    for r in [&one, &batched] {
+        let (_, work) = r.work(w, h, target).unwrap();
+        assert_eq!(work.tiles_per_patch, tiles);
+        let before = r.unet_calls();
+        let out = r.restore(&image, target, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            r.unet_calls() - before,
+            work.unet_calls,
+            "{w}x{h}: planned calls"
+        );
+        outputs.push(Tensor::from_vec(out.data, (out.height, out.width, 3), &Device::Cpu).unwrap());
+    }
+    assert_eq!(
+        one.work(w, h, target).unwrap().1.unet_calls,
+        2 * tiles,
+        "one tile a call"
+    );
+    assert_eq!(
+        batched.work(w, h, target).unwrap().1.unet_calls,
+        2 * tiles.div_ceil(BATCH),
+        "partial last batch"
+    );
+    // The decoder reads latent / scale_factor, so latent differences reach the image
+    // multiplied by 1 / scale_factor (5.5 for the released 0.18215); the latents themselves are
+    // compared at 1e-5 in `batched_tiles_give_the_same_latent_with_the_real_networks`.
+    let scale = common::max_abs(&outputs[0]).max(1.0) as f64;
+    let diff = common::assert_close(
+        &format!("{w}x{h}, {tiles} tiles in batches of {BATCH} vs one at a time"),
+        &outputs[1],
+        &outputs[0],
+        1e-5 * scale / base.config.diffusion.scale_factor,
+        0.0,
+    );
+    println!("{tiles} latent tiles, batches of {BATCH}: max abs diff {diff:.3e}");
+
+    // Several pixel patches: every patch samples its own canvas.
+    let patch = (w.max(h) / 32).div_ceil(2) * 32;
+    let patched = restorer(BATCH, patch.max(32));
+    let (plan, work) = patched.work(w, h, target).unwrap();
+    let before = patched.unet_calls();
+    patched.restore(&image, target, &mut |_, _| {}).unwrap();
+    assert!(plan.patches > 1, "{w}x{h} in {patch}-px patches");
+    assert_eq!(
+        patched.unet_calls() - before,
+        work.unet_calls,
+        "patched: planned calls"
+    );
+}
+
+/// The canvas sampler with the real UNet and time-aware encoder: tiles in calls of 3 (a tile
+/// count that 3 does not divide) give the latent of one tile per call, within 1e-5 of its
+/// scale (batched matrix products may sum in another order).
+#[test]
+fn batched_tiles_give_the_same_latent_with_the_real_networks() {
+    use pfstorer::diffusion::canvas::{tile_offsets, CanvasSampler, Tiling};
+    use pfstorer::diffusion::noise::SeededNoise;
+    let base = common::tiny_base();
+    let tile = common::fast_latent_tile();
+    let overlap = tile / 2;
+    const BATCH: usize = 3;
+    let c = base.config.diffusion.latent_channels;
+    let (h, w) = (2..10)
+        .flat_map(|a| (2..10).map(move |b| (a * tile / 2, b * tile / 2)))
+        .find(|&(h, w)| {
+            let n = tile_offsets(h, w, tile, overlap).unwrap().len();
+            n > BATCH && !n.is_multiple_of(BATCH)
+        })
+        .expect("a canvas with a partial last batch");
+    let tiles = tile_offsets(h, w, tile, overlap).unwrap().len();
+    let init = common::seeded_randn(5, &[1, c, h, w]);
+    let cond = Restorer::text_context(&base, "a photo of a person").unwrap();
+    let uncond = Restorer::text_context(&base, "blurry").unwrap();
+    let sampler = DdpmSampler::new(&base.config.diffusion, 2).unwrap();
+    let run = |per_batch: usize| {
+        let mut denoiser = ModelDenoiser {
+            model: &base,
+            cond: cond.clone(),
+            uncond: uncond.clone(),
+        };
+        let tiling = Tiling {
+            tile_size: tile,
+            tile_overlap: overlap,
+            tiles_per_batch: per_batch,
+        };
+        CanvasSampler::new(&sampler, tiling)
+            .unwrap()
+            .sample(
+                &mut denoiser,
+                &init,
+                &mut SeededNoise::new(11),
+                &SampleOptions {
+                    guidance_scale: Some(4.0),
+                    record_steps: false,
+                },
+                &mut |_| {},
+            )
+            .unwrap()
+            .latent
+    };
+    let one = run(1);
+    let batched = run(BATCH);
+    let scale = common::max_abs(&one).max(1.0) as f64;
+    let diff = common::assert_close(
+        &format!("{h}x{w} latent, {tiles} tiles in calls of {BATCH} vs one at a time"),
+        &batched,
+        &one,
+        1e-5 * scale,
+        0.0,
+    );
+    println!("latent: {tiles} tiles, calls of {BATCH}: max abs diff {diff:.3e} (scale {scale:.2})");
+}

@@ -173,6 +173,70 @@ fn personalized_denoiser_against_the_base_denoiser() {
     assert!(err.contains("another base model"), "{err}");
 }
 
+/// With an identity, several latent tiles in one call (the canvas sampler's batches: `[x_1..x_b;
+/// x_1..x_b]` with CFG, the LQ tiles once) give each tile's v of a call on its own: the
+/// reference pass runs at the call's rows with the negative rows first, as the x pass expects.
+#[test]
+fn personalized_denoiser_batches_tiles_like_single_calls() {
+    let base = base();
+    let fingerprint = base_fingerprint(
+        &TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let depth = base
+        .config
+        .unet
+        .channel_mult
+        .len()
+        .max(base.config.lq_encoder.channel_mult.len());
+    let latent = 8usize.max(1 << (depth - 1));
+    const TILES: usize = 3;
+    let x = randn(7, &[TILES, 4, latent, latent]);
+    let lq = randn(8, &[TILES, 4, latent, latent]);
+    let gated = identity(&base, &fingerprint, true);
+    let p = Personalization::new(
+        &gated,
+        &base,
+        &fingerprint,
+        DEFAULT_PROMPT,
+        DEFAULT_NEGATIVE_PROMPT,
+        1.0,
+    )
+    .unwrap();
+    let mut denoiser = PersonalizedDenoiser::new(&base, &p).unwrap();
+    let both = Tensor::cat(&[&x, &x], 0).unwrap();
+    let batched = denoiser
+        .predict_v(&both, &lq, 600, Branches::UncondCond)
+        .unwrap();
+    let (mut worst, mut scale) = (0f32, 0f32);
+    for k in 0..TILES {
+        let xk = x.narrow(0, k, 1).unwrap();
+        let single = denoiser
+            .predict_v(
+                &Tensor::cat(&[&xk, &xk], 0).unwrap(),
+                &lq.narrow(0, k, 1).unwrap(),
+                600,
+                Branches::UncondCond,
+            )
+            .unwrap();
+        let rows = Tensor::cat(
+            &[
+                batched.narrow(0, k, 1).unwrap(),
+                batched.narrow(0, TILES + k, 1).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        worst = worst.max(max_abs_diff(&rows, &single));
+        scale = scale.max(common::max_abs(&single));
+    }
+    println!("identity, {TILES} tiles in one call vs alone: max abs diff {worst:e} (outputs up to {scale})");
+    assert!(
+        worst <= 1e-5 * scale.max(1.0),
+        "batched tiles differ: {worst} (outputs up to {scale})"
+    );
+}
+
 fn tmp_dir(name: &str) -> common::Scratch {
     common::scratch(&format!("restore-id-{name}"))
 }

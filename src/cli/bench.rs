@@ -9,8 +9,9 @@
 //! `bench restore` times a whole restore and `bench train` personalization iterations.
 //! Every subcommand prints one JSON line.
 
-use super::model_args::{device_spec, peak_rss_bytes, ArchArgs, RunArgs};
+use super::model_args::{device_request, peak_rss_bytes, ArchArgs, RunArgs};
 use crate::config::{BaseModelConfig, CfwConfig};
+use crate::device::{device_label, dtype_name, DeviceRequest, DtypeRequest, Workload};
 use crate::diffusion::schedule::Schedule;
 use crate::imaging::ImageF32;
 use crate::model::base::{BaseModel, CfwModel};
@@ -71,6 +72,9 @@ pub struct RestoreBench {
     /// Classifier-free guidance scale (any value but 1 runs the CFG batch of 2).
     #[arg(long, default_value_t = 4.0)]
     pub cfg: f64,
+    /// Latent tiles per UNet call (as `restore --tile-batch`); default from the device.
+    #[arg(long, value_name = "N")]
+    pub tile_batch: Option<usize>,
     /// Diffusion checkpoint; default: seeded random weights of the released architecture.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -96,8 +100,9 @@ pub struct TrainBench {
     pub base: Option<PathBuf>,
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
-    pub device: String,
+    /// Where training runs (always in f32); auto: CUDA device 0 when usable, else the CPU.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N", value_parser = device_request)]
+    pub device: DeviceRequest,
 }
 
 #[derive(Debug, Args)]
@@ -203,8 +208,8 @@ fn bench_unet(b: UnetBench) -> anyhow::Result<()> {
             "what": "pfstorer: encoder + UNet forward, CFG batch 2",
             "latent": l,
             "config": b.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "released face model".into()),
-            "device": b.run.device,
-            "dtype": b.run.dtype.to_string(),
+            "device": device_label(&device),
+            "dtype": dtype_name(dtype),
             "load_s": load_s,
             "median_s": median,
             "runs_s": times,
@@ -355,6 +360,7 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     let settings = RestoreSettings {
         steps: b.steps,
         guidance: b.cfg,
+        tile_batch: b.tile_batch,
         ..RestoreSettings::default()
     };
     let prompt = DEFAULT_PROMPT.replace('*', BASE_SUBJECT);
@@ -367,19 +373,21 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     let text_s = t_text.elapsed().as_secs_f64();
     base.release_text_encoder(); // as `pfstorer restore`
     let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
-    let mut first_step: Option<Instant> = None;
+    let (_, work) = restorer.work(image.width, image.height, TargetSize::Scale(1.0))?;
+    eprintln!("work: {work}");
+    // `done == 0` is reported when sampling starts, then every finished step.
+    let mut sampling_started: Option<Instant> = None;
     let mut last_step = Instant::now();
     let out = restorer.restore(&image, TargetSize::Scale(1.0), &mut |done, _| {
         let now = Instant::now();
-        first_step.get_or_insert(now);
-        if done > 0 {
+        if done == 0 {
+            sampling_started.get_or_insert(now);
+        } else {
             last_step = now;
         }
     })?;
     let total_s = t_total.elapsed().as_secs_f64();
-    // Steps report on completion, so (last - first) spans steps-1 steps.
-    let sample_s = first_step
-        .map(|f| (last_step - f).as_secs_f64() * b.steps as f64 / (b.steps.max(2) - 1) as f64);
+    let sample_s = sampling_started.map(|start| (last_step - start).as_secs_f64());
     println!(
         "{}",
         serde_json::json!({
@@ -387,8 +395,8 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             "size": b.size,
             "output": [out.width, out.height],
             "steps": b.steps,
-            "device": b.run.device,
-            "dtype": b.run.dtype.to_string(),
+            "device": device_label(&device),
+            "dtype": dtype_name(dtype),
             "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "load_s": load_s,
             "total_s": total_s,
@@ -398,6 +406,8 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             "cfw_encode_s": stages.cfw_encode_s,
             "cfw_decode_s": stages.cfw_decode_s,
             "per_step_s": sample_s.map(|s| s / b.steps as f64),
+            "tiles_per_batch": restorer.tiling().tiles_per_batch,
+            "unet_calls": restorer.unet_calls(),
             "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
         })
     );
@@ -472,7 +482,9 @@ fn synthetic_face(size: usize, seed: u64) -> ImageF32 {
 
 fn bench_train(b: TrainBench) -> anyhow::Result<()> {
     // Training keeps everything in f32 (the trainer refuses half precision).
-    let device = crate::device::parse_device(&b.device)?;
+    let (device, _, line) =
+        crate::device::resolve(b.device, DtypeRequest::Auto, Workload::Training)?;
+    eprintln!("{line}");
     let t_load = Instant::now();
     let base = load_base(&b.base, base_config(&b.config)?, DType::F32, &device)?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -499,7 +511,7 @@ fn bench_train(b: TrainBench) -> anyhow::Result<()> {
         serde_json::json!({
             "what": "pfstorer: personalization training iteration (batch 1, reference pass + x pass + backward + AdamW)",
             "size": b.size,
-            "device": b.device,
+            "device": device_label(&device),
             "dtype": "f32",
             "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "load_s": load_s,

@@ -1,6 +1,7 @@
 //! The model flags every command shares, and their resolution to configs and files.
 
 use crate::config::{BaseModelConfig, CfwConfig};
+use crate::device::{DeviceRequest, DtypeRequest, Workload};
 use crate::weights::hub;
 use candle_core::{DType, Device};
 use clap::Args;
@@ -36,12 +37,14 @@ pub struct ArchArgs {
 /// Where and in which precision the networks run.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Where the networks run.
-    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
-    pub device: String,
-    /// Weight and activation precision (bf16 needs CUDA).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
+    /// Where the networks run; auto: CUDA device 0 when this build has CUDA and it opens, else
+    /// the CPU.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N", value_parser = device_request)]
+    pub device: DeviceRequest,
+    /// Weight and activation precision; auto: bf16 on GPUs of compute capability 8.0 and up,
+    /// f16 on older GPUs, f32 on the CPU (bf16 needs CUDA).
+    #[arg(long, default_value = "auto", value_name = "auto|f32|f16|bf16", value_parser = dtype_request)]
+    pub dtype: DtypeRequest,
 }
 
 impl ArchArgs {
@@ -61,8 +64,16 @@ impl ArchArgs {
 }
 
 impl RunArgs {
+    /// The device and precision for inference, saying on stderr (one line) which were chosen.
     pub fn device_dtype(&self) -> anyhow::Result<(Device, DType)> {
-        parse_device_dtype(&self.device, self.dtype)
+        self.device_dtype_for(Workload::Inference)
+    }
+
+    /// As [`RunArgs::device_dtype`] for `workload` (training resolves `auto` to f32).
+    pub fn device_dtype_for(&self, workload: Workload) -> anyhow::Result<(Device, DType)> {
+        let (device, dtype, line) = crate::device::resolve(self.device, self.dtype, workload)?;
+        eprintln!("{line}");
+        Ok((device, dtype))
     }
 }
 
@@ -98,18 +109,15 @@ impl std::fmt::Display for Precision {
 }
 
 /// `--device` syntax (whether the device exists is checked when it is opened).
-pub fn device_spec(s: &str) -> Result<String, String> {
-    let spec = s.trim().to_ascii_lowercase();
-    let ok = spec == "cpu"
-        || spec == "cuda"
-        || spec
-            .strip_prefix("cuda:")
-            .is_some_and(|n| n.parse::<usize>().is_ok());
-    if ok {
-        Ok(spec)
-    } else {
-        Err(format!("expected cpu, cuda or cuda:N, got {s:?}"))
-    }
+pub fn device_request(s: &str) -> Result<DeviceRequest, String> {
+    crate::device::parse_device_request(s)
+        .map_err(|_| format!("expected auto, cpu, cuda or cuda:N, got {s:?}"))
+}
+
+/// `--dtype` syntax of the model commands.
+pub fn dtype_request(s: &str) -> Result<DtypeRequest, String> {
+    crate::device::parse_dtype_request(s)
+        .map_err(|_| format!("expected auto, f32, f16 or bf16, got {s:?}"))
 }
 
 impl ModelArgs {
@@ -148,13 +156,10 @@ impl ModelArgs {
     pub fn device_dtype(&self) -> anyhow::Result<(Device, DType)> {
         self.run.device_dtype()
     }
-}
 
-pub fn parse_device_dtype(device: &str, dtype: Precision) -> anyhow::Result<(Device, DType)> {
-    let dtype = DType::from(dtype);
-    let device = crate::device::parse_device(device)?;
-    crate::device::check_dtype_on(&device, dtype)?;
-    Ok((device, dtype))
+    pub fn device_dtype_for(&self, workload: Workload) -> anyhow::Result<(Device, DType)> {
+        self.run.device_dtype_for(workload)
+    }
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), if known.

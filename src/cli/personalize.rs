@@ -205,11 +205,14 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
     }
 
     let cfg = args.model.base_config()?;
-    let (device, dtype) = args.model.device_dtype()?;
     let base_path = args.model.base_path(!args.quiet)?;
     let size = args.size.unwrap_or(cfg.diffusion.image_size);
     check_size(size)?;
     let fingerprint = base_fingerprint_cached(&base_path)?;
+    // Training runs in f32: `--dtype auto` resolves to it on every device.
+    let (device, dtype) = args
+        .model
+        .device_dtype_for(crate::device::Workload::Training)?;
     let (base, _) = BaseModel::load(&base_path, cfg, dtype, &device)?;
     let params = TrainableParams::init(&base, args.seed)?;
     let config = TrainConfig::default();

@@ -81,6 +81,11 @@ pub struct RestoreArgs {
     /// pixel). Also the largest input decoded.
     #[arg(long, default_value_t = 64.0, value_name = "MP")]
     pub max_megapixels: f64,
+    /// Latent tiles per UNet call (twice the rows with CFG); default: 1 on the CPU, on a GPU as
+    /// many as half its free memory holds (at most 8). Memory grows with it, the result does not
+    /// change.
+    #[arg(long, value_name = "N")]
+    pub tile_batch: Option<usize>,
     /// Replace existing outputs.
     #[arg(long)]
     pub force: bool,
@@ -195,6 +200,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         patch_size: args.patch_size,
         patch_stride: args.patch_stride,
         max_pixels: max_pixels(args.max_megapixels)?,
+        tile_batch: args.tile_batch,
     };
     settings.validate()?;
     // Load the identity first: a wrong name fails before any model is read.
@@ -237,7 +243,6 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         return summary.finish();
     }
 
-    let (device, dtype) = args.model.device_dtype()?;
     let base_path = args.model.base_path(!args.quiet)?;
     let fingerprint = match &identity {
         Some(identity) => {
@@ -248,6 +253,13 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         None => None,
     };
     let cfw_path = args.model.cfw_path(!args.quiet)?;
+    // After the files are found: a missing checkpoint stays a one-line error.
+    let (device, dtype) = args.model.device_dtype()?;
+    let run_label = format!(
+        "{}, {}",
+        crate::device::device_label(&device),
+        crate::device::dtype_name(dtype)
+    );
     let (mut base, unused) = BaseModel::load(&base_path, base_config, dtype, &device)?;
     if let Some(line) = unused {
         eprintln!("note: {}: {line}", base_path.display());
@@ -325,6 +337,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         metadata: &metadata_common,
         overwrite: policy.overwrite(),
         max_input_pixels,
+        run_label: &run_label,
     };
     let bars = MultiProgress::new();
     let images = bars.add(batch::progress_bar(todo.len(), args.quiet));
@@ -333,7 +346,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let steps = bars.add(step_bar(args.quiet));
         steps.set_message(crate::fsutil::printable(&file_name(input)));
         let started = Instant::now();
-        let outcome = match restore_one(&restorer, input, output, &job, &steps) {
+        let outcome = match restore_one(&restorer, input, output, &job, &steps, &bars) {
             Ok(()) => {
                 if args.quiet {
                     // nothing
@@ -380,6 +393,41 @@ struct BatchJob<'a> {
     metadata: &'a [(String, String)],
     overwrite: bool,
     max_input_pixels: usize,
+    /// `device, dtype` for the work line.
+    run_label: &'a str,
+}
+
+/// Projected sampling times above this get a line on how to cut them.
+const LONG_RUN_S: f64 = 3600.0;
+
+/// A duration for people: seconds, minutes, hours or days.
+fn human_duration(seconds: f64) -> String {
+    if seconds < 90.0 {
+        format!("{seconds:.1} s")
+    } else if seconds < 5400.0 {
+        format!("{:.0} min", seconds / 60.0)
+    } else if seconds < 2.0 * 86400.0 {
+        format!("{:.1} h", seconds / 3600.0)
+    } else {
+        format!("{:.1} days", seconds / 86400.0)
+    }
+}
+
+/// The line after the first sampling step: its time and the whole image's projected sampling
+/// time, plus how to cut it when that exceeds [`LONG_RUN_S`].
+fn projection_lines(first_step_s: f64, total_steps: usize) -> Vec<String> {
+    let projected = first_step_s * total_steps as f64;
+    let mut lines = vec![format!(
+        "first step {}: sampling will take about {} ({total_steps} steps)",
+        human_duration(first_step_s),
+        human_duration(projected)
+    )];
+    if projected > LONG_RUN_S {
+        lines.push(
+            "to cut it: fewer --steps (e.g. --steps 50), a smaller --scale (fewer patches and latent tiles), or a GPU build (scripts/build-cuda.sh)".into(),
+        );
+    }
+    lines
 }
 
 fn restore_one(
@@ -388,17 +436,40 @@ fn restore_one(
     output: &Path,
     job: &BatchJob,
     steps: &ProgressBar,
+    bars: &MultiProgress,
 ) -> crate::Result<()> {
     let BatchJob {
         target,
         metadata,
         overwrite,
         max_input_pixels,
+        run_label,
     } = *job;
     let loaded: LoadedImage = load_image_within(input, MIN_INPUT_SIDE, max_input_pixels)?;
+    // Say the cost before spending it (stderr, also with --quiet: it is no progress bar).
+    let say = |line: String| bars.suspend(|| eprintln!("{line}"));
+    let (plan, work) = restorer.work(loaded.rgb.width, loaded.rgb.height, target)?;
+    say(format!(
+        "{}: {}x{} output, work: {work}; {run_label}",
+        crate::fsutil::printable(&file_name(input)),
+        plan.out_w,
+        plan.out_h,
+    ));
+    let mut sampling_started: Option<Instant> = None;
+    let mut projected = false;
     let mut on_step = |done: usize, total: usize| {
         steps.set_length(total as u64);
         steps.set_position(done as u64);
+        if done == 0 && sampling_started.is_none() {
+            sampling_started = Some(Instant::now());
+        } else if done == 1 && !projected {
+            projected = true;
+            if let Some(start) = sampling_started {
+                for line in projection_lines(start.elapsed().as_secs_f64(), total) {
+                    say(line);
+                }
+            }
+        }
     };
     let restored = restorer.restore(&loaded.rgb, target, &mut on_step)?;
     let (w, h) = (restored.width, restored.height);
@@ -453,4 +524,37 @@ fn probe_dimensions(path: &Path) -> Option<(usize, usize)> {
         .into_dimensions()
         .ok()?;
     Some((w as usize, h as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(human_duration(11.34), "11.3 s");
+        assert_eq!(human_duration(600.0), "10 min");
+        assert_eq!(human_duration(9000.0), "2.5 h");
+        assert_eq!(human_duration(3.0 * 86400.0), "3.0 days");
+    }
+
+    #[test]
+    fn projection_and_the_hint_above_an_hour() {
+        let short = projection_lines(2.0, 100);
+        assert_eq!(
+            short,
+            vec!["first step 2.0 s: sampling will take about 3 min (100 steps)".to_string()]
+        );
+        // Exactly one hour is not above it.
+        assert_eq!(projection_lines(36.0, 100).len(), 1);
+        let long = projection_lines(12.0, 800);
+        assert_eq!(long.len(), 2);
+        assert_eq!(
+            long[0],
+            "first step 12.0 s: sampling will take about 2.7 h (800 steps)"
+        );
+        for flag in ["--steps", "--scale", "GPU build"] {
+            assert!(long[1].contains(flag), "{flag} in {}", long[1]);
+        }
+    }
 }

@@ -26,9 +26,46 @@ pub struct Tiling {
     pub tile_size: usize,
     /// Overlap between neighbouring tiles (tile script default 32).
     pub tile_overlap: usize,
-    /// Tiles denoised per network call (`batch_size_sample`); the reference never groups tiles
-    /// of different horizontal positions, and neither do we.
+    /// Tiles denoised per network call (`batch_size_sample`; twice as many rows with CFG).
+    /// Tiles are grouped in processing order across columns too (the reference flushes at
+    /// the end of each column, an artifact of its loop): the blend adds the tiles in the same
+    /// order either way, so only the number of calls changes.
     pub tiles_per_batch: usize,
+}
+
+impl Tiling {
+    /// Whether a `height x width` latent is sampled whole (it fits one tile) rather than on the
+    /// canvas.
+    pub fn fits_one_tile(&self, height: usize, width: usize) -> bool {
+        height <= self.tile_size && width <= self.tile_size
+    }
+
+    /// Tiles of one step on a `height x width` latent: 1 when it fits one tile, else the
+    /// canvas's tiles.
+    pub fn tile_count(&self, height: usize, width: usize) -> Result<usize> {
+        if self.fits_one_tile(height, width) {
+            return Ok(1);
+        }
+        Ok(tile_offsets(height, width, self.tile_size, self.tile_overlap)?.len())
+    }
+
+    /// Denoiser calls of one step on a `height x width` latent.
+    pub fn calls_per_step(&self, height: usize, width: usize) -> Result<usize> {
+        if self.fits_one_tile(height, width) {
+            return Ok(1);
+        }
+        Ok(tile_groups(self.tile_count(height, width)?, self.tiles_per_batch).len())
+    }
+}
+
+/// The tiles of each denoiser call: consecutive runs of at most `per_batch` of the `count` tiles
+/// (`per_batch` 0 counts as 1).
+pub fn tile_groups(count: usize, per_batch: usize) -> Vec<std::ops::Range<usize>> {
+    let per_batch = per_batch.max(1);
+    (0..count)
+        .step_by(per_batch)
+        .map(|start| start..(start + per_batch).min(count))
+        .collect()
 }
 
 /// The Gaussian weight map of one tile, `[tile_size * tile_size]` row-major (y, x), in float64.
@@ -180,28 +217,19 @@ impl<'a> CanvasSampler<'a> {
             contributors = accumulate(&contributors, &weights, o, tile)?;
         }
 
-        // Reference grouping: a batch is flushed when full or at the last vertical position.
-        let rows = axis_offsets(h, tile, self.tiling.tile_overlap).len();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut current = Vec::new();
-        for k in 0..offsets.len() {
-            current.push(k);
-            if current.len() == self.tiling.tiles_per_batch || (k + 1) % rows == 0 {
-                groups.push(std::mem::take(&mut current));
-            }
-        }
+        let groups = tile_groups(offsets.len(), self.tiling.tiles_per_batch);
 
         self.sampler
             .run_chain(x_t, opts, on_step, noise, &mut |x, t_orig| {
                 let mut blended = x.zeros_like()?;
                 for group in &groups {
                     let x_tiles = group
-                        .iter()
-                        .map(|&k| crop(x, offsets[k], tile))
+                        .clone()
+                        .map(|k| crop(x, offsets[k], tile))
                         .collect::<Result<Vec<_>>>()?;
                     let lq_tiles = group
-                        .iter()
-                        .map(|&k| crop(init_latent, offsets[k], tile))
+                        .clone()
+                        .map(|k| crop(init_latent, offsets[k], tile))
                         .collect::<Result<Vec<_>>>()?;
                     let v = denoise(
                         denoiser,
@@ -210,13 +238,88 @@ impl<'a> CanvasSampler<'a> {
                         t_orig,
                         opts.guidance_scale,
                     )?;
+                    // Rows of `v` are the group's tiles in order (guidance merged the halves).
                     let per_tile = v.chunk(group.len(), 0)?;
-                    for (&k, v_tile) in group.iter().zip(&per_tile) {
+                    for (k, v_tile) in group.clone().zip(&per_tile) {
                         let weighted = v_tile.to_dtype(DType::F64)?.broadcast_mul(&weights)?;
                         blended = accumulate(&blended, &weighted, offsets[k], tile)?;
                     }
                 }
                 Ok((blended / &contributors)?)
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BaseModelConfig;
+    use crate::diffusion::noise::SeededNoise;
+    use crate::diffusion::sampler::Branches;
+
+    #[test]
+    fn tile_groups_cover_every_tile_once_in_order() {
+        for count in 0..12 {
+            for per_batch in 0..6 {
+                let groups = tile_groups(count, per_batch);
+                let flat: Vec<usize> = groups.iter().flat_map(|g| g.clone()).collect();
+                assert_eq!(flat, (0..count).collect::<Vec<_>>());
+                assert!(groups
+                    .iter()
+                    .all(|g| !g.is_empty() && g.len() <= per_batch.max(1)));
+                assert_eq!(groups.len(), count.div_ceil(per_batch.max(1)));
+            }
+        }
+    }
+
+    /// The planned calls per step are the calls the sampler makes, for batches that divide the
+    /// tile count and batches that do not.
+    #[test]
+    fn planned_calls_are_the_sampler_calls() {
+        let cfg = BaseModelConfig::default().diffusion;
+        let sampler = DdpmSampler::new(&cfg, 2).unwrap();
+        for (h, w, tile, overlap) in [(12, 20, 8, 4), (16, 16, 8, 2), (9, 30, 8, 3)] {
+            let tiles = tile_offsets(h, w, tile, overlap).unwrap().len();
+            for per_batch in [1, 2, 3, tiles, tiles + 5] {
+                let tiling = Tiling {
+                    tile_size: tile,
+                    tile_overlap: overlap,
+                    tiles_per_batch: per_batch,
+                };
+                assert_eq!(tiling.tile_count(h, w).unwrap(), tiles);
+                let init = Tensor::zeros((1, 4, h, w), DType::F32, &Device::Cpu).unwrap();
+                let mut calls = 0;
+                let mut rows = 0;
+                let mut denoiser =
+                    |x: &Tensor, _: &Tensor, _: usize, _: Branches| -> Result<Tensor> {
+                        calls += 1;
+                        rows += x.dim(0)?;
+                        Ok(x.zeros_like()?)
+                    };
+                let opts = SampleOptions {
+                    guidance_scale: Some(2.0),
+                    record_steps: false,
+                };
+                CanvasSampler::new(&sampler, tiling)
+                    .unwrap()
+                    .sample(
+                        &mut denoiser,
+                        &init,
+                        &mut SeededNoise::new(0),
+                        &opts,
+                        &mut |_| {},
+                    )
+                    .unwrap();
+                assert_eq!(calls, 2 * tiling.calls_per_step(h, w).unwrap());
+                assert_eq!(rows, 2 * 2 * tiles, "CFG doubles every tile's rows");
+            }
+        }
+        let one = Tiling {
+            tile_size: 8,
+            tile_overlap: 4,
+            tiles_per_batch: 3,
+        };
+        assert_eq!(one.tile_count(8, 6).unwrap(), 1);
+        assert_eq!(one.calls_per_step(8, 6).unwrap(), 1);
     }
 }

@@ -27,6 +27,6 @@ pub use crate::prompts::{BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT};
 pub use denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
 pub use pipeline::Restorer;
 pub use settings::{
-    check_native_size, RestorePlan, RestoreSettings, TargetSize, BYTES_PER_PROCESSED_PIXEL,
-    DEFAULT_MAX_PIXELS, MAX_NATIVE_SIZE,
+    auto_tile_batch, bytes_per_unet_row, check_native_size, RestorePlan, RestoreSettings,
+    SamplingWork, TargetSize, BYTES_PER_PROCESSED_PIXEL, DEFAULT_MAX_PIXELS, MAX_NATIVE_SIZE,
 };

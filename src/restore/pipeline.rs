@@ -1,10 +1,13 @@
 //! [`Restorer`]: one image end to end, as StableSR's tile script runs it.
 
 use super::denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
-use super::settings::{check_native_size, RestoreSettings, TargetSize};
+use super::settings::{
+    auto_tile_batch, bytes_per_unet_row, check_native_size, RestorePlan, RestoreSettings,
+    SamplingWork, TargetSize,
+};
 use crate::diffusion::canvas::{CanvasSampler, Tiling};
 use crate::diffusion::noise::{NoiseSource, SeededNoise};
-use crate::diffusion::sampler::{DdpmSampler, SampleOptions, StepProgress, VDenoiser};
+use crate::diffusion::sampler::{Branches, DdpmSampler, SampleOptions, StepProgress, VDenoiser};
 use crate::error::{Error, Result};
 use crate::imaging::patches::{patches, PatchBlender};
 use crate::imaging::tensor::{
@@ -13,6 +16,7 @@ use crate::imaging::tensor::{
 use crate::imaging::ImageF32;
 use crate::model::base::{BaseModel, CfwModel};
 use candle_core::{DType, Tensor};
+use std::cell::Cell;
 
 /// Everything loaded once per batch.
 pub struct Restorer<'a> {
@@ -20,9 +24,13 @@ pub struct Restorer<'a> {
     pub cfw: &'a CfwModel,
     pub settings: RestoreSettings,
     sampler: DdpmSampler,
+    /// Latent tiling, with the tiles per UNet call resolved for the device.
+    tiling: Tiling,
     cond: Tensor,
     uncond: Tensor,
     personalization: Option<Personalization>,
+    /// UNet calls made so far (what [`SamplingWork::unet_calls`] predicts).
+    unet_calls: Cell<usize>,
 }
 
 impl<'a> Restorer<'a> {
@@ -68,14 +76,33 @@ impl<'a> Restorer<'a> {
             )));
         }
         let sampler = DdpmSampler::new(&base.config.diffusion, settings.steps)?;
+        let tiles_per_batch = settings.tile_batch.unwrap_or_else(|| {
+            let rows = match Branches::for_guidance(Some(settings.guidance)) {
+                Branches::Cond => 1,
+                Branches::UncondCond => 2,
+            };
+            // The weights are loaded by now, so free memory is what sampling can use.
+            auto_tile_batch(
+                crate::device::free_memory(&base.device),
+                bytes_per_unet_row(base.config.unet.model_channels, tile),
+                rows,
+            )
+        });
+        let tiling = Tiling {
+            tile_size: tile,
+            tile_overlap: settings.tile_overlap,
+            tiles_per_batch,
+        };
         Ok(Restorer {
             base,
             cfw,
             settings,
             sampler,
+            tiling,
             cond,
             uncond,
             personalization: None,
+            unet_calls: Cell::new(0),
         })
     }
 
@@ -94,19 +121,38 @@ impl<'a> Restorer<'a> {
         Ok(base.text_encoder()?.forward(&ids)?)
     }
 
-    /// Latent tile size: the model's native image size in latents (64 for 512 px).
-    fn latent_tile(&self) -> usize {
-        self.native_size() / self.base.config.vae.downsample_factor()
+    /// The latent tiling: tile size, overlap and tiles per UNet call.
+    pub fn tiling(&self) -> Tiling {
+        self.tiling
     }
 
-    fn native_size(&self) -> usize {
-        self.settings
-            .native_size
-            .unwrap_or(self.base.config.diffusion.image_size)
+    /// UNet calls made so far by this restorer.
+    pub fn unet_calls(&self) -> usize {
+        self.unet_calls.get()
+    }
+
+    /// The size plan and sampling work of restoring a `width x height` image to `target`,
+    /// before any compute.
+    pub fn work(
+        &self,
+        width: usize,
+        height: usize,
+        target: TargetSize,
+    ) -> Result<(RestorePlan, SamplingWork)> {
+        let plan =
+            self.settings
+                .plan(self.base.config.diffusion.image_size, width, height, target)?;
+        let work = self.settings.work(
+            &plan,
+            self.base.config.vae.downsample_factor(),
+            &self.tiling,
+        )?;
+        Ok((plan, work))
     }
 
     /// Restores an RGB image in [0, 1] to `target`. `on_step(done, total)` reports progress over
-    /// all patches.
+    /// all patches: after every step, and with the steps done so far when a patch's sampling
+    /// starts (so `done == 0` marks the start of the first step).
     pub fn restore(
         &self,
         rgb: &ImageF32,
@@ -227,21 +273,22 @@ impl<'a> Restorer<'a> {
             guidance_scale: Some(self.settings.guidance),
             record_steps: false,
         };
-        let tile = self.latent_tile();
-        let tiling = Tiling {
-            tile_size: tile,
-            tile_overlap: self.settings.tile_overlap,
-            tiles_per_batch: 1,
+        let calls = &self.unet_calls;
+        let mut counted = |x: &Tensor, lq: &Tensor, t: usize, branches: Branches| {
+            calls.set(calls.get() + 1);
+            denoiser.predict_v(x, lq, t, branches)
         };
-        let mut progress = |p: &StepProgress| on_step(p.done);
         let (_, _, lh, lw) = init_latent.dims4()?;
-        let latent = if lh <= tile && lw <= tile {
+        on_step(0);
+        let mut progress = |p: &StepProgress| on_step(p.done);
+        // The same decision the work plan counts with (`Tiling::fits_one_tile`).
+        let latent = if self.tiling.fits_one_tile(lh, lw) {
             self.sampler
-                .sample(denoiser, &init_latent, noise, &opts, &mut progress)?
+                .sample(&mut counted, &init_latent, noise, &opts, &mut progress)?
                 .latent
         } else {
-            CanvasSampler::new(&self.sampler, tiling)?
-                .sample(denoiser, &init_latent, noise, &opts, &mut progress)?
+            CanvasSampler::new(&self.sampler, self.tiling)?
+                .sample(&mut counted, &init_latent, noise, &opts, &mut progress)?
                 .latent
         };
         let cfw_dtype = self.cfw.dtype;
