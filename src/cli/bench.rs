@@ -121,8 +121,9 @@ pub struct TrainBaseBench {
     pub base: Option<PathBuf>,
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
-    pub device: String,
+    /// Where training runs (always in f32); auto: CUDA device 0 when usable, else the CPU.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N", value_parser = device_request)]
+    pub device: DeviceRequest,
 }
 
 #[derive(Debug, Args)]
@@ -538,7 +539,9 @@ fn bench_train_base(b: TrainBaseBench) -> anyhow::Result<()> {
         )
         .into());
     }
-    let device = crate::device::parse_device(&b.device)?;
+    let (device, _, line) =
+        crate::device::resolve(b.device, DtypeRequest::Auto, Workload::Training)?;
+    eprintln!("{line}");
     let t_load = Instant::now();
     let checked = match &b.base {
         Some(p) => CheckedWeights::from_store(Arc::new(TensorStore::open(p)?)),
@@ -553,7 +556,14 @@ fn bench_train_base(b: TrainBaseBench) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     for k in 0..b.batch_size {
         let path = dir.path().join(format!("face{k}.png"));
-        crate::imaging::io::save_png(&path, &synthetic_face(b.size, k as u64), None, false, &[], true)?;
+        crate::imaging::io::save_png(
+            &path,
+            &synthetic_face(b.size, k as u64),
+            None,
+            false,
+            &[],
+            true,
+        )?;
     }
     let data = FaceDataset::scan(&[dir.path().to_path_buf()])?;
     let plan = RunPlan {
@@ -576,7 +586,9 @@ fn bench_train_base(b: TrainBaseBench) -> anyhow::Result<()> {
         let start = Instant::now();
         let batch = run.micro_batch(i, &positions)?;
         let prepared = start.elapsed().as_secs_f64();
-        let loss = run.trainer.step(std::slice::from_ref(&batch), &SingleProcess)?;
+        let loss = run
+            .trainer
+            .step(std::slice::from_ref(&batch), &SingleProcess)?;
         losses.push(loss);
         if i > 0 {
             data_s.push(prepared);
@@ -595,7 +607,7 @@ fn bench_train_base(b: TrainBaseBench) -> anyhow::Result<()> {
             "what": "pfstorer: base-model training step (load + augment + degrade + 2 VAE encodes, encoder + UNet forward, backward, AdamW)",
             "size": b.size,
             "batch_size": b.batch_size,
-            "device": b.device,
+            "device": crate::device::device_label(&device),
             "dtype": "f32",
             "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "trained_parameters": trained,

@@ -1,7 +1,7 @@
 //! `pfstorer train-base`: fine-tune StableSR on a face folder into the paper's Base Model.
 
 use super::batch::progress_bar;
-use super::model_args::{device_spec, parse_device_dtype, Precision};
+use super::model_args::{device_request, dtype_request};
 use crate::base_training::checkpoint::{
     checkpoint_path, load_state, save_state, write_base_checkpoint, TrainingState, TRAINING_KEY,
 };
@@ -13,10 +13,12 @@ use crate::base_training::{
     scaled_lr, Run, RunPlan, BASE_LR, BATCH_SIZE, EPOCHS, GRAD_ACCUM, P_HQ,
 };
 use crate::config::BaseModelConfig;
+use crate::device::{DeviceRequest, DtypeRequest, Workload};
 use crate::error::Error;
 use crate::fsutil::{printable_path, WriteMode};
 use crate::personalize::identity::base_fingerprint_cached;
 use crate::weights::{hub, CheckedWeights, TensorStore};
+use candle_core::DType;
 use clap::Args;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -80,12 +82,14 @@ pub struct TrainBaseArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-    /// Where the networks run; in a data-parallel launch each rank takes cuda:LOCAL_RANK.
-    #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N", value_parser = device_spec)]
-    pub device: String,
-    /// Precision: training runs in f32 (AdamW on half-precision weights loses the updates).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
+    /// Where the networks run; auto: CUDA device 0 when this build has CUDA and it opens, else
+    /// the CPU. In a data-parallel launch each rank takes cuda:LOCAL_RANK.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N", value_parser = device_request)]
+    pub device: DeviceRequest,
+    /// Precision: training runs in f32 (auto means f32; AdamW's small updates vanish in half
+    /// precision).
+    #[arg(long, default_value = "auto", value_name = "auto|f32", value_parser = dtype_request)]
+    pub dtype: DtypeRequest,
 }
 
 /// Most epochs one run may ask for.
@@ -128,30 +132,37 @@ fn check_args(args: &TrainBaseArgs) -> anyhow::Result<()> {
     if args.stop_after == Some(0) {
         return bad("--stop-after 0: give at least 1 step".into());
     }
-    if Precision::F32 != args.dtype {
-        return bad(format!(
-            "--dtype {}: base training runs in f32 (AdamW updates of ~1e-5 vanish in half precision)",
-            args.dtype
-        ));
+    if let DtypeRequest::Exact(dtype) = args.dtype {
+        if dtype != DType::F32 {
+            return bad(format!(
+                "--dtype {}: base training runs in f32 (AdamW updates of ~1e-5 vanish in half precision)",
+                crate::device::dtype_name(dtype)
+            ));
+        }
     }
     Ok(())
 }
 
-/// The device of this rank: in a multi-rank launch CUDA device LOCAL_RANK.
-fn rank_device(args: &TrainBaseArgs, env: &LaunchEnv) -> anyhow::Result<candle_core::Device> {
-    let spec = if env.world_size > 1 {
-        if args.device == "cpu" {
+/// The device of this rank (in a multi-rank launch CUDA device LOCAL_RANK) and the line
+/// saying which it is.
+fn rank_device(
+    args: &TrainBaseArgs,
+    env: &LaunchEnv,
+) -> anyhow::Result<(candle_core::Device, String)> {
+    let request = if env.world_size > 1 {
+        if args.device == DeviceRequest::Cpu {
             return Err(Error::Input(format!(
-                "a {}-rank launch ({}) trains on GPUs: add --device cuda",
+                "a {}-rank launch ({}) trains on GPUs: drop --device cpu",
                 env.world_size, env.launcher
             ))
             .into());
         }
-        format!("cuda:{}", env.local_rank)
+        DeviceRequest::Cuda(env.local_rank)
     } else {
-        args.device.clone()
+        args.device
     };
-    Ok(parse_device_dtype(&spec, args.dtype)?.0)
+    let (device, _, line) = crate::device::resolve(request, args.dtype, Workload::Training)?;
+    Ok((device, line))
 }
 
 fn communicator(
@@ -224,18 +235,26 @@ pub fn run(args: TrainBaseArgs) -> anyhow::Result<()> {
         Some(path) => BaseModelConfig::from_yaml_file(path)?,
         None => BaseModelConfig::default(),
     };
-    let device = rank_device(&args, &env)?;
+    let sharding = Sharding {
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        world_size: env.world_size,
+    };
+    if sharding.steps_per_epoch(data.len()) == 0 {
+        return Err(Error::Input(format!(
+            "{} usable images are fewer than one step's {} (--batch-size x --grad-accum x ranks)",
+            data.len(),
+            sharding.global_batch()
+        ))
+        .into());
+    }
+    let (device, device_line) = rank_device(&args, &env)?;
     let init_path = match &args.init {
         Some(p) => p.clone(),
         None => hub::fetch_release_file(hub::GENERIC_DIFFUSION_FILE, "--init", !args.quiet)?,
     };
     let store = Arc::new(TensorStore::open(&init_path)?);
     let weights = TrainableWeights::new(CheckedWeights::from_store(store.clone()));
-    let sharding = Sharding {
-        batch_size: args.batch_size,
-        grad_accum: args.grad_accum,
-        world_size: env.world_size,
-    };
     let lr = if args.scale_lr {
         scaled_lr(args.lr, &sharding)
     } else {
@@ -295,7 +314,7 @@ pub fn run(args: TrainBaseArgs) -> anyhow::Result<()> {
     }
     if leader && !args.quiet {
         eprintln!(
-            "train-base: {} images, {} steps ({} epochs x {} steps of {} images), {} rank(s) ({}), device {}",
+            "train-base: {} images, {} steps ({} epochs x {} steps of {} images), {} rank(s) ({}); {}",
             data.len(),
             total,
             args.epochs,
@@ -303,7 +322,7 @@ pub fn run(args: TrainBaseArgs) -> anyhow::Result<()> {
             sharding.global_batch(),
             env.world_size,
             env.launcher,
-            describe(&device),
+            device_line,
         );
     }
     let bar = progress_bar(total, args.quiet || !leader);
@@ -400,13 +419,6 @@ pub fn run(args: TrainBaseArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn describe(device: &candle_core::Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        _ => "cpu".to_string(),
-    }
 }
 
 /// SHA-256 of the sorted file list (names and sizes): a resumed run must see the same data.
