@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use pfstorer::base_training::data::{FaceDataset, SampleRecipe, Sharding};
 use pfstorer::base_training::parallel::{Communicator, SingleProcess, ThreadGroup};
 use pfstorer::base_training::step::{adamw, BaseTrainer};
@@ -56,8 +56,8 @@ fn train_base_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let config = common::fixture("stablesr/config.yaml");
     let size = SIZE.to_string();
     let defaults: [(&str, &str); 7] = [
-        ("--init", &init.to_str().unwrap()),
-        ("--config", &config.to_str().unwrap()),
+        ("--init", init.to_str().unwrap()),
+        ("--config", config.to_str().unwrap()),
         ("--size", &size),
         ("--batch-size", "1"),
         ("--grad-accum", "1"),

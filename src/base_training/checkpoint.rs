@@ -75,7 +75,7 @@ impl safetensors::View for Entry<'_> {
             } => {
                 let loaded = store
                     .load(name, *dtype, &Device::Cpu)
-                    .and_then(|t| Ok(safetensors::View::data(&t).into_owned()));
+                    .map(|t| safetensors::View::data(&t).into_owned());
                 match loaded {
                     Ok(bytes) if bytes.len() == self.data_len() => Cow::Owned(bytes),
                     Ok(_) | Err(_) => {

@@ -111,28 +111,49 @@ impl<'a> Run<'a> {
     /// The latents of the samples at `positions` of `epoch`'s order.
     pub fn micro_batch(&mut self, epoch: usize, positions: &[usize]) -> Result<LatentBatch> {
         let n = self.data.len();
+        let order = self.order(epoch).to_vec();
+        let (files, recipe, seed) = (&self.data.files, self.plan.recipe, self.plan.seed);
+        // Decoding, augmentation and degradation of each sample on its own thread (each has
+        // its own generator, so the result does not depend on the split); the GPU, when there
+        // is one, waits less.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = positions.len().div_ceil(threads.max(1)).max(1);
+        type Prepared = (data::PreparedSample, Vec<(PathBuf, String)>);
+        let results: Vec<Result<Prepared>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = positions
+                .chunks(chunk)
+                .map(|part| {
+                    let order = &order;
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|&position| {
+                                prepare_at(
+                                    files,
+                                    order[position % n],
+                                    position,
+                                    epoch,
+                                    seed,
+                                    &recipe,
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![Err(Error::Config("a data thread panicked".into()))]
+                    })
+                })
+                .collect()
+        });
         let mut prepared = Vec::with_capacity(positions.len());
-        for &position in positions {
-            let mut index = self.order(epoch)[position % n];
-            // A file whose body does not decode is replaced by the next one in the sorted
-            // list, the same on every rank and every resumed run.
-            let mut tries = 0;
-            let image = loop {
-                let path = &self.data.files[index];
-                match data::load_rgb(path) {
-                    Ok(img) => break img,
-                    Err(e) => {
-                        self.failed.insert(path.clone(), e.to_string());
-                        index = (index + 1) % n;
-                        tries += 1;
-                        if tries >= n {
-                            return Err(Error::Input("no training image could be decoded".into()));
-                        }
-                    }
-                }
-            };
-            let rng = sample_rng(self.plan.seed, epoch, position);
-            prepared.push(prepare_sample(&image, &self.plan.recipe, rng)?);
+        for result in results {
+            let (sample, failures) = result?;
+            self.failed.extend(failures);
+            prepared.push(sample);
         }
         // The frozen VAE runs without a graph, on the fused inference kernels.
         nn::set_differentiable(false);
@@ -195,6 +216,35 @@ impl<'a> Run<'a> {
             .collect::<Result<Vec<_>>>()?;
         self.trainer.step(&batches, self.comm)
     }
+}
+
+/// Sample `position` of an epoch from file `index`. A file whose body does not decode is
+/// replaced by the next one in the sorted list (the same on every rank and every resumed run);
+/// the failures are returned for the report.
+fn prepare_at(
+    files: &[PathBuf],
+    mut index: usize,
+    position: usize,
+    epoch: usize,
+    seed: u64,
+    recipe: &SampleRecipe,
+) -> Result<(data::PreparedSample, Vec<(PathBuf, String)>)> {
+    let mut failures = Vec::new();
+    let image = loop {
+        let path = &files[index];
+        match data::load_rgb(path) {
+            Ok(img) => break img,
+            Err(e) => {
+                failures.push((path.clone(), e.to_string()));
+                index = (index + 1) % files.len();
+                if failures.len() >= files.len() {
+                    return Err(Error::Input("no training image could be decoded".into()));
+                }
+            }
+        }
+    };
+    let rng = sample_rng(seed, epoch, position);
+    Ok((prepare_sample(&image, recipe, rng)?, failures))
 }
 
 fn normal(
