@@ -196,15 +196,19 @@ impl candle_core::CustomOp2 for GroupNormInputGradCpu {
     }
 }
 
-/// Stride-1, undilated, ungrouped convolution of contiguous f32 CPU tensors (no bias) as a sum
-/// of `k_h * k_w` matrix products over shifted views of the zero-padded input, with no im2col
-/// buffer: computed over the padded width, output pixel `(y, x)` of kernel tap `(dy, dx)` reads
-/// padded pixel `(y + dy, x + dx)`, which for every tap is the same `[c_in, out_h * padded_w]`
-/// matrix shifted by `dy * padded_w + dx`; the `k_w - 1` extra columns per row are dropped.
+/// Undilated, ungrouped convolution of contiguous f32 CPU tensors (no bias) as a sum of
+/// `k_h * k_w` matrix products over shifted views of the zero-padded input, with no im2col
+/// buffer. At stride 1: computed over the padded width, output pixel `(y, x)` of kernel tap
+/// `(dy, dx)` reads padded pixel `(y + dy, x + dx)`, which for every tap is the same
+/// `[c_in, out_h * padded_w]` matrix shifted by `dy * padded_w + dx`; the `k_w - 1` extra columns
+/// per row are dropped. At stride s the padded input is first split into s² phase planes
+/// (`phase(a, b)[i, j] = padded[s·i + a, s·j + b]`): tap `(dy, dx)` then reads phase
+/// `(dy mod s, dx mod s)` at `(y + dy / s, x + dx / s)`, again one shifted view per tap.
 /// candle 0.11's CPU path instead transposes the input to NHWC single-threaded and builds an
 /// im2col tile per 512 pixels (over half of a 512x512 VAE decode's time).
 pub(crate) struct ShiftedGemmConv2d {
     pub(crate) padding: usize,
+    pub(crate) stride: usize,
 }
 
 impl candle_core::CustomOp2 for ShiftedGemmConv2d {
@@ -223,23 +227,27 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
         let kernel = f32_slice(k_storage, k_layout, "shifted-gemm conv2d kernel")?;
         let (b, c_in, h, w) = x_layout.shape().dims4()?;
         let (c_out, k_c_in, k_h, k_w) = k_layout.shape().dims4()?;
-        let p = self.padding;
+        let (p, s) = (self.padding, self.stride);
         let (hp, wp) = (h + 2 * p, w + 2 * p);
-        if k_c_in != c_in || k_h > hp || k_w > wp {
+        if k_c_in != c_in || k_h > hp || k_w > wp || s == 0 {
             candle_core::bail!(
-                "shifted-gemm conv2d: input {:?}, kernel {:?}, padding {p}",
+                "shifted-gemm conv2d: input {:?}, kernel {:?}, padding {p}, stride {s}",
                 x_layout.shape(),
                 k_layout.shape()
             );
         }
-        let (out_h, out_w) = (hp - k_h + 1, wp - k_w + 1);
+        let (out_h, out_w) = ((hp - k_h) / s + 1, (wp - k_w) / s + 1);
+        // Phase planes of hq x wq (plus one spare row: the last tap's view runs up to
+        // (k_w - 1) / s elements past a plane's last row).
+        let (hq, wq) = (hp.div_ceil(s), wp.div_ceil(s));
+        let plane = (hq + 1) * wq;
+        let phases = s * s;
         // Tap t's `c_out x c_in` matrix is a strided view of the kernel (row stride
         // c_in * taps, column stride taps, offset t): gemm packs it, so no re-layout per call.
         let taps = k_h * k_w;
-        // One spare row: the last tap's view runs `k_w - 1` elements past the padded plane.
-        let plane = (hp + 1) * wp;
-        let wide = out_h * wp;
-        let mut padded = vec![0f32; c_in * plane];
+        let wide = out_h * wq;
+        // Phase (a, b) of channel c starts at ((a * s + b) * c_in + c) * plane.
+        let mut padded = vec![0f32; phases * c_in * plane];
         let mut acc = vec![0f32; c_out * wide];
         let mut out = vec![0f32; b * c_out * out_h * out_w];
         let threads = candle_core::utils::get_num_threads();
@@ -249,32 +257,44 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
             gemm::Parallelism::None
         };
         // Bands of output rows whose accumulator stays cache-sized across the taps.
-        let band_rows = ((1usize << 20) / (c_out * wp).max(1)).clamp(1, out_h);
+        let band_rows = ((1usize << 20) / (c_out * wq).max(1)).clamp(1, out_h);
         for n in 0..b {
             let image = &x[n * c_in * h * w..(n + 1) * c_in * h * w];
-            for (dst, src) in padded.chunks_mut(plane).zip(image.chunks(h * w)) {
+            for (c, src) in image.chunks(h * w).enumerate() {
                 for (y, row) in src.chunks(w).enumerate() {
-                    let start = (y + p) * wp + p;
-                    dst[start..start + w].copy_from_slice(row);
+                    let yp = y + p;
+                    if s == 1 {
+                        let start = (c * plane) + yp * wq + p;
+                        padded[start..start + w].copy_from_slice(row);
+                        continue;
+                    }
+                    for (x_in, &v) in row.iter().enumerate() {
+                        let xp = x_in + p;
+                        let phase = (yp % s) * s + xp % s;
+                        padded[(phase * c_in + c) * plane + (yp / s) * wq + xp / s] = v;
+                    }
                 }
             }
             for band_start in (0..out_h).step_by(band_rows) {
                 let rows = band_rows.min(out_h - band_start);
-                let cols = rows * wp;
+                let cols = rows * wq;
                 for t in 0..taps {
                     let (dy, dx) = (t / k_w, t % k_w);
-                    let shift = (band_start + dy) * wp + dx;
+                    let phase = (dy % s) * s + dx % s;
+                    let shift = phase * c_in * plane + (band_start + dy / s) * wq + dx / s;
                     // SAFETY: dst is `c_out` rows of `cols` within `acc` (row stride `wide`,
-                    // starting at column band_start * wp, and band_start * wp + cols <= wide);
-                    // lhs is tap t's `c_out x c_in` view of the kernel; rhs is `c_in` rows (stride `plane`)
-                    // of `cols` elements from `shift`, whose last element is below
-                    // (c_in - 1) * plane + (hp + 1) * wp (shift + cols <= hp * wp + k_w - 1).
+                    // starting at column band_start * wq, and band_start * wq + cols <= wide);
+                    // lhs is tap t's `c_out x c_in` view of the kernel; rhs is `c_in` rows
+                    // (stride `plane`) of `cols` elements from `shift` inside one phase, whose
+                    // last element is below the phase's (c_in - 1) * plane + (hq + 1) * wq:
+                    // (band_start + rows - 1 + dy / s) * wq + wq + dx / s <= hq * wq + wq, as
+                    // out_h - 1 + (k_h - 1) / s <= (hp - 1) / s < hq and dx / s < wq.
                     unsafe {
                         gemm::gemm(
                             c_out,
                             cols,
                             c_in,
-                            acc.as_mut_ptr().add(band_start * wp),
+                            acc.as_mut_ptr().add(band_start * wq),
                             1,
                             wide as isize,
                             t > 0,
@@ -296,7 +316,7 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
             }
             let out_image = &mut out[n * c_out * out_h * out_w..(n + 1) * c_out * out_h * out_w];
             for (dst, src) in out_image.chunks_mut(out_h * out_w).zip(acc.chunks(wide)) {
-                for (d, s) in dst.chunks_mut(out_w).zip(src.chunks(wp)) {
+                for (d, s) in dst.chunks_mut(out_w).zip(src.chunks(wq)) {
                     d.copy_from_slice(&s[..out_w]);
                 }
             }
@@ -387,26 +407,36 @@ mod tests {
     }
 
     /// The shifted-gemm convolution against candle's conv2d: square and oblong kernels, odd
-    /// sizes, padding 0 to 2, batches, one input channel.
+    /// sizes, padding 0 to 2, strides 1 to 3, batches, one input channel.
     #[test]
     fn shifted_gemm_conv2d_matches_candle_conv2d() {
-        for (x_shape, k_shape, padding) in [
-            ([2, 5, 7, 9], [6, 5, 3, 3], 1),
-            ([1, 3, 8, 8], [4, 3, 3, 3], 0),
-            ([1, 1, 5, 6], [3, 1, 3, 3], 2),
-            ([3, 4, 6, 5], [2, 4, 1, 3], 1),
-            ([1, 16, 33, 31], [8, 16, 3, 3], 1),
-            ([1, 2, 4, 4], [2, 2, 4, 4], 0),
+        for (x_shape, k_shape, padding, stride) in [
+            ([2, 5, 7, 9], [6, 5, 3, 3], 1, 1),
+            ([1, 3, 8, 8], [4, 3, 3, 3], 0, 1),
+            ([1, 1, 5, 6], [3, 1, 3, 3], 2, 1),
+            ([3, 4, 6, 5], [2, 4, 1, 3], 1, 1),
+            ([1, 16, 33, 31], [8, 16, 3, 3], 1, 1),
+            ([1, 2, 4, 4], [2, 2, 4, 4], 0, 1),
+            // The VAE's downsampling (asymmetric padding done before, padding 0) and the
+            // time-aware encoder's (padding 1), at even, odd and mixed sizes.
+            ([2, 5, 8, 8], [6, 5, 3, 3], 0, 2),
+            ([1, 4, 9, 7], [3, 4, 3, 3], 1, 2),
+            ([1, 3, 7, 10], [5, 3, 3, 3], 1, 2),
+            ([1, 16, 33, 32], [8, 16, 3, 3], 0, 2),
+            ([2, 3, 11, 9], [2, 3, 3, 2], 1, 3),
         ] {
             let x = randn(5, &x_shape);
             let kernel = randn(6, &k_shape);
-            let want = x.conv2d(&kernel, padding, 1, 1, 1).unwrap();
+            let want = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
             let got = x
-                .apply_op2_no_bwd(&kernel, &super::ShiftedGemmConv2d { padding })
+                .apply_op2_no_bwd(&kernel, &super::ShiftedGemmConv2d { padding, stride })
                 .unwrap();
             assert_eq!(got.dims(), want.dims(), "{x_shape:?} {k_shape:?}");
             let err = max_diff(&got, &want);
-            assert!(err < 1e-4, "{x_shape:?} {k_shape:?} pad {padding}: {err}");
+            assert!(
+                err < 1e-4,
+                "{x_shape:?} {k_shape:?} pad {padding} stride {stride}: {err}"
+            );
         }
     }
 }

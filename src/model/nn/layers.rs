@@ -257,9 +257,8 @@ impl Conv2d {
     }
 }
 
-/// `x.conv2d(kernel, ...)`; on the CPU in f32, for stride 1 without dilation or groups and with
-/// no gradient to track, the shifted-gemm kernel ([`ShiftedGemmConv2d`]) instead of candle's
-/// im2col path.
+/// `x.conv2d(kernel, ...)`; on the CPU in f32, without dilation or groups and with no gradient
+/// to track, the shifted-gemm kernel ([`ShiftedGemmConv2d`]) instead of candle's im2col path.
 pub(crate) fn conv2d_forward(
     x: &Tensor,
     kernel: &Tensor,
@@ -269,7 +268,6 @@ pub(crate) fn conv2d_forward(
     let fast = x.device().is_cpu()
         && x.dtype() == DType::F32
         && kernel.dtype() == DType::F32
-        && cfg.stride == 1
         && cfg.dilation == 1
         && cfg.groups == 1
         && k_h * k_w > 1
@@ -280,6 +278,7 @@ pub(crate) fn conv2d_forward(
     }
     let op = ShiftedGemmConv2d {
         padding: cfg.padding,
+        stride: cfg.stride,
     };
     x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op)
 }
