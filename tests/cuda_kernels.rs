@@ -39,8 +39,9 @@ fn on_device(x: &Tensor, device: &Device, dtype: DType) -> (Tensor, Tensor) {
     (d, cpu)
 }
 
-/// Error bound relative to the reference's largest magnitude. f32: exact f32 arithmetic on the
-/// CPU; on CUDA with cuDNN, its default math permits TF32 tensor cores (10-bit mantissa, as
+/// Error bound relative to the reference's largest magnitude. f32: the CPU sums in another order
+/// only (1e-5); CUDA's f32 cuBLAS (no reduced precision) in other blockings (1e-4, the fixtures'
+/// f32 bound); with cuDNN, its default math permits TF32 tensor cores (10-bit mantissa, as
 /// PyTorch's default for convolutions), ~1e-3 of the scale at these sums' lengths. Half
 /// precision: the output's own rounding (bf16 2^-9, f16 2^-12) over f32 accumulation.
 fn relative_tolerance(device: &Device, dtype: DType) -> f32 {
@@ -48,6 +49,7 @@ fn relative_tolerance(device: &Device, dtype: DType) -> f32 {
         DType::BF16 => 2e-2,
         DType::F16 => 4e-3,
         _ if device.is_cuda() && cfg!(feature = "cudnn") => 3e-3,
+        _ if device.is_cuda() => 1e-4,
         _ => 1e-5,
     }
 }
@@ -225,11 +227,12 @@ fn attention_with_the_device_chunk_bound() {
     let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
     let want = probs.matmul(&v_cpu).unwrap();
     let err = max_abs_diff(&got.to_device(&Device::Cpu).unwrap(), &want) / max_abs(&want).max(1.0);
-    // cuBLAS f32 without reduced precision is exact f32; half precision rounds q*scale, the
-    // probabilities and the output.
+    // cuBLAS f32 without reduced precision is f32 in another summation order; half precision
+    // rounds q*scale, the probabilities and the output.
     let tol = match dtype {
         DType::BF16 => 3e-2,
         DType::F16 => 5e-3,
+        _ if device.is_cuda() => 1e-4,
         _ => 1e-5,
     };
     println!("attention {dtype:?}: relative error {err:.2e} (bound {tol:.0e})");
