@@ -27,10 +27,10 @@
 #     $OUT/gpu-check.json (or $WORK/gpu-check.json without OUT).
 # Peak GPU memory of every command is measured here, the same way for both sides: nvidia-smi
 # polled every 100 ms while the command runs, maximum minus the reading just before it started.
-# Order: parity, weights, then per dtype (first the first one) each variant's unet and restore and
-# PyTorch's, training after the first dtype. The whole run stays within the time budget (default
-# 470 s, under 8 minutes): every step has its own cap, is cut to what is left, and is skipped
-# (reported as such) when less than 20 s remain.
+# Order: parity, weights, every variant's and PyTorch's unet for each dtype, then per dtype (the
+# first one first) the restores, training after the first dtype's. The whole run stays within the
+# time budget (default 470 s, under 8 minutes): every step has its own cap, is cut to what is
+# left, and is skipped (reported as such) when less than 20 s remain.
 #
 # Environment: PYTHON (default python3), STABLESR_ROOT, WORK (default /tmp/pfstorer-gpu-check),
 # OUT. Exit status: 0 parity passed and every benchmark ran; 1 a parity check failed or timed
@@ -294,15 +294,10 @@ if ((!have_weights)); then
   note "(b)/(c) no random weights in $work: timings skipped"
 fi
 
-first=1
-train_pending=1
+# The cheap UNet forward first for the whole matrix, then the restores (the first dtype first) and,
+# after the first dtype's restores, training; each step is cut or skipped by the budget.
 for dt in "${dtype_list[@]}"; do
   ((have_weights)) || break
-  if ((!first && !dry_run && $(left) < 240)); then
-    note "dtype $dt skipped: $(left)s of the budget left"
-    continue
-  fi
-  first=0
   for v in "${variant_list[@]}"; do
     run_step bench "$v" unet "$dt" 100 env LD_LIBRARY_PATH="$(variant_ld "$v")" "$(variant_bin "$v")" bench unet \
       --weights "$base_w" --latent 64 --runs 3 --device cuda --dtype "$dt"
@@ -311,6 +306,10 @@ for dt in "${dtype_list[@]}"; do
     run_step bench pytorch unet "$dt" 150 env STABLESR_ROOT="$STABLESR_ROOT" "$python" "$ref_script" \
       --weights "$base_w" --device cuda --dtype "$dt" --latent 64 --runs 3 --what unet
   fi
+done
+train_pending=1
+for dt in "${dtype_list[@]}"; do
+  ((have_weights)) || break
   for v in "${variant_list[@]}"; do
     run_step bench "$v" restore "$dt" 180 env LD_LIBRARY_PATH="$(variant_ld "$v")" "$(variant_bin "$v")" bench restore \
       --base "$base_w" --cfw "$cfw_w" --size 512 --steps 200 --device cuda --dtype "$dt"
@@ -320,7 +319,7 @@ for dt in "${dtype_list[@]}"; do
       --weights "$base_w" --cfw "$cfw_w" --device cuda --dtype "$dt" --size 512 --steps 200 --what restore
   fi
   # Training always runs in f32 (pfstorer's trainer refuses half precision): once per variant,
-  # after the first dtype's measurements.
+  # after the first dtype's restores.
   if ((train_pending)); then
     train_pending=0
     for v in "${variant_list[@]}"; do
