@@ -284,7 +284,7 @@ if [[ -x "$first_bin" ]]; then
   if [[ -s "$base_w" && -s "$cfw_w" ]]; then
     note "(b) random weights already in $work, reused"
   else
-    run_step bench "${variant_list[0]}" weights - 240 env LD_LIBRARY_PATH="$pf_ld" "$first_bin" bench weights --out-dir "$work"
+    run_step bench "${variant_list[0]}" weights - 240 env LD_LIBRARY_PATH="$(variant_ld "${variant_list[0]}")" "$first_bin" bench weights --out-dir "$work"
   fi
 fi
 have_weights=0
