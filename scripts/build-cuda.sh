@@ -3,16 +3,25 @@
 # system CUDA toolkit. The CUDA 13.0 compiler and headers come from NVIDIA's Python wheels
 # (PyPI), unpacked into a local folder; nothing is installed system-wide.
 #
-#   scripts/build-cuda.sh                       # sm_90 (H100/H200), binary in target/cuda/release
+#   scripts/build-cuda.sh                       # sm_90 (H100/H200): target/cuda/pfstorer
+#   scripts/build-cuda.sh --cudnn               # with cuDNN 9: target/cuda/pfstorer-cudnn
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # another GPU generation (A100: 80, L4/4090: 89)
-#   scripts/build-cuda.sh --bundle DIR          # also the GPU-check bundle (see scripts/GPU.md):
-#       DIR/pfstorer, DIR/tests/<parity test executables>, DIR/fixtures, DIR/gpu-check.sh,
+#   scripts/build-cuda.sh --bundle DIR          # both builds and the GPU-check bundle (see
+#       scripts/GPU.md): DIR/pfstorer, DIR/pfstorer-cudnn, DIR/tests/<parity test executables>,
+#       DIR/tests-cudnn/<the same, built with cuDNN>, DIR/fixtures, DIR/gpu-check.sh,
 #       DIR/gpu_reference.py; add --with-libs to put the CUDA 13 runtime libraries (cuBLAS,
-#       cuRAND, NVRTC, cudart wheels, ~1 GB) in DIR/lib for machines without them.
-#   scripts/build-cuda.sh --pack FILE.tar.xz   # the bundle without fixtures, compressed (~35 MB
-#       instead of 337 MB: the executables are mostly PTX text), for a GPU machine that has the
-#       repository (run: tar -xJf FILE -C /tmp && bash /tmp/gpu-bundle/gpu-check.sh
-#       --fixtures tests/fixtures).
+#       cuRAND, NVRTC, cudart, cuDNN wheels, ~2 GB) in DIR/lib for machines without them.
+#   scripts/build-cuda.sh --pack FILE.tar.xz   # the bundle without fixtures, compressed (the
+#       executables are mostly the same PTX text, which one large xz dictionary stores once), for
+#       a GPU machine that has the repository (run: tar -xJf FILE -C /tmp &&
+#       bash /tmp/gpu-bundle/gpu-check.sh --fixtures tests/fixtures).
+#
+# --cudnn: candle's forward convolutions and pfstorer's frozen-convolution input gradient run on
+# cuDNN 9 (cargo feature `cudnn`). The cuDNN headers and its front-end library libcudnn.so.9 come
+# from NVIDIA's nvidia-cudnn-cu13 wheel (pinned; only those files are unpacked); the linker gets
+# the unversioned libcudnn.so as a link to it. At run time the dynamic loader must find
+# libcudnn.so.9 and the libcudnn_*.so.9 engines next to it (a PyTorch environment's
+# site-packages/nvidia/cudnn/lib, the wheel, or DIR/lib with --with-libs).
 #
 # Environment:
 #   CUDA_COMPUTE_CAP   compute capability to compile the kernels for (default 90; there is no GPU
@@ -81,6 +90,50 @@ make_stub curand   libcurand   libcurand.so.10
 make_stub cublas   libcublas   libcublas.so.13
 make_stub cublaslt libcublasLt libcublasLt.so.13
 
+bundle=""
+pack=""
+with_libs=0
+cudnn=0
+cargo_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --bundle) bundle="$2"; shift 2 ;;
+    --pack) pack="$2"; shift 2 ;;
+    --with-libs) with_libs=1; shift ;;
+    --cudnn) cudnn=1; shift ;;
+    *) cargo_args+=("$1"); shift ;;
+  esac
+done
+# A bundle carries both builds: the GPU check compares them.
+[[ -n "$bundle" || -n "$pack" ]] && cudnn=1
+
+# cuDNN 9 for CUDA 13, one pinned version (the newest on PyPI when this was written).
+cudnn_wheel=nvidia-cudnn-cu13==9.28.1.4
+cudnn_dir="$cuda_dir/nvidia/cudnn"
+if [[ "$cudnn" == 1 && ! -f "$cudnn_dir/lib/libcudnn.so.9" ]]; then
+  echo "build-cuda: fetching $cudnn_wheel (headers and libcudnn.so.9 only) into $cudnn_dir" >&2
+  wheel_dl="$cuda_dir/wheels"
+  mkdir -p "$wheel_dl" "$cudnn_dir"
+  "$python" -m pip download --quiet --no-deps --disable-pip-version-check -d "$wheel_dl" "$cudnn_wheel"
+  whl="$(ls "$wheel_dl"/nvidia_cudnn_cu13-"${cudnn_wheel#*==}"-*.whl | head -1)"
+  # The engines (libcudnn_*.so.9, ~900 MB) are loaded at run time only; the link needs the
+  # front end, which exports the whole API.
+  "$python" - "$whl" "$cuda_dir" <<'PY'
+import sys, zipfile
+whl, dest = sys.argv[1:3]
+with zipfile.ZipFile(whl) as z:
+    z.extractall(dest, [n for n in z.namelist()
+                        if n.startswith("nvidia/cudnn/include/") or n == "nvidia/cudnn/lib/libcudnn.so.9"])
+PY
+fi
+if [[ "$cudnn" == 1 ]]; then
+  [[ -f "$cudnn_dir/lib/libcudnn.so.9" && -f "$cudnn_dir/include/cudnn_version.h" ]] ||
+    { echo "build-cuda: $cudnn_dir lacks libcudnn.so.9 or cudnn_version.h" >&2; exit 1; }
+  ln -sf "$cudnn_dir/lib/libcudnn.so.9" "$stubs/libcudnn.so"
+  cudnn_version="$(sed -n 's/^#define CUDNN_\(MAJOR\|MINOR\|PATCHLEVEL\) *\([0-9]*\).*/\2/p' \
+    "$cudnn_dir/include/cudnn_version.h" | paste -sd.)"
+fi
+
 export CUDA_HOME="$toolkit"
 export CUDA_ROOT="$toolkit"
 export PATH="$toolkit/bin:$PATH"
@@ -88,37 +141,32 @@ export CUDA_COMPUTE_CAP="$compute_cap"
 export CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$stubs -L native=$toolkit/lib"
 
-bundle=""
-pack=""
-with_libs=0
-cargo_args=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --bundle) bundle="$2"; shift 2 ;;
-    --pack) pack="$2"; shift 2 ;;
-    --with-libs) with_libs=1; shift ;;
-    *) cargo_args+=("$1"); shift ;;
-  esac
-done
-
-echo "build-cuda: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), compute capability $compute_cap" >&2
+echo "build-cuda: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), compute capability $compute_cap${cudnn_version:+, cuDNN $cudnn_version}" >&2
 cd "$repo"
+# One target folder for both builds: candle's kernels (the slow part) do not depend on cuDNN and
+# are compiled once; each build's binary is copied out under its own name.
 target_dir="${CARGO_TARGET_DIR:-$repo/target/cuda}"
-cargo build --release --features cuda --target-dir "$target_dir" "${cargo_args[@]}"
-echo "build-cuda: built $target_dir/release/pfstorer (CUDA 13.0, sm_$compute_cap)" >&2
-
+# The parity tests that follow PFSTORER_TEST_DEVICE / PFSTORER_TEST_DTYPE, and the CUDA kernel
+# checks (tests/cuda_kernels.rs).
+parity_tests=(parity_unet parity_text parity_vae pipeline_restore cuda_kernels)
 if [[ -n "$pack" && -z "$bundle" ]]; then
   bundle="$(mktemp -d)/gpu-bundle"
 fi
-[[ -n "$bundle" ]] || exit 0
-# The parity tests that follow PFSTORER_TEST_DEVICE / PFSTORER_TEST_DTYPE.
-parity_tests=(parity_unet parity_text parity_vae pipeline_restore)
-mkdir -p "$bundle/tests"
-test_flags=()
-for t in "${parity_tests[@]}"; do test_flags+=(--test "$t"); done
-cargo test --release --features cuda --target-dir "$target_dir" --no-run \
-  --message-format=json "${test_flags[@]}" > "$target_dir/test-executables.json"
-"$python" - "$target_dir/test-executables.json" "$bundle/tests" <<'PY'
+
+variants=(cuda)
+if [[ -n "$bundle" ]]; then variants=(cuda cudnn); elif [[ "$cudnn" == 1 ]]; then variants=(cudnn); fi
+for features in "${variants[@]}"; do
+  suffix=""; [[ "$features" == cudnn ]] && suffix="-cudnn"
+  cargo build --release --features "$features" --target-dir "$target_dir" "${cargo_args[@]}"
+  cp "$target_dir/release/pfstorer" "$target_dir/pfstorer$suffix"
+  echo "build-cuda: built $target_dir/pfstorer$suffix (CUDA 13.0, sm_$compute_cap${suffix:+, cuDNN $cudnn_version})" >&2
+  [[ -n "$bundle" ]] || continue
+  mkdir -p "$bundle/tests$suffix"
+  test_flags=()
+  for t in "${parity_tests[@]}"; do test_flags+=(--test "$t"); done
+  cargo test --release --features "$features" --target-dir "$target_dir" --no-run \
+    --message-format=json "${test_flags[@]}" > "$target_dir/test-executables$suffix.json"
+  "$python" - "$target_dir/test-executables$suffix.json" "$bundle/tests$suffix" <<'PY'
 import json, shutil, sys, os
 listing, dest = sys.argv[1], sys.argv[2]
 for line in open(listing):
@@ -129,23 +177,36 @@ for line in open(listing):
     exe = msg.get("executable")
     if msg.get("reason") == "compiler-artifact" and exe and "test" in msg["target"]["kind"]:
         shutil.copy2(exe, os.path.join(dest, msg["target"]["name"]))
-        print("bundle: test", msg["target"]["name"])
+        print("bundle: test", os.path.basename(dest), msg["target"]["name"])
 PY
-cp "$target_dir/release/pfstorer" "$bundle/pfstorer"
+  cp "$target_dir/pfstorer$suffix" "$bundle/pfstorer$suffix"
+done
+[[ -n "$bundle" ]] || exit 0
+
 rm -rf "$bundle/fixtures"
 [[ -n "$pack" ]] || cp -r "$repo/tests/fixtures" "$bundle/fixtures"
 cp "$repo/scripts/gpu-check.sh" "$repo/scripts/gpu_reference.py" "$bundle/"
-strip "$bundle/pfstorer" "$bundle"/tests/* 2>/dev/null || true
+strip "$bundle"/pfstorer* "$bundle"/tests*/* 2>/dev/null || true
 if [[ "$with_libs" == 1 ]]; then
   "$python" -m pip install --quiet --no-deps --target "$bundle/.wheels" \
     nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88 \
-    nvidia-cuda-runtime==13.0.96
+    nvidia-cuda-runtime==13.0.96 "$cudnn_wheel"
   mkdir -p "$bundle/lib"
   find "$bundle/.wheels" -name 'lib*.so*' -exec cp -P {} "$bundle/lib/" \;
   rm -rf "$bundle/.wheels"
 fi
 du -sh "$bundle" >&2
 if [[ -n "$pack" ]]; then
-  tar -C "$(dirname "$bundle")" -cf - "$(basename "$bundle")" | xz -T0 -6 > "$pack"
+  # Every executable embeds the same PTX of candle's kernels (~50 MB): with the files in name
+  # order and a dictionary wider than any one file, xz finds each copy in the previous file and
+  # stores the PTX about once (xz -6's 8 MiB window stored it once per executable). One thread
+  # keeps one block; compression needs ~2 GB of memory, decompression ~200 MB.
+  tar --sort=name -C "$(dirname "$bundle")" -cf - "$(basename "$bundle")" |
+    xz -T1 --lzma2=preset=6,dict=192MiB > "$pack"
   du -h "$pack" >&2
+  size=$(stat -c %s "$pack")
+  if ((size >= 64 * 1024 * 1024)); then
+    echo "build-cuda: $pack is $size bytes, over the 64 MiB a device run carries" >&2
+    exit 1
+  fi
 fi

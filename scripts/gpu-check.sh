@@ -2,27 +2,35 @@
 # GPU check of a pfstorer CUDA bundle, on a machine with an NVIDIA GPU, nvidia-smi and PyTorch but
 # no network and no Rust toolchain. Everything comes in the bundle that
 # `scripts/build-cuda.sh --bundle DIR` makes:
-#   DIR/pfstorer  DIR/tests/<parity executables>  DIR/fixtures/  DIR/gpu-check.sh
-#   DIR/gpu_reference.py  DIR/lib/ (optional CUDA 13 runtime libraries)
+#   DIR/pfstorer  DIR/pfstorer-cudnn  DIR/tests/<parity executables>  DIR/tests-cudnn/<the same,
+#   built with cuDNN>  DIR/fixtures/  DIR/gpu-check.sh  DIR/gpu_reference.py  DIR/lib/ (optional)
 #
-#   bash DIR/gpu-check.sh [--bundle DIR] [--fixtures DIR] [--dtypes f16,f32] [--gpu N]
-#                         [--work DIR] [--skip-parity] [--skip-reference] [--budget SECONDS]
+#   bash DIR/gpu-check.sh [--bundle DIR] [--fixtures DIR] [--dtypes bf16,f32] [--variants cuda,cudnn]
+#                         [--gpu N] [--work DIR] [--skip-parity] [--skip-reference]
+#                         [--budget SECONDS] [--parity-budget SECONDS] [--dry-run]
 # --fixtures: the fixture root (default DIR/fixtures; a packed bundle, build-cuda.sh --pack, has
 # none and uses the repository's tests/fixtures).
+# --variants: which builds to measure: cuda (DIR/pfstorer, DIR/tests; no cuDNN) and cudnn
+# (DIR/pfstorer-cudnn, DIR/tests-cudnn); default both, those present.
+# --dry-run: print the plan (every step, its time cap, the order) and exit; needs no GPU.
 #
-# (a) parity: every DIR/tests/* executable on CUDA, in f32 and then bf16 (the tests apply their
-#     own documented bf16 tolerance), `--test-threads 1`;
+# The matrix: {variants} x {dtypes} for
+# (a) parity: every test executable of the variant on CUDA, per dtype (the tests apply their own
+#     documented bf16 tolerance), `--test-threads 1`; at most --parity-budget seconds (150);
 # (b) pfstorer timings on the full-size architecture with random weights written once to
-#     $WORK (bench weights), then per dtype: bench unet, bench restore (512 px, 200 steps);
-#     bench train (512 px, 2 iterations) once, in f32 (the trainer's only precision);
+#     $WORK (bench weights), per dtype and variant: bench unet, bench restore (512 px, 200 steps);
+#     bench train (512 px, 2 iterations) per variant in f32 only (the trainer's only precision);
 # (c) the same UNet forward and restore with the PyTorch reference (gpu_reference.py, needs
 #     STABLESR_ROOT = extracted IceClear/StableSR sources; skipped with a message otherwise), on
 #     the same weights and dtype;
-# (d) a side-by-side table and $OUT/gpu-check.json (or $WORK/gpu-check.json without OUT).
+# (d) one table (rows: measurements and parity tests; columns: each variant, PyTorch, ratios) and
+#     $OUT/gpu-check.json (or $WORK/gpu-check.json without OUT).
 # Peak GPU memory of every command is measured here, the same way for both sides: nvidia-smi
 # polled every 100 ms while the command runs, maximum minus the reading just before it started.
-# The first dtype always runs; later ones only while enough of the time budget (default 470 s,
-# under 8 minutes in all) is left. Every step has its own timeout.
+# Order: parity, weights, every variant's and PyTorch's unet for each dtype, then per dtype (the
+# first one first) the restores, training after the first dtype's. The whole run stays within the
+# time budget (default 470 s, under 8 minutes): every step has its own cap, is cut to what is
+# left, and is skipped (reported as such) when less than 20 s remain.
 #
 # Environment: PYTHON (default python3), STABLESR_ROOT, WORK (default /tmp/pfstorer-gpu-check),
 # OUT. Exit status: 0 parity passed and every benchmark ran; 1 a parity check failed or timed
@@ -32,11 +40,14 @@ set -uo pipefail
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 bundle="$script_dir"
 fixtures=""
-dtypes="f16,f32"
+dtypes="bf16,f32"
+variants=""
 gpu=0
 skip_parity=0
 skip_reference=0
 budget=470
+parity_budget=150
+dry_run=0
 work="${WORK:-${TMPDIR:-/tmp}/pfstorer-gpu-check}"
 python="${PYTHON:-python3}"
 
@@ -51,6 +62,9 @@ while (($#)); do
     --gpu) gpu="${2:?--gpu needs an index}"; shift 2 ;;
     --work) work="${2:?--work needs a folder}"; shift 2 ;;
     --budget) budget="${2:?--budget needs seconds}"; shift 2 ;;
+    --parity-budget) parity_budget="${2:?--parity-budget needs seconds}"; shift 2 ;;
+    --variants) variants="${2:?--variants needs a list}"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
     --skip-parity) skip_parity=1; shift ;;
     --skip-reference) skip_reference=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -60,13 +74,35 @@ done
 
 [[ "$gpu" =~ ^[0-9]+$ ]] || die "--gpu must be a GPU index, got '$gpu'"
 [[ "$budget" =~ ^[0-9]+$ ]] || die "--budget must be whole seconds, got '$budget'"
+[[ "$parity_budget" =~ ^[0-9]+$ ]] || die "--parity-budget must be whole seconds, got '$parity_budget'"
 IFS=, read -r -a dtype_list <<< "$dtypes"
 ((${#dtype_list[@]})) || die "--dtypes is empty"
 for dt in "${dtype_list[@]}"; do
   [[ "$dt" == f16 || "$dt" == bf16 || "$dt" == f32 ]] || die "--dtypes: '$dt' is not one of f16, bf16, f32"
 done
 bundle="$(cd "$bundle" 2>/dev/null && pwd)" || die "bundle folder not found"
-command -v nvidia-smi >/dev/null || die "nvidia-smi not found"
+
+# Variant name -> binary and test folder. A variant asked for but absent is a usage error; by
+# default every variant whose binary is in the bundle runs.
+variant_bin() { case "$1" in cuda) echo "$bundle/pfstorer" ;; cudnn) echo "$bundle/pfstorer-cudnn" ;; esac; }
+variant_tests() { case "$1" in cuda) echo "$bundle/tests" ;; cudnn) echo "$bundle/tests-cudnn" ;; esac; }
+variant_label() { case "$1" in cuda) echo "no cuDNN" ;; cudnn) echo "cuDNN" ;; esac; }
+if [[ -z "$variants" ]]; then
+  variant_list=()
+  for v in cuda cudnn; do [[ -x "$(variant_bin "$v")" ]] && variant_list+=("$v"); done
+  ((${#variant_list[@]})) || variant_list=(cuda)
+else
+  IFS=, read -r -a variant_list <<< "$variants"
+  ((${#variant_list[@]})) || die "--variants is empty"
+  for v in "${variant_list[@]}"; do
+    [[ "$v" == cuda || "$v" == cudnn ]] || die "--variants: '$v' is not one of cuda, cudnn"
+    [[ -x "$(variant_bin "$v")" ]] || die "--variants $v: no $(variant_bin "$v") in the bundle"
+  done
+fi
+
+if ((!dry_run)); then
+  command -v nvidia-smi >/dev/null || die "nvidia-smi not found"
+fi
 command -v timeout >/dev/null || die "timeout (coreutils) not found"
 mkdir -p "$work/logs" || die "cannot create $work"
 work="$(cd "$work" && pwd)"
@@ -78,7 +114,6 @@ notes="$work/notes.txt"
 out_dir="${OUT:-$work}"
 mkdir -p "$out_dir" || die "cannot create $out_dir"
 
-pf="$bundle/pfstorer"
 ref_script="$bundle/gpu_reference.py"
 [[ -f "$ref_script" ]] || ref_script="$script_dir/gpu_reference.py"
 base_w="$work/stablesr_face_random.safetensors"
@@ -89,18 +124,26 @@ export CUDA_DEVICE_ORDER=PCI_BUS_ID
 export CUDA_VISIBLE_DEVICES="$gpu"
 
 start=$SECONDS
+planned=0    # --dry-run: the sum of the caps
 reserve=20   # seconds kept for the report
 min_step=20  # no step starts with less time than this
 left() { echo $((budget - (SECONDS - start))); }
 note() { echo "gpu-check: $*" | tee -a "$notes" >&2; }
 gpu_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$gpu" 2>/dev/null | head -1 | tr -d ' '; }
 
-gpu_info="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i "$gpu" 2>&1)" \
-  || die "nvidia-smi cannot query GPU $gpu: $gpu_info"
-echo "gpu-check: GPU $gpu: $gpu_info; bundle $bundle; work $work; budget ${budget}s" >&2
+if ((dry_run)); then
+  gpu_info="(dry run: GPU not queried)"
+else
+  gpu_info="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i "$gpu" 2>&1)" \
+    || die "nvidia-smi cannot query GPU $gpu: $gpu_info"
+fi
+echo "gpu-check: GPU $gpu: $gpu_info; bundle $bundle; variants ${variant_list[*]}; dtypes ${dtype_list[*]}; work $work; budget ${budget}s" >&2
 
 # ---- CUDA 13 runtime libraries for pfstorer (never put in front of PyTorch's own) -------------
+# cuDNN (libcudnn.so.9 and its engines) only for the cudnn variant: the folder that holds
+# libcudnn.so.9 also holds the engines it loads.
 ld_dirs=()
+cudnn_dirs=()
 [[ -d "$bundle/lib" ]] && ld_dirs+=("$bundle/lib")
 if command -v "$python" >/dev/null; then
   mapfile -t site_dirs < <("$python" -c 'import site; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
@@ -112,32 +155,39 @@ if command -v "$python" >/dev/null; then
          compgen -G "$d/libcudart.so.13*" >/dev/null; then
         ld_dirs+=("$d")
       fi
+      if compgen -G "$d/libcudnn.so.9*" >/dev/null; then
+        cudnn_dirs+=("$d")
+      fi
     done
   done
 fi
 pf_ld="$(IFS=:; echo "${ld_dirs[*]}")"
 pf_ld="${pf_ld}${LD_LIBRARY_PATH:+${pf_ld:+:}$LD_LIBRARY_PATH}"
+cudnn_ld="$(IFS=:; echo "${cudnn_dirs[*]}")"
+variant_ld() { # the library path of one variant
+  if [[ "$1" == cudnn && -n "$cudnn_ld" ]]; then echo "${pf_ld:+$pf_ld:}$cudnn_ld"; else echo "$pf_ld"; fi
+}
 libs_file="$work/libs.txt"
 : > "$libs_file"
-if [[ -x "$pf" ]]; then
-  echo "gpu-check: library folders for pfstorer: ${ld_dirs[*]:-(none; system default paths only)}" >&2
-  ldd_out="$(LD_LIBRARY_PATH="$pf_ld" ldd "$pf" 2>&1)"
-  for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+echo "gpu-check: library folders for pfstorer: ${ld_dirs[*]:-(none; system default paths only)}; for cuDNN: ${cudnn_dirs[*]:-(none)}" >&2
+for v in "${variant_list[@]}"; do
+  bin="$(variant_bin "$v")"
+  [[ -x "$bin" ]] || { note "no $bin: variant $v skipped"; continue; }
+  ldd_out="$(LD_LIBRARY_PATH="$(variant_ld "$v")" ldd "$bin" 2>&1)"
+  for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudnn.so.9; do
     line="$(grep -F "$lib" <<< "$ldd_out" | head -1)"
     if [[ -z "$line" ]]; then
-      printf 'not linked\t%s\t-\n' "$lib" >> "$libs_file"
+      printf '%s\tnot linked\t%s\t-\n' "$v" "$lib" >> "$libs_file"
     elif [[ "$line" == *"not found"* ]]; then
-      printf 'MISSING\t%s\t-\n' "$lib" >> "$libs_file"
-      note "pfstorer needs $lib, not found (put it in $bundle/lib or install the nvidia-* 13.x wheels)"
+      printf '%s\tMISSING\t%s\t-\n' "$v" "$lib" >> "$libs_file"
+      note "$(basename "$bin") needs $lib, not found (put it in $bundle/lib or install the nvidia-* 13.x / nvidia-cudnn-cu13 wheels)"
     else
       path="$(awk '{print $3}' <<< "$line")"
-      printf 'found\t%s\t%s\n' "$lib" "$path" >> "$libs_file"
+      printf '%s\tfound\t%s\t%s\n' "$v" "$lib" "$path" >> "$libs_file"
     fi
   done
-  sed 's/^/gpu-check:   /' "$libs_file" >&2
-else
-  note "no pfstorer binary at $pf: (b) skipped"
-fi
+done
+sed 's/^/gpu-check:   /' "$libs_file" >&2
 
 # ---- one measured command -----------------------------------------------------------------
 # run_step SECTION IMPL NAME DTYPE CAP_SECONDS command...
@@ -149,6 +199,12 @@ run_step() {
   local t
   t=$(($(left) - reserve))
   ((t > cap)) && t=$cap
+  if ((dry_run)); then
+    printf 'plan: %-7s %-8s %-18s %-4s cap %3ss: %s\n' "$section" "$impl" "$name" "$dt" "$cap" "$*"
+    printf '%s\t%s\t%s\t%s\tplanned\t-\t-\t-\t-\t%s\t%s\n' "$section" "$impl" "$name" "$dt" "$out" "$err" >> "$results"
+    planned=$((planned + cap))
+    return 0
+  fi
   if ((t < min_step)); then
     printf '%s\t%s\t%s\t%s\tskipped\t-\t-\t-\t-\t%s\t%s\n' "$section" "$impl" "$name" "$dt" "$out" "$err" >> "$results"
     note "$section $impl $name $dt: skipped, time budget spent"
@@ -183,21 +239,28 @@ run_step() {
 }
 
 # ---- (a) parity ---------------------------------------------------------------------------
+# Capped per executable and in all (--parity-budget), so the timings always get their share.
+parity_start=$SECONDS
 if ((skip_parity)); then
   note "(a) parity skipped (--skip-parity)"
-elif [[ ! -d "$bundle/tests" ]]; then
-  note "(a) no $bundle/tests folder: parity skipped"
 else
-  tests=()
-  for exe in "$bundle"/tests/*; do
-    [[ -f "$exe" && -x "$exe" ]] && tests+=("$exe")
-  done
-  ((${#tests[@]})) || note "(a) no test executables in $bundle/tests"
   for dt in f32 bf16; do
-    for exe in "${tests[@]}"; do
-      run_step parity pfstorer "$(basename "$exe")" "$dt" 90 \
-        env LD_LIBRARY_PATH="$pf_ld" PFSTORER_FIXTURES="${fixtures:-$bundle/fixtures}" \
-        PFSTORER_TEST_DEVICE=cuda PFSTORER_TEST_DTYPE="$dt" "$exe" --test-threads 1
+    for v in "${variant_list[@]}"; do
+      dir="$(variant_tests "$v")"
+      if [[ ! -d "$dir" ]]; then
+        [[ $dt == f32 ]] && note "(a) no $dir folder: parity of $v skipped"
+        continue
+      fi
+      for exe in "$dir"/*; do
+        [[ -f "$exe" && -x "$exe" ]] || continue
+        spent=$((SECONDS - parity_start))
+        cap=60
+        ((parity_budget - spent < cap)) && cap=$((parity_budget - spent))
+        ((cap < 0)) && cap=0
+        run_step parity "$v" "$(basename "$exe")" "$dt" "$cap" \
+          env LD_LIBRARY_PATH="$(variant_ld "$v")" PFSTORER_FIXTURES="${fixtures:-$bundle/fixtures}" \
+          PFSTORER_TEST_DEVICE=cuda PFSTORER_TEST_DTYPE="$dt" "$exe" --test-threads 1
+      done
     done
   done
 fi
@@ -216,52 +279,60 @@ else
   reference_ok=1
 fi
 
-if [[ -x "$pf" ]]; then
+first_bin="$(variant_bin "${variant_list[0]}")"
+if [[ -x "$first_bin" ]]; then
   if [[ -s "$base_w" && -s "$cfw_w" ]]; then
     note "(b) random weights already in $work, reused"
   else
-    run_step bench pfstorer weights - 240 env LD_LIBRARY_PATH="$pf_ld" "$pf" bench weights --out-dir "$work"
+    run_step bench "${variant_list[0]}" weights - 240 env LD_LIBRARY_PATH="$(variant_ld "${variant_list[0]}")" "$first_bin" bench weights --out-dir "$work"
   fi
 fi
 have_weights=0
 [[ -s "$base_w" && -s "$cfw_w" ]] && have_weights=1
+((dry_run)) && have_weights=1
 if ((!have_weights)); then
   note "(b)/(c) no random weights in $work: timings skipped"
 fi
 
-first=1
-train_pending=1
+# The cheap UNet forward first for the whole matrix, then the restores (the first dtype first) and,
+# after the first dtype's restores, training; each step is cut or skipped by the budget.
 for dt in "${dtype_list[@]}"; do
   ((have_weights)) || break
-  if ((!first && $(left) < 240)); then
-    note "dtype $dt skipped: $(left)s of the budget left"
-    continue
-  fi
-  first=0
-  if [[ -x "$pf" ]]; then
-    run_step bench pfstorer unet "$dt" 120 env LD_LIBRARY_PATH="$pf_ld" "$pf" bench unet \
+  for v in "${variant_list[@]}"; do
+    run_step bench "$v" unet "$dt" 100 env LD_LIBRARY_PATH="$(variant_ld "$v")" "$(variant_bin "$v")" bench unet \
       --weights "$base_w" --latent 64 --runs 3 --device cuda --dtype "$dt"
-  fi
+  done
   if ((reference_ok)); then
     run_step bench pytorch unet "$dt" 150 env STABLESR_ROOT="$STABLESR_ROOT" "$python" "$ref_script" \
       --weights "$base_w" --device cuda --dtype "$dt" --latent 64 --runs 3 --what unet
   fi
-  if [[ -x "$pf" ]]; then
-    run_step bench pfstorer restore "$dt" 240 env LD_LIBRARY_PATH="$pf_ld" "$pf" bench restore \
+done
+train_pending=1
+for dt in "${dtype_list[@]}"; do
+  ((have_weights)) || break
+  for v in "${variant_list[@]}"; do
+    run_step bench "$v" restore "$dt" 180 env LD_LIBRARY_PATH="$(variant_ld "$v")" "$(variant_bin "$v")" bench restore \
       --base "$base_w" --cfw "$cfw_w" --size 512 --steps 200 --device cuda --dtype "$dt"
-  fi
+  done
   if ((reference_ok)); then
     run_step bench pytorch restore "$dt" 240 env STABLESR_ROOT="$STABLESR_ROOT" "$python" "$ref_script" \
       --weights "$base_w" --cfw "$cfw_w" --device cuda --dtype "$dt" --size 512 --steps 200 --what restore
   fi
-  # Training always runs in f32 (pfstorer's trainer refuses half precision): once, after the
-  # first dtype's measurements.
-  if ((train_pending)) && [[ -x "$pf" ]]; then
+  # Training always runs in f32 (pfstorer's trainer refuses half precision): once per variant,
+  # after the first dtype's restores.
+  if ((train_pending)); then
     train_pending=0
-    run_step bench pfstorer train f32 180 env LD_LIBRARY_PATH="$pf_ld" "$pf" bench train \
-      --base "$base_w" --size 512 --iters 2 --device cuda
+    for v in "${variant_list[@]}"; do
+      run_step bench "$v" train f32 150 env LD_LIBRARY_PATH="$(variant_ld "$v")" "$(variant_bin "$v")" bench train \
+        --base "$base_w" --size 512 --iters 2 --device cuda
+    done
   fi
 done
+
+if ((dry_run)); then
+  echo "plan: variants ${variant_list[*]}, dtypes ${dtype_list[*]}; $(wc -l < "$results") steps, caps summing to ${planned}s; every step is cut to the budget left (${budget}s in all, parity at most ${parity_budget}s)"
+  exit 0
+fi
 
 # ---- (d) report ---------------------------------------------------------------------------
 report_py="$python"
@@ -273,12 +344,14 @@ if ! command -v "$report_py" >/dev/null; then
   exit 0
 fi
 "$report_py" - "$results" "$notes" "$libs_file" "$out_dir/gpu-check.json" "$gpu_info" "$bundle" "$work" \
-  "$((SECONDS - start))" "$budget" <<'PY'
+  "$((SECONDS - start))" "$budget" "$(IFS=,; echo "${variant_list[*]}")" <<'PY'
 import json
 import re
 import sys
 
-results, notes, libs, json_out, gpu_info, bundle, work, elapsed, budget = sys.argv[1:10]
+results, notes, libs, json_out, gpu_info, bundle, work, elapsed, budget, variants = sys.argv[1:11]
+variants = [v for v in variants.split(",") if v]
+LABEL = {"cuda": "no cuDNN", "cudnn": "cuDNN", "pytorch": "PyTorch"}
 
 
 def last_json(path):
@@ -328,9 +401,9 @@ for r in (r for r in rows if r["section"] == "parity"):
     passed = sum(int(c[0]) for c in counts)
     failed = sum(int(c[1]) for c in counts)
     ignored = sum(int(c[2]) for c in counts)
-    parity.append(dict(test=r["name"], dtype=r["dtype"], status=r["status"], rc=r["rc"], passed=passed,
-                       failed=failed, ignored=ignored, wall_s=r["wall_s"], peak_gpu_gb=r["peak_gpu_gb"],
-                       log=r["err"], stdout=r["out"],
+    parity.append(dict(variant=r["impl"], test=r["name"], dtype=r["dtype"], status=r["status"], rc=r["rc"],
+                       passed=passed, failed=failed, ignored=ignored, wall_s=r["wall_s"],
+                       peak_gpu_gb=r["peak_gpu_gb"], log=r["err"], stdout=r["out"],
                        tail=[] if r["status"] in ("ok", "skipped") else tail(r["out"], 6) + tail(r["err"], 6)))
 
 bench = []
@@ -357,35 +430,39 @@ def field(b, key):
 
 
 MEASURES = [  # label, what, pfstorer field, pytorch field, show memory
-    ("unet fwd: encoder + UNet, CFG 2, 64x64 latent", "unet", "median_s", "median_s", True),
+    ("unet fwd: encoder + UNet, CFG 2, 64x64", "unet", "median_s", "median_s", True),
     ("restore 512 px, 200 steps: total", "restore", "total_s", "total_s", True),
-    ("restore 512 px, 200 steps: sampling loop", "restore", "sample_s", "sample_s", False),
-    ("train 512 px (f32 only): median iteration", "train", "median_s", None, True),
-    ("train 512 px (f32 only): projected 500 iters", "train", "projected_500_s", None, False),
+    ("restore 512 px, 200 steps: sampling", "restore", "sample_s", "sample_s", False),
+    ("train 512 px: median iteration", "train", "median_s", None, True),
+    ("train 512 px: projected 500 iters", "train", "projected_500_s", None, False),
 ]
 comparison = []
 order = list(dict.fromkeys(b["dtype"] for b in bench if b["what"] not in ("weights", "train")))
 order += [d for d in dict.fromkeys(b["dtype"] for b in bench if b["what"] == "train") if d not in order]
 for dtype in order:
     for label, what, pf_key, pt_key, mem in MEASURES:
-        pfb, ptb = find("pfstorer", what, dtype), find("pytorch", what, dtype) if pt_key else None
-        if pfb is None and ptb is None:
+        cells = {}
+        for impl in variants + (["pytorch"] if pt_key else []):
+            b = find(impl, what, dtype)
+            key = pt_key if impl == "pytorch" else pf_key
+            cells[impl] = dict(s=field(b, key), status=b["status"] if b else "not run",
+                               peak_gpu_gb=b["peak_gpu_gb"] if (b and mem) else None)
+        if all(c["status"] == "not run" for c in cells.values()):
             continue
-        pf_s, pt_s = field(pfb, pf_key), field(ptb, pt_key) if pt_key else None
+        ours = [cells[v]["s"] for v in variants if cells.get(v, {}).get("s") is not None]
+        pt_s = cells.get("pytorch", {}).get("s")
+        cu, cd = cells.get("cuda", {}).get("s"), cells.get("cudnn", {}).get("s")
         comparison.append(dict(
-            measurement=label, dtype=dtype, pfstorer_s=pf_s, pytorch_s=pt_s,
-            ratio=(pf_s / pt_s) if pf_s is not None and pt_s else None,
-            pfstorer_peak_gpu_gb=pfb["peak_gpu_gb"] if (pfb and mem) else None,
-            pytorch_peak_gpu_gb=ptb["peak_gpu_gb"] if (ptb and mem) else None,
-            pfstorer_status=pfb["status"] if pfb else "not run",
-            pytorch_status=(ptb["status"] if ptb else "not run") if pt_key else "no reference"))
+            measurement=label, dtype=dtype, cells=cells,
+            cudnn_over_plain=(cd / cu) if cd is not None and cu else None,
+            best_over_pytorch=(min(ours) / pt_s) if ours and pt_s else None))
 
 lib_rows = []
 try:
     with open(libs) as f:
         for line in f:
-            st, name, path = line.rstrip("\n").split("\t")
-            lib_rows.append(dict(lib=name, status=st, path=None if path == "-" else path))
+            v, st, name, path = line.rstrip("\n").split("\t")
+            lib_rows.append(dict(variant=v, lib=name, status=st, path=None if path == "-" else path))
 except (OSError, ValueError):
     pass
 with open(notes) as f:
@@ -399,34 +476,52 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def cell_s(c):
+    if c is None:
+        return "-"
+    if c["status"] == "ok":
+        return fmt(c["s"], ".3f")
+    return "-" if c["status"] == "not run" else c["status"]
+
+
+impls = variants + ["pytorch"]
 print()
 print(f"GPU: {gpu_info}")
 print()
-print("Timings (seconds; peak GPU memory = nvidia-smi max during the command minus idle, GB)")
-head = f"{'measurement':<46} {'dtype':<5} {'pfstorer s':>10} {'PyTorch s':>10} {'ratio':>6} {'pf GB':>6} {'PT GB':>6}"
+print("One table: timings in seconds (GB = peak GPU memory, nvidia-smi max during the command minus idle)")
+print("and parity (tiny fixtures on CUDA: passed/total tests, or the failure). The trainer is f32 only.")
+head = (f"{'measurement':<40} {'dtype':<5} " + " ".join(f"{LABEL[i] + ' s':>11}" for i in impls)
+        + f" {'cuDNN/no':>8} {'best/PT':>7} " + " ".join(f"{'GB ' + LABEL[i]:>12}" for i in impls))
 print(head)
 print("-" * len(head))
 for c in comparison:
-    pf_s = fmt(c["pfstorer_s"], ".3f") if c["pfstorer_status"] == "ok" else c["pfstorer_status"]
-    pt_s = fmt(c["pytorch_s"], ".3f") if c["pytorch_status"] == "ok" else (
-        "-" if c["pytorch_status"] == "no reference" else c["pytorch_status"])
-    print(f"{c['measurement']:<46} {c['dtype']:<5} {pf_s:>10} {pt_s:>10} {fmt(c['ratio'], '.2f'):>6} "
-          f"{fmt(c['pfstorer_peak_gpu_gb'], '.2f'):>6} {fmt(c['pytorch_peak_gpu_gb'], '.2f'):>6}")
+    cells = c["cells"]
+    print(f"{c['measurement']:<40} {c['dtype']:<5} "
+          + " ".join(f"{cell_s(cells.get(i)):>11}" for i in impls)
+          + f" {fmt(c['cudnn_over_plain'], '.2f'):>8} {fmt(c['best_over_pytorch'], '.2f'):>7} "
+          + " ".join(f"{fmt((cells.get(i) or {}).get('peak_gpu_gb'), '.2f'):>12}" for i in impls))
 if not comparison:
     print("(no timings)")
-print("ratio = pfstorer / PyTorch (below 1: pfstorer faster)")
-print()
-print("Parity (tiny fixtures on CUDA)")
-head = f"{'test':<22} {'dtype':<5} {'result':<8} {'passed':>6} {'failed':>6} {'ignored':>7} {'time s':>7}"
-print(head)
-print("-" * len(head))
+tests = list(dict.fromkeys((p["test"], p["dtype"]) for p in parity))
+for test, dtype in tests:
+    cells = []
+    for i in impls:
+        p = next((p for p in parity if p["test"] == test and p["dtype"] == dtype and p["variant"] == i), None)
+        if p is None:
+            cells.append("-")
+        elif p["status"] == "ok":
+            cells.append(f"{p['passed']}/{p['passed'] + p['failed']} ok")
+        elif p["status"] == "failed" and p["passed"] + p["failed"]:
+            cells.append(f"FAIL {p['failed']}/{p['passed'] + p['failed']}")
+        else:
+            cells.append(p["status"].upper() if p["status"] in ("failed", "timeout") else p["status"])
+    print(f"{'parity ' + test:<40} {dtype:<5} " + " ".join(f"{x:>11}" for x in cells))
+print("cuDNN/no = cuDNN build / build without cuDNN; best/PT = faster pfstorer build / PyTorch (below 1: pfstorer faster)")
 for p in parity:
-    print(f"{p['test']:<22} {p['dtype']:<5} {p['status']:<8} {p['passed']:>6} {p['failed']:>6} {p['ignored']:>7} "
-          f"{fmt(p['wall_s'], '.1f'):>7}")
-    for line in p["tail"]:
-        print(f"    | {line}")
-if not parity:
-    print("(not run)")
+    if p["tail"]:
+        print(f"\nparity {p['variant']} {p['test']} {p['dtype']}: {p['status']} (rc {p['rc']}), log {p['stdout']}")
+        for line in p["tail"]:
+            print(f"    | {line}")
 for b in bench:
     if b["tail"]:
         print(f"\n{b['impl']} {b['what']} {b['dtype']}: {b['status']} (rc {b['rc']}), log {b['log']}")
@@ -438,8 +533,8 @@ if note_lines:
         print(n)
 
 report = dict(gpu=gpu_info, bundle=bundle, work=work, elapsed_s=int(elapsed), budget_s=int(budget),
-              libraries=lib_rows, parity=parity, bench=bench, comparison=comparison, notes=note_lines,
-              parity_failed=parity_failed, bench_failed=bench_failed,
+              variants=variants, libraries=lib_rows, parity=parity, bench=bench, comparison=comparison,
+              notes=note_lines, parity_failed=parity_failed, bench_failed=bench_failed,
               memory_method="nvidia-smi memory.used polled every 100 ms during the command; "
                             "max minus the reading just before it; MiB converted to GB (1e9 bytes)")
 with open(json_out, "w") as f:

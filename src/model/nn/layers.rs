@@ -1,6 +1,9 @@
 //! The layers of the networks: norms (f32 statistics), linear and convolution (frozen in
 //! training, see [`super::frozen`]) and GELU.
 
+#[cfg(feature = "cudnn")]
+use super::conv_backward::InputGradientPath;
+use super::conv_backward::{input_gradient_path_for, ConvGradGeometry};
 use super::cpu_kernels::{FusedGroupNormCpu, ShiftedGemmConv2d};
 use super::differentiable;
 use super::frozen::{add_const, mul_const, with_input_gradient};
@@ -217,6 +220,10 @@ impl Module for Linear {
 pub struct Conv2d(pub(crate) candle_nn::Conv2d);
 
 impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: candle_nn::Conv2dConfig) -> Self {
+        Conv2d(candle_nn::Conv2d::new(weight, bias, cfg))
+    }
+
     fn frozen(&self) -> bool {
         !self.0.weight().track_op()
             && !self.0.bias().is_some_and(|b| b.track_op())
@@ -284,14 +291,33 @@ pub(crate) fn conv2d_forward(
 }
 
 /// The input gradient of `conv2d(x, kernel, cfg)` for the output gradient `g`, `x` being
-/// `in_h` x `in_w`.
+/// `in_h` x `in_w`: cuDNN's backward-data on CUDA builds with cuDNN (see
+/// [`super::conv_backward`]), else [`conv2d_input_gradient_composed`].
+pub fn conv2d_input_gradient(
+    g: &Tensor,
+    kernel: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+    in_h: usize,
+    in_w: usize,
+) -> Result<Tensor> {
+    match input_gradient_path_for(g, kernel, cfg) {
+        #[cfg(feature = "cudnn")]
+        InputGradientPath::CudnnBackwardData => {
+            let geometry = ConvGradGeometry::new(g.dims(), kernel.dims(), cfg, in_h, in_w)?;
+            super::conv_backward::backward_data(g, kernel, geometry)
+        }
+        _ => conv2d_input_gradient_composed(g, kernel, cfg, in_h, in_w),
+    }
+}
+
+/// The same input gradient from candle ops, on every device and dtype.
 ///
 /// That gradient is the transposed convolution of `g`, which candle runs as a direct loop on the
 /// CPU and a naive kernel on CUDA. Written instead as a forward convolution (the fast im2col +
 /// gemm / cuDNN path): insert `stride - 1` zeros between the gradient's rows and columns, pad by
 /// `k - 1 - padding` (plus the rows and columns the stride dropped on the far side), and
 /// convolve with the kernel flipped in space and with its channel axes swapped.
-pub fn conv2d_input_gradient(
+pub fn conv2d_input_gradient_composed(
     g: &Tensor,
     kernel: &Tensor,
     cfg: &candle_nn::Conv2dConfig,
@@ -325,7 +351,7 @@ fn unit_stride(padding: usize) -> candle_nn::Conv2dConfig {
 }
 
 /// The same gradient through candle's transposed convolution; for the cases the forward form
-/// does not cover (dilation, groups, padding of a kernel's size or more).
+/// does not cover (dilation, padding of a kernel's size or more).
 fn conv2d_input_gradient_transposed(
     g: &Tensor,
     kernel: &Tensor,
@@ -334,12 +360,10 @@ fn conv2d_input_gradient_transposed(
     in_w: usize,
 ) -> Result<Tensor> {
     // Output padding restores the rows and columns a stride dropped. One padding serves both
-    // axes, so take the larger and cut back.
-    let (_, _, k_h, k_w) = kernel.dims4()?;
-    let covered =
-        |n: usize, k: usize| (n - 1) * cfg.stride + cfg.dilation * (k - 1) + 1 - 2 * cfg.padding;
-    let pad_h = in_h - covered(g.dim(2)?, k_h);
-    let pad_w = in_w - covered(g.dim(3)?, k_w);
+    // axes, so take the larger and cut back. (candle's transposed convolution has no groups;
+    // the geometry refuses them.)
+    let (pad_h, pad_w) =
+        ConvGradGeometry::new(g.dims(), kernel.dims(), cfg, in_h, in_w)?.output_padding();
     g.conv_transpose2d(
         kernel,
         cfg.padding,

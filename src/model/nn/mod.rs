@@ -9,16 +9,22 @@
 //! One file per kind: [`layers`] (norms, linear, convolution, GELU), [`frozen`] (the
 //! input-only gradients of frozen layers and constant operands), [`attention`] (chunked for
 //! inference, recomputed for training), [`trainable`] (the backward of trained convolutions),
-//! [`cpu_kernels`] (fused CPU kernels, each tested against
+//! [`conv_backward`] (the frozen convolution's input gradient: sizes, dispatch, cuDNN's
+//! backward-data), [`cpu_kernels`] (fused CPU kernels, each tested against
 //! the composed candle ops).
 
 mod attention;
+mod conv_backward;
 mod cpu_kernels;
 mod frozen;
 mod layers;
 mod trainable;
 
 pub use attention::*;
+pub use conv_backward::{
+    conv_output_len, input_gradient_path, input_gradient_path_for, ConvGradError, ConvGradGeometry,
+    InputGradientPath,
+};
 pub use frozen::*;
 pub use layers::*;
 
