@@ -5,6 +5,8 @@
 #
 #   scripts/build-cuda.sh                       # sm_90 (H100/H200): target/cuda/pfstorer
 #   scripts/build-cuda.sh --cudnn               # with cuDNN 9: target/cuda/pfstorer-cudnn
+#   scripts/build-cuda.sh --nccl                # also the NCCL build for multi-GPU train-base:
+#       target/cuda/pfstorer-nccl
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # another GPU generation (A100: 80, L4/4090: 89)
 #   scripts/build-cuda.sh --bundle DIR          # both builds and the GPU-check bundle (see
 #       scripts/GPU.md): DIR/pfstorer, DIR/pfstorer-cudnn, DIR/tests/<parity test executables>,
@@ -89,11 +91,14 @@ make_stub nvrtc    libnvrtc    libnvrtc.so.13
 make_stub curand   libcurand   libcurand.so.10
 make_stub cublas   libcublas   libcublas.so.13
 make_stub cublaslt libcublasLt libcublasLt.so.13
+# NCCL (linked only by the --nccl build): cudarc's `nccl` feature binds the NCCL 2.30 API.
+make_stub nccl     libnccl     libnccl.so.2
 
 bundle=""
 pack=""
 with_libs=0
 cudnn=0
+nccl=0
 cargo_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -101,6 +106,7 @@ while [[ $# -gt 0 ]]; do
     --pack) pack="$2"; shift 2 ;;
     --with-libs) with_libs=1; shift ;;
     --cudnn) cudnn=1; shift ;;
+    --nccl) nccl=1; shift ;;
     *) cargo_args+=("$1"); shift ;;
   esac
 done
@@ -155,8 +161,11 @@ fi
 
 variants=(cuda)
 if [[ -n "$bundle" ]]; then variants=(cuda cudnn); elif [[ "$cudnn" == 1 ]]; then variants=(cudnn); fi
+# --nccl: data-parallel base training across processes (target/cuda/pfstorer-nccl); at run time
+# libnccl.so.2 >= 2.30 (the nvidia-nccl-cu13 wheel, or a system NCCL) on LD_LIBRARY_PATH.
+if [[ "$nccl" == 1 ]]; then variants+=(nccl); fi
 for features in "${variants[@]}"; do
-  suffix=""; [[ "$features" == cudnn ]] && suffix="-cudnn"
+  suffix=""; [[ "$features" == cudnn ]] && suffix="-cudnn"; [[ "$features" == nccl ]] && suffix="-nccl"
   cargo build --release --features "$features" --target-dir "$target_dir" "${cargo_args[@]}"
   cp "$target_dir/release/pfstorer" "$target_dir/pfstorer$suffix"
   echo "build-cuda: built $target_dir/pfstorer$suffix (CUDA 13.0, sm_$compute_cap${suffix:+, cuDNN $cudnn_version})" >&2
