@@ -168,7 +168,8 @@ for features in "${variants[@]}"; do
   suffix=""; [[ "$features" == cudnn ]] && suffix="-cudnn"; [[ "$features" == nccl ]] && suffix="-nccl"
   cargo build --release --features "$features" --target-dir "$target_dir" "${cargo_args[@]}"
   cp "$target_dir/release/pfstorer" "$target_dir/pfstorer$suffix"
-  echo "build-cuda: built $target_dir/pfstorer$suffix (CUDA 13.0, sm_$compute_cap${suffix:+, cuDNN $cudnn_version})" >&2
+  extra=""; [[ "$features" == cudnn ]] && extra=", cuDNN $cudnn_version"; [[ "$features" == nccl ]] && extra=", NCCL"
+  echo "build-cuda: built $target_dir/pfstorer$suffix (CUDA 13.0, sm_$compute_cap$extra)" >&2
   [[ -n "$bundle" ]] || continue
   mkdir -p "$bundle/tests$suffix"
   test_flags=()

@@ -19,7 +19,8 @@
 #     documented bf16 tolerance), `--test-threads 1`; at most --parity-budget seconds (150);
 # (b) pfstorer timings on the full-size architecture with random weights written once to
 #     $WORK (bench weights), per dtype and variant: bench unet, bench restore (512 px, 200 steps);
-#     bench train (512 px, 2 iterations) per variant in f32 only (the trainer's only precision);
+#     bench train (512 px, 2 iterations) per variant in f32 only (the trainer's only precision),
+#     bench train-base (512 px, batch 1, 2 steps) on the first variant;
 # (c) the same UNet forward and restore with the PyTorch reference (gpu_reference.py, needs
 #     STABLESR_ROOT = extracted IceClear/StableSR sources; skipped with a message otherwise), on
 #     the same weights and dtype;
@@ -326,6 +327,11 @@ for dt in "${dtype_list[@]}"; do
       run_step bench "$v" train f32 150 env LD_LIBRARY_PATH="$(variant_ld "$v")" "$(variant_bin "$v")" bench train \
         --base "$base_w" --size 512 --iters 2 --device cuda
     done
+    # Base training (train-base) at world size 1, batch 1, on the first variant: step time,
+    # images/s and GPU memory of the paper's Base Model trainer.
+    v="${variant_list[0]}"
+    run_step bench "$v" train-base f32 150 env LD_LIBRARY_PATH="$(variant_ld "$v")" "$(variant_bin "$v")" bench train-base \
+      --base "$base_w" --size 512 --batch-size 1 --iters 2 --device cuda
   fi
 done
 
@@ -435,10 +441,11 @@ MEASURES = [  # label, what, pfstorer field, pytorch field, show memory
     ("restore 512 px, 200 steps: sampling", "restore", "sample_s", "sample_s", False),
     ("train 512 px: median iteration", "train", "median_s", None, True),
     ("train 512 px: projected 500 iters", "train", "projected_500_s", None, False),
+    ("train-base 512 px, batch 1: median step", "train-base", "median_step_s", None, True),
 ]
 comparison = []
-order = list(dict.fromkeys(b["dtype"] for b in bench if b["what"] not in ("weights", "train")))
-order += [d for d in dict.fromkeys(b["dtype"] for b in bench if b["what"] == "train") if d not in order]
+order = list(dict.fromkeys(b["dtype"] for b in bench if b["what"] not in ("weights", "train", "train-base")))
+order += [d for d in dict.fromkeys(b["dtype"] for b in bench if b["what"] in ("train", "train-base")) if d not in order]
 for dtype in order:
     for label, what, pf_key, pt_key, mem in MEASURES:
         cells = {}

@@ -21,6 +21,7 @@ fn fake_pfstorer(unet_s: f64, restore_s: f64) -> String {
   unet) echo '{{"median_s": {unet_s}}}' ;;
   restore) echo '{{"total_s": {restore_s}, "sample_s": 25.0}}' ;;
   train) echo '{{"median_s": 4.0, "projected_500_s": 2000.0}}' ;;
+  train-base) echo '{{"median_step_s": 3.0, "images_per_s": 0.33}}' ;;
 esac"#
     )
 }
@@ -126,7 +127,9 @@ fn dry_run_plans_the_whole_matrix_without_a_gpu() {
         );
     }
     assert_eq!(count("bench", "cuda", "weights", "-"), 1);
-    assert!(stdout.contains("15 steps"), "{stdout}");
+    assert_eq!(count("bench", "cuda", "train-base", "f32"), 1, "train-base once");
+    assert_eq!(count("bench", "cudnn", "train-base", "f32"), 0);
+    assert!(stdout.contains("16 steps"), "{stdout}");
     // The cuDNN build runs its own binary; the restore asks for 200 steps.
     assert!(plan
         .iter()
