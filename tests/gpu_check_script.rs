@@ -127,7 +127,11 @@ fn dry_run_plans_the_whole_matrix_without_a_gpu() {
         );
     }
     assert_eq!(count("bench", "cuda", "weights", "-"), 1);
-    assert_eq!(count("bench", "cuda", "train-base", "f32"), 1, "train-base once");
+    assert_eq!(
+        count("bench", "cuda", "train-base", "f32"),
+        1,
+        "train-base once"
+    );
     assert_eq!(count("bench", "cudnn", "train-base", "f32"), 0);
     assert!(stdout.contains("16 steps"), "{stdout}");
     // The cuDNN build runs its own binary; the restore asks for 200 steps.
