@@ -251,6 +251,13 @@ pub fn check_output_location(path: &Path, force: bool) -> Result<()> {
     check_writable_dir(&parent_dir(path))
 }
 
+/// The resumable training checkpoint kept beside the output `out` (`<out>.checkpoint`).
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_os_string();
+    name.push(".checkpoint");
+    PathBuf::from(name)
+}
+
 /// The directory `path` would be written in (`.` for a bare name).
 pub fn parent_dir(path: &Path) -> PathBuf {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -18,13 +18,7 @@ use pfstorer::model::nn::{
 };
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    use rand::SeedableRng;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    common::seeded_randn(seed, shape)
 }
 
 /// `x` on the test device in the test dtype, and the same rounded values back on the CPU in f32

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Metadata key holding the training record (JSON) in both files.
 pub const TRAINING_KEY: &str = "pfstorer_base_training";
@@ -150,13 +150,6 @@ pub fn write_base_checkpoint(
             None => Ok(()),
         }
     })
-}
-
-/// The training checkpoint beside `out`.
-pub fn checkpoint_path(out: &Path) -> PathBuf {
-    let mut name = out.as_os_str().to_os_string();
-    name.push(".checkpoint");
-    PathBuf::from(name)
 }
 
 /// A saved training state.

@@ -250,7 +250,7 @@ pub fn prepare_sample(
         };
         let x0 = rng.gen_range(0..=scaled.width - size);
         let y0 = rng.gen_range(0..=scaled.height - size);
-        crop(&scaled, x0, y0, size)
+        scaled.crop_square(x0, y0, size)
     };
     let mut hq = if rng.gen_bool(0.5) { hflip(&hq) } else { hq };
     hq.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
@@ -261,16 +261,6 @@ pub fn prepare_sample(
         degrade_image(&hq, Preset::Heavy, seed)?.0
     };
     Ok(PreparedSample { hq, lq, rng })
-}
-
-fn crop(img: &ImageF32, x0: usize, y0: usize, side: usize) -> ImageF32 {
-    let c = img.channels;
-    let mut data = Vec::with_capacity(side * side * c);
-    for y in y0..y0 + side {
-        let row = (y * img.width + x0) * c;
-        data.extend_from_slice(&img.data[row..row + side * c]);
-    }
-    ImageF32::new(side, side, c, data)
 }
 
 fn hflip(img: &ImageF32) -> ImageF32 {
@@ -368,7 +358,7 @@ mod tests {
         let img = ImageF32::new(3, 2, 3, (0..18).map(|v| v as f32).collect());
         let f = hflip(&img);
         assert_eq!(&f.data[0..3], &img.data[6..9]);
-        let c = crop(&img, 1, 0, 2);
+        let c = img.crop_square(1, 0, 2);
         assert_eq!(&c.data[0..3], &img.data[3..6]);
         assert_eq!(&c.data[6..9], &img.data[12..15]);
     }

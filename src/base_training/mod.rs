@@ -13,14 +13,13 @@ pub mod parallel;
 pub mod step;
 pub mod trainable;
 
+use crate::diffusion::noise::standard_normal;
 use crate::error::{Error, Result};
 use crate::imaging::tensor::image_to_tensor;
 use crate::model::nn;
 use data::{epoch_order, prepare_sample, sample_rng, FaceDataset, SampleRecipe, Sharding};
 use parallel::Communicator;
-use rand::rngs::StdRng;
 use rand::Rng;
-use rand_distr::{Distribution, StandardNormal};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use step::{BaseTrainer, LatentBatch};
@@ -188,10 +187,10 @@ impl<'a> Run<'a> {
         let mut ts = Vec::new();
         for sample in prepared {
             let mut rng = sample.rng;
-            gt_noise.push(normal(&mut rng, &latent_dims, device)?);
-            lq_noise.push(normal(&mut rng, &latent_dims, device)?);
+            gt_noise.push(standard_normal(&mut rng, &latent_dims, device)?);
+            lq_noise.push(standard_normal(&mut rng, &latent_dims, device)?);
             ts.push(rng.gen_range(0..timesteps));
-            q_noise.push(normal(&mut rng, &latent_dims, device)?);
+            q_noise.push(standard_normal(&mut rng, &latent_dims, device)?);
         }
         let cat = |parts: &[candle_core::Tensor]| candle_core::Tensor::cat(parts, 0);
         Ok(LatentBatch {
@@ -245,14 +244,4 @@ fn prepare_at(
     };
     let rng = sample_rng(seed, epoch, position);
     Ok((prepare_sample(&image, recipe, rng)?, failures))
-}
-
-fn normal(
-    rng: &mut StdRng,
-    shape: &[usize],
-    device: &candle_core::Device,
-) -> Result<candle_core::Tensor> {
-    let count: usize = shape.iter().product();
-    let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(rng)).collect();
-    Ok(candle_core::Tensor::from_vec(values, shape, device)?)
 }

@@ -87,14 +87,9 @@ pub struct RestoreBench {
     pub run: RunArgs,
 }
 
+/// The model and device of the training benchmarks.
 #[derive(Debug, Args)]
-pub struct TrainBench {
-    /// Training resolution in pixels.
-    #[arg(long, default_value_t = 512)]
-    pub size: usize,
-    /// Timed iterations (after one untimed warm-up iteration).
-    #[arg(long, default_value_t = 2)]
-    pub iters: usize,
+pub struct TrainBenchModel {
     /// Diffusion checkpoint; default: seeded random weights of the released architecture.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -103,6 +98,18 @@ pub struct TrainBench {
     /// Where training runs (always in f32); auto: CUDA device 0 when usable, else the CPU.
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N", value_parser = device_request)]
     pub device: DeviceRequest,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainBench {
+    /// Training resolution in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Timed iterations (after one untimed warm-up iteration).
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    #[command(flatten)]
+    pub model: TrainBenchModel,
 }
 
 #[derive(Debug, Args)]
@@ -116,14 +123,8 @@ pub struct TrainBaseBench {
     /// Timed steps (after one untimed warm-up step).
     #[arg(long, default_value_t = 2)]
     pub iters: usize,
-    /// Diffusion checkpoint; default: seeded random weights of the released architecture.
-    #[arg(long)]
-    pub base: Option<PathBuf>,
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Where training runs (always in f32); auto: CUDA device 0 when usable, else the CPU.
-    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N", value_parser = device_request)]
-    pub device: DeviceRequest,
+    #[command(flatten)]
+    pub model: TrainBenchModel,
 }
 
 #[derive(Debug, Args)]
@@ -484,10 +485,15 @@ fn synthetic_face(size: usize, seed: u64) -> ImageF32 {
 fn bench_train(b: TrainBench) -> anyhow::Result<()> {
     // Training keeps everything in f32 (the trainer refuses half precision).
     let (device, _, line) =
-        crate::device::resolve(b.device, DtypeRequest::Auto, Workload::Training)?;
+        crate::device::resolve(b.model.device, DtypeRequest::Auto, Workload::Training)?;
     eprintln!("{line}");
     let t_load = Instant::now();
-    let base = load_base(&b.base, base_config(&b.config)?, DType::F32, &device)?;
+    let base = load_base(
+        &b.model.base,
+        base_config(&b.model.config)?,
+        DType::F32,
+        &device,
+    )?;
     let load_s = t_load.elapsed().as_secs_f64();
     let images: Vec<ImageF32> = (0..5).map(|k| synthetic_face(b.size, k)).collect();
     let t_prep = Instant::now();
@@ -514,7 +520,7 @@ fn bench_train(b: TrainBench) -> anyhow::Result<()> {
             "size": b.size,
             "device": device_label(&device),
             "dtype": "f32",
-            "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
+            "weights": b.model.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "load_s": load_s,
             "prepare_s": prepare_s,
             "iter_s": iter_s,
@@ -540,16 +546,20 @@ fn bench_train_base(b: TrainBaseBench) -> anyhow::Result<()> {
         .into());
     }
     let (device, _, line) =
-        crate::device::resolve(b.device, DtypeRequest::Auto, Workload::Training)?;
+        crate::device::resolve(b.model.device, DtypeRequest::Auto, Workload::Training)?;
     eprintln!("{line}");
     let t_load = Instant::now();
-    let checked = match &b.base {
+    let checked = match &b.model.base {
         Some(p) => CheckedWeights::from_store(Arc::new(TensorStore::open(p)?)),
         None => CheckedWeights::new(Source::Random(0)),
     };
     let weights = TrainableWeights::new(checked);
-    let (mut trainer, _) =
-        BaseTrainer::new(base_config(&b.config)?, &weights, &device, adamw(BASE_LR))?;
+    let (mut trainer, _) = BaseTrainer::new(
+        base_config(&b.model.config)?,
+        &weights,
+        &device,
+        adamw(BASE_LR),
+    )?;
     let load_s = t_load.elapsed().as_secs_f64();
     let trained: usize = trainer.vars().iter().map(|(_, v)| v.elem_count()).sum();
     // The data pipeline reads files: synthetic faces in a scratch folder.
@@ -609,7 +619,7 @@ fn bench_train_base(b: TrainBaseBench) -> anyhow::Result<()> {
             "batch_size": b.batch_size,
             "device": crate::device::device_label(&device),
             "dtype": "f32",
-            "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
+            "weights": b.model.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "trained_parameters": trained,
             "load_s": load_s,
             "step_s": step_s,

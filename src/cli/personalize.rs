@@ -144,12 +144,6 @@ fn check_resumable(
     Ok(done)
 }
 
-fn checkpoint_path(out: &std::path::Path) -> PathBuf {
-    let mut name = out.as_os_str().to_os_string();
-    name.push(".checkpoint");
-    PathBuf::from(name)
-}
-
 pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
     identity::validate_name(&args.id)?;
     let out = match &args.out {
@@ -234,7 +228,7 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         }),
     };
 
-    let checkpoint = checkpoint_path(&out);
+    let checkpoint = crate::fsutil::checkpoint_path(&out);
     if args.resume {
         if !checkpoint.is_file() {
             return Err(Error::Input(format!(

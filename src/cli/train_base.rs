@@ -3,7 +3,7 @@
 use super::batch::progress_bar;
 use super::model_args::{device_request, dtype_request};
 use crate::base_training::checkpoint::{
-    checkpoint_path, load_state, save_state, write_base_checkpoint, TrainingState, TRAINING_KEY,
+    load_state, save_state, write_base_checkpoint, TrainingState, TRAINING_KEY,
 };
 use crate::base_training::data::{FaceDataset, SampleRecipe, Sharding};
 use crate::base_training::parallel::{Communicator, LaunchEnv, SingleProcess};
@@ -193,7 +193,7 @@ pub fn run(args: TrainBaseArgs) -> anyhow::Result<()> {
     check_args(&args)?;
     let env = LaunchEnv::from_process()?;
     let leader = env.rank == 0;
-    let checkpoint = checkpoint_path(&args.out);
+    let checkpoint = crate::fsutil::checkpoint_path(&args.out);
     // Where the results go is checked before any compute (rank 0 writes them).
     if leader {
         if let Some(init) = &args.init {

@@ -33,12 +33,18 @@ impl SeededNoise {
 
 impl NoiseSource for SeededNoise {
     fn next(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let count: usize = shape.iter().product();
-        let values: Vec<f32> = (0..count)
-            .map(|_| self.rng.sample::<f32, _>(StandardNormal))
-            .collect();
-        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
+        standard_normal(&mut self.rng, shape, device)
     }
+}
+
+/// A standard-normal f32 tensor of `shape` drawn from `rng` on the CPU (the same numbers on
+/// every machine), then moved to `device`.
+pub fn standard_normal(rng: &mut StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let count: usize = shape.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect();
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?)
 }
 
 /// Replays previously recorded draws in order (e.g. the `noise.NNN` tensors of a fixture).

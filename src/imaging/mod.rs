@@ -31,6 +31,17 @@ impl ImageF32 {
         }
     }
 
+    /// The `side` x `side` square whose top-left pixel is `(x0, y0)` (must lie inside).
+    pub fn crop_square(&self, x0: usize, y0: usize, side: usize) -> Self {
+        let c = self.channels;
+        let mut data = Vec::with_capacity(side * side * c);
+        for y in y0..y0 + side {
+            let row = (y * self.width + x0) * c;
+            data.extend_from_slice(&self.data[row..row + side * c]);
+        }
+        Self::new(side, side, c, data)
+    }
+
     pub fn zeros(width: usize, height: usize, channels: usize) -> Self {
         Self::new(
             width,

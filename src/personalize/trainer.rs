@@ -7,6 +7,7 @@ use super::token::{init_embedding, PromptTokens};
 use super::{host_specs, HostSpec, LAMBDA_GEN, LAMBDA_PERS, LR_GAMMA, LR_ICA, LR_TOKEN, P_HQ};
 use super::{INIT_WORD, WEIGHT_DECAY};
 use crate::degrade::{degrade_image, Preset};
+use crate::diffusion::noise::standard_normal;
 use crate::error::{Error, Result};
 use crate::imaging::resize::{resize_torch, TorchInterp};
 use crate::imaging::tensor::image_to_tensor;
@@ -21,7 +22,6 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal};
 use std::collections::{BTreeMap, HashMap};
 
 /// Names of the three optimizer groups, as stored in checkpoints (`optim.<group>.<var>.m|v`).
@@ -31,13 +31,7 @@ pub const OPTIMIZER_GROUPS: [&str; 3] = ["ica", "gamma", "token"];
 pub fn centre_crop_resize(img: &ImageF32, size: usize) -> Result<ImageF32> {
     let side = img.width.min(img.height);
     let (x0, y0) = ((img.width - side) / 2, (img.height - side) / 2);
-    let c = img.channels;
-    let mut data = Vec::with_capacity(side * side * c);
-    for y in y0..y0 + side {
-        let row = (y * img.width + x0) * c;
-        data.extend_from_slice(&img.data[row..row + side * c]);
-    }
-    let crop = ImageF32::new(side, side, c, data);
+    let crop = img.crop_square(x0, y0, side);
     let mut out = if side == size {
         crop
     } else {
@@ -45,12 +39,6 @@ pub fn centre_crop_resize(img: &ImageF32, size: usize) -> Result<ImageF32> {
     };
     out.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
     Ok(out)
-}
-
-fn normal(rng: &mut StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let count: usize = shape.iter().product();
-    let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(rng)).collect();
-    Ok(Tensor::from_vec(values, shape, device)?)
 }
 
 /// A reference image ready for training: its HQ at the model size, the HQ posterior and the
@@ -328,7 +316,7 @@ impl<'a> Trainer<'a> {
         let latent_shape = hq.posterior.mean.dims().to_vec();
         let z0 = (hq
             .posterior
-            .sample(&normal(&mut self.rng, &latent_shape, device)?)?
+            .sample(&standard_normal(&mut self.rng, &latent_shape, device)?)?
             * scale)?;
         let lq_image = if self.rng.gen_bool(self.config.p_hq) {
             hq.hq.clone()
@@ -337,8 +325,10 @@ impl<'a> Trainer<'a> {
             degrade_image(&hq.hq, Preset::Heavy, seed)?.0
         };
         let lq_posterior = self.base.vae.encode(&image_to_tensor(&lq_image, device)?)?;
-        let z_lq = (lq_posterior.sample(&normal(&mut self.rng, &latent_shape, device)?)? * scale)?;
-        let noise = normal(&mut self.rng, &latent_shape, device)?;
+        let z_lq =
+            (lq_posterior.sample(&standard_normal(&mut self.rng, &latent_shape, device)?)?
+                * scale)?;
+        let noise = standard_normal(&mut self.rng, &latent_shape, device)?;
         Ok(TrainingSample {
             target,
             reference,
