@@ -287,7 +287,9 @@ def parse_args():
                     help="plain: model.sample (encoder on the batch-1 LQ latent, UNet on the CFG batch "
                          "of 2); canvas: model.sample_canvas as the tile script (encoder on the CFG batch)")
     ap.add_argument("--runs", type=int, default=3, help="timed unet runs after one warm-up")
-    ap.add_argument("--what", default="unet,restore", help="comma list of: unet, restore")
+    ap.add_argument("--what", default="unet,restore",
+                    help="comma list of: unet, restore, codec (VAE encode, CFW encoder features and "
+                         "CFW decode of a --size image, --runs times each after a warm-up)")
     ap.add_argument("--seed", type=int, default=42, help="seed of inputs and sampling noise")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--save-weights", help="write the diffusion model's weights (after loading) here")
@@ -295,7 +297,7 @@ def parse_args():
                                        "the CFW model is only built with --what restore")
     a = ap.parse_args()
     a.what = [w.strip() for w in a.what.split(",") if w.strip()]
-    bad = [w for w in a.what if w not in ("unet", "restore")]
+    bad = [w for w in a.what if w not in ("unet", "restore", "codec")]
     if bad:
         ap.error(f"--what: unknown measurement(s) {bad}")
     if a.steps < 2:
@@ -433,6 +435,7 @@ def build(args, run, root):
     cfg = OmegaConf.load(os.path.join(root, FACE_CONFIG))
     params = cfg.model.params
     restoring = "restore" in args.what
+    needs_cfw = restoring or "codec" in args.what
     text_ok, text_desc = text_encoder_usable() if restoring else (False, "not needed: random contexts")
     if text_ok:
         # Random (or file) weights instead of downloading LAION's; tokens go to our device.
@@ -451,7 +454,7 @@ def build(args, run, root):
         info["weights"] = load_checked(model, args.weights, "diffusion")
 
     vq = None
-    if restoring:
+    if needs_cfw:
         vcfg = OmegaConf.load(os.path.join(root, CFW_CONFIG))
         # The training loss (LPIPS + discriminator) is not part of inference.
         vcfg.model.params.lossconfig = {"target": "torch.nn.Identity"}
@@ -521,6 +524,37 @@ def bench_unet(args, run, model):
     return {"what": "unet", "desc": "pytorch reference: time-aware encoder (batch 1) + UNet forward, CFG batch 2",
             "latent": L, "median_s": statistics.median(times), "runs_s": times,
             "out_mean_abs": float(out.float().abs().mean()), **run.peak()}
+
+
+def bench_codec(args, run, model, vq):
+    """The restore's three codec stages on their own, as pfstorer's `bench codec`."""
+    torch = run.torch
+    S = args.size
+    g = torch.Generator().manual_seed(args.seed)
+    image = (torch.rand(1, 3, S, S, generator=g) * 2 - 1).to(run.device)
+    run.reset_peak()
+    times = {"vae_encode": [], "cfw_encode": [], "cfw_decode": []}
+    with torch.no_grad(), run.amp():
+        for i in range(args.runs + 1):
+            run.sync()
+            t0 = time.perf_counter()
+            latent = model.get_first_stage_encoding(model.encode_first_stage(image))
+            run.sync()
+            t1 = time.perf_counter()
+            _, enc_fea = vq.encode(image)
+            run.sync()
+            t2 = time.perf_counter()
+            out = vq.decode(latent * 1.0 / model.scale_factor, enc_fea)
+            run.sync()
+            t3 = time.perf_counter()
+            if i:
+                times["vae_encode"].append(t1 - t0)
+                times["cfw_encode"].append(t2 - t1)
+                times["cfw_decode"].append(t3 - t2)
+    assert out.shape == (1, 3, S, S), out.shape
+    return {"what": "codec", "desc": "pytorch reference: VAE encode, CFW encoder features, CFW decode",
+            "size": S, "dec_w": args.dec_w, "runs_s": times,
+            **{f"{k}_s": statistics.median(v) for k, v in times.items()}, **run.peak()}
 
 
 def bench_restore(args, run, model, vq, schedule, text_ok):
@@ -621,6 +655,8 @@ def main():
             if what == "unet":
                 rec = bench_unet(args, run, model)
                 rec["text_encoder"] = f"not used: random [2, 77, {model.context_dim}] context"
+            elif what == "codec":
+                rec = bench_codec(args, run, model, vq)
             else:
                 rec = bench_restore(args, run, model, vq, schedule, text_ok)
             emit({**common, **rec})

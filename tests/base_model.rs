@@ -5,7 +5,8 @@ mod common;
 
 use candle_core::{DType, Device};
 use pfstorer::config::{BaseModelConfig, CfwConfig};
-use pfstorer::model::base::{BaseModel, CfwModel};
+use pfstorer::model::base::{BaseModel, CfwModel, Residency};
+use pfstorer::model::unet::UNetInputs;
 use pfstorer::weights::CheckedWeights;
 use pfstorer::Error;
 
@@ -222,4 +223,118 @@ fn default_config_is_the_released_face_model() {
     assert_eq!(cfg.text.layers, 24);
     assert_eq!(cfg.lq_encoder.channel_mult, vec![1, 1, 2, 2]);
     assert!(cfg.diffusion.parameterization_v);
+}
+
+/// The same tokens through every residency's text encoder, and the same UNet call through every
+/// residency's UNet.
+#[test]
+fn residencies_hold_what_they_name_and_check_the_rest() {
+    let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
+    let path = common::fixture("stablesr/model.safetensors");
+    let load = |residency| {
+        let (model, unused) =
+            BaseModel::load_with(&path, cfg.clone(), DType::F32, &Device::Cpu, residency).unwrap();
+        assert_eq!(unused, None, "{residency:?}: every tensor is accounted for");
+        model
+    };
+    let full = load(Residency::Full);
+    let text_only = load(Residency::TextOnly);
+    let sampling = load(Residency::WithoutText);
+
+    let tokens = full.tokenizer.encode("a photo of a person").unwrap();
+    let tokens = candle_core::Tensor::new(tokens.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let context = full.text_encoder().unwrap().forward(&tokens).unwrap();
+    let context_text_only = text_only.text_encoder().unwrap().forward(&tokens).unwrap();
+    assert_eq!(common::max_abs_diff(&context, &context_text_only), 0.0);
+    assert!(common::max_abs(&context) > 0.0);
+    let err = sampling.text_encoder().err().unwrap().to_string();
+    assert!(err.contains("not in memory"), "{err}");
+
+    // The sampling networks: real in Full and WithoutText, refused in TextOnly.
+    assert!(full.require_networks().is_ok() && sampling.require_networks().is_ok());
+    let err = text_only.require_networks().unwrap_err().to_string();
+    assert!(err.contains("text-only"), "{err}");
+    let latent = cfg.diffusion.image_size / cfg.vae.downsample_factor();
+    let x = common::seeded_randn(3, &[1, cfg.unet.in_channels, latent, latent]);
+    let t = candle_core::Tensor::new(&[500f32], &Device::Cpu).unwrap();
+    let context = context.broadcast_as((1, 77, cfg.unet.context_dim)).unwrap();
+    let run = |model: &BaseModel| {
+        let cond = model.lq_encoder.forward(&x, &t).unwrap();
+        let inputs = UNetInputs {
+            timesteps: &t,
+            context: &context,
+            struct_cond: Some(&cond),
+        };
+        model.unet.forward(&x, &inputs).unwrap()
+    };
+    let out_full = run(&full);
+    assert_eq!(common::max_abs_diff(&out_full, &run(&sampling)), 0.0);
+    assert!(common::max_abs(&out_full) > 0.0);
+
+    // No residency holds the VAE decoder; the VAE encoder is held with the sampling networks.
+    let image = common::seeded_randn(
+        4,
+        &[1, 3, cfg.diffusion.image_size, cfg.diffusion.image_size],
+    );
+    let z = full.vae.encode(&image).unwrap().mean;
+    assert_eq!(
+        common::max_abs_diff(&z, &sampling.vae.encode(&image).unwrap().mean),
+        0.0
+    );
+    let err = full.vae.decode(&z).unwrap_err().to_string();
+    assert!(err.contains("without its decoder"), "{err}");
+
+    // What a residency does not hold is still checked against the file.
+    let mut wider = cfg.clone();
+    wider.unet.model_channels *= 2;
+    for residency in [Residency::TextOnly, Residency::WithoutText] {
+        let msg = BaseModel::load_with(&path, wider.clone(), DType::F32, &Device::Cpu, residency)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("with the wrong shape"), "{residency:?}: {msg}");
+        assert!(
+            msg.contains("model.diffusion_model."),
+            "{residency:?}: {msg}"
+        );
+    }
+    // The never-held VAE decoder too: a checkpoint without one of its tensors is refused.
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let dropped = "first_stage_model.decoder.conv_out.weight";
+    assert!(tensors.remove(dropped).is_some());
+    let dir = tmp_dir("residency");
+    let incomplete = dir.join("no-decoder-conv-out.safetensors");
+    candle_core::safetensors::save(&tensors, &incomplete).unwrap();
+    for residency in [Residency::Full, Residency::TextOnly, Residency::WithoutText] {
+        let msg = BaseModel::load_with(
+            &incomplete,
+            cfg.clone(),
+            DType::F32,
+            &Device::Cpu,
+            residency,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            msg.contains(&format!("1 missing: {dropped}")),
+            "{residency:?}: {msg}"
+        );
+    }
+    let mut wider_text = cfg.clone();
+    wider_text.text.width *= 2;
+    let msg = BaseModel::load_with(
+        &path,
+        wider_text,
+        DType::F32,
+        &Device::Cpu,
+        Residency::WithoutText,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(msg.contains("cond_stage_model.model."), "{msg}");
 }

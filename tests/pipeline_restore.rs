@@ -190,7 +190,10 @@ fn released_text_encoder_is_a_clear_error_and_contexts_survive_it() {
     let err = Restorer::text_context(&base, "a photo")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("text encoder was released"), "{err}");
+    assert!(
+        err.contains("released after the prompts were encoded"),
+        "{err}"
+    );
     // The contexts computed before stay usable (they own their storage).
     assert_eq!(cond.dims()[0], 1);
     assert!(cond

@@ -14,9 +14,10 @@ use crate::config::{BaseModelConfig, CfwConfig};
 use crate::device::{device_label, dtype_name, DeviceRequest, DtypeRequest, Workload};
 use crate::diffusion::schedule::Schedule;
 use crate::imaging::ImageF32;
-use crate::model::base::{BaseModel, CfwModel};
+use crate::model::base::{BaseModel, CfwModel, Residency, VAE_PREFIX};
 use crate::model::lq_encoder::LqEncoder;
 use crate::model::unet::{UNet, UNetInputs};
+use crate::model::vae::AutoencoderKL;
 use crate::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
 use crate::restore::{
     RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
@@ -43,6 +44,8 @@ pub enum BenchWhat {
     Weights(WeightsBench),
     /// One whole restore of a square synthetic image (encode, sampling loop, CFW decode).
     Restore(RestoreBench),
+    /// VAE encode of an image, CFW encoder features and CFW fused decode, each over several runs.
+    Codec(CodecBench),
     /// Personalization training iterations on synthetic references.
     Train(TrainBench),
     /// Base-model training steps (train-base) on synthetic faces.
@@ -76,6 +79,29 @@ pub struct RestoreBench {
     #[arg(long, value_name = "N")]
     pub tile_batch: Option<usize>,
     /// Diffusion checkpoint; default: seeded random weights of the released architecture.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// CFW checkpoint; default: seeded random weights.
+    #[arg(long)]
+    pub cfw: Option<PathBuf>,
+    #[command(flatten)]
+    pub arch: ArchArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CodecBench {
+    /// Image side in pixels (square).
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Timed runs of each stage after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// CFW fusion weight (`--dec-w`).
+    #[arg(long, default_value_t = 0.5)]
+    pub dec_w: f64,
+    /// Diffusion checkpoint (only its VAE encoder is read); default: seeded random weights.
     #[arg(long)]
     pub base: Option<PathBuf>,
     /// CFW checkpoint; default: seeded random weights.
@@ -150,6 +176,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Unet(b) => bench_unet(b),
         BenchWhat::Weights(b) => bench_weights(b),
         BenchWhat::Restore(b) => bench_restore(b),
+        BenchWhat::Codec(b) => bench_codec(b),
         BenchWhat::Train(b) => bench_train(b),
         BenchWhat::TrainBase(b) => bench_train_base(b),
     }
@@ -234,12 +261,13 @@ fn load_base(
     cfg: BaseModelConfig,
     dtype: DType,
     device: &Device,
+    residency: Residency,
 ) -> anyhow::Result<BaseModel> {
     Ok(match path {
-        Some(p) => BaseModel::load(p, cfg, dtype, device)?.0,
+        Some(p) => BaseModel::load_with(p, cfg, dtype, device, residency)?.0,
         None => {
             let weights = CheckedWeights::new(Source::Random(0));
-            BaseModel::from_weights(cfg, &weights, dtype, device)?.0
+            BaseModel::from_weights_with(cfg, &weights, dtype, device, residency)?.0
         }
     })
 }
@@ -346,8 +374,26 @@ fn write_random(
 
 fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     let (device, dtype) = b.run.device_dtype()?;
+    // As `pfstorer restore`: the prompts' contexts from the text encoder alone, then the
+    // sampling networks without it.
     let t_load = Instant::now();
-    let mut base = load_base(&b.base, b.arch.base_config()?, dtype, &device)?;
+    let base_cfg = b.arch.base_config()?;
+    let text_model = load_base(
+        &b.base,
+        base_cfg.clone(),
+        dtype,
+        &device,
+        Residency::TextOnly,
+    )?;
+    let mut load_s = t_load.elapsed().as_secs_f64();
+    let prompt = DEFAULT_PROMPT.replace('*', BASE_SUBJECT);
+    let t_text = Instant::now();
+    let cond = Restorer::text_context(&text_model, &prompt)?;
+    let uncond = Restorer::text_context(&text_model, DEFAULT_NEGATIVE_PROMPT)?;
+    let text_s = t_text.elapsed().as_secs_f64();
+    drop(text_model);
+    let t_load = Instant::now();
+    let base = load_base(&b.base, base_cfg, dtype, &device, Residency::WithoutText)?;
     let cfw_cfg = b.arch.cfw_config()?;
     // As `pfstorer restore`: the CFW autoencoder in f32.
     let cfw = match &b.cfw {
@@ -357,7 +403,7 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             CfwModel::from_weights(cfw_cfg, &weights, DType::F32, &device)?.0
         }
     };
-    let load_s = t_load.elapsed().as_secs_f64();
+    load_s += t_load.elapsed().as_secs_f64();
 
     let settings = RestoreSettings {
         steps: b.steps,
@@ -365,15 +411,10 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
         tile_batch: b.tile_batch,
         ..RestoreSettings::default()
     };
-    let prompt = DEFAULT_PROMPT.replace('*', BASE_SUBJECT);
     let image = synthetic_face(b.size, 7);
-    let stages = time_codec_stages(&base, &cfw, &image, settings.dec_w)?;
+    let lq = crate::imaging::tensor::image_to_tensor(&image, &device)?;
+    let stages = time_codec_stages(&base.vae, base.dtype, &cfw, &lq, settings.dec_w)?;
     let t_total = Instant::now();
-    let t_text = Instant::now();
-    let cond = Restorer::text_context(&base, &prompt)?;
-    let uncond = Restorer::text_context(&base, DEFAULT_NEGATIVE_PROMPT)?;
-    let text_s = t_text.elapsed().as_secs_f64();
-    base.release_text_encoder(); // as `pfstorer restore`
     let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
     let (_, work) = restorer.work(image.width, image.height, TargetSize::Scale(1.0))?;
     eprintln!("work: {work}");
@@ -388,7 +429,8 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             last_step = now;
         }
     })?;
-    let total_s = t_total.elapsed().as_secs_f64();
+    // The prompts' encoding counts as in the reference's timing.
+    let total_s = t_total.elapsed().as_secs_f64() + text_s;
     let sample_s = sampling_started.map(|start| (last_step - start).as_secs_f64());
     println!(
         "{}",
@@ -416,6 +458,67 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench_codec(b: CodecBench) -> anyhow::Result<()> {
+    let (device, dtype) = b.run.device_dtype()?;
+    let base_cfg = b.arch.base_config()?;
+    let weights = match &b.base {
+        Some(path) => CheckedWeights::from_store(Arc::new(TensorStore::open(path)?)),
+        None => CheckedWeights::new(Source::Random(0)),
+    };
+    let t_load = Instant::now();
+    let vae = AutoencoderKL::without_decoder(
+        &base_cfg.vae,
+        weights.var_builder(dtype, &device).pp(VAE_PREFIX),
+        weights
+            .check_only()
+            .var_builder(dtype, &device)
+            .pp(VAE_PREFIX),
+    )?;
+    weights.finish(&[&format!("{VAE_PREFIX}.")])?;
+    let cfw_cfg = b.arch.cfw_config()?;
+    // As `pfstorer restore`: the CFW autoencoder in f32.
+    let cfw = match &b.cfw {
+        Some(p) => CfwModel::load(p, cfw_cfg, DType::F32, &device)?.0,
+        None => {
+            let weights = CheckedWeights::new(Source::Random(0));
+            CfwModel::from_weights(cfw_cfg, &weights, DType::F32, &device)?.0
+        }
+    };
+    let load_s = t_load.elapsed().as_secs_f64();
+    let image = synthetic_face(b.size, 7);
+    let lq = crate::imaging::tensor::image_to_tensor(&image, &device)?;
+    let (mut encode, mut features_s, mut decode) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..=b.runs {
+        let stages = time_codec_stages(&vae, dtype, &cfw, &lq, b.dec_w)?;
+        if run > 0 {
+            encode.push(stages.vae_encode_s);
+            features_s.push(stages.cfw_encode_s);
+            decode.push(stages.cfw_decode_s);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "what": "pfstorer: VAE encode, CFW encoder features, CFW fused decode",
+            "size": b.size,
+            "dec_w": b.dec_w,
+            "device": device_label(&device),
+            "dtype": dtype_name(dtype),
+            "load_s": load_s,
+            "vae_encode_s": median(&mut encode),
+            "cfw_encode_s": median(&mut features_s),
+            "cfw_decode_s": median(&mut decode),
+            "runs_s": {"vae_encode": encode, "cfw_encode": features_s, "cfw_decode": decode},
+            "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
+        })
+    );
+    Ok(())
+}
+
 /// Seconds of the codec stages of one restore, each timed once on its own.
 struct CodecStages {
     vae_encode_s: f64,
@@ -426,14 +529,14 @@ struct CodecStages {
 /// Times what the reference script times separately: the diffusion VAE's encode of the image,
 /// and the CFW autoencoder's encoder features and fused decode of that latent.
 fn time_codec_stages(
-    base: &BaseModel,
+    vae: &AutoencoderKL,
+    dtype: DType,
     cfw: &CfwModel,
-    image: &ImageF32,
+    lq: &Tensor,
     dec_w: f64,
 ) -> anyhow::Result<CodecStages> {
-    let lq = crate::imaging::tensor::image_to_tensor(image, &base.device)?;
     let t = Instant::now();
-    let latent = base.vae.encode(&lq.to_dtype(base.dtype)?)?.mean;
+    let latent = vae.encode(&lq.to_dtype(dtype)?)?.mean;
     latent.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     let vae_encode_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -493,6 +596,7 @@ fn bench_train(b: TrainBench) -> anyhow::Result<()> {
         base_config(&b.model.config)?,
         DType::F32,
         &device,
+        Residency::Full,
     )?;
     let load_s = t_load.elapsed().as_secs_f64();
     let images: Vec<ImageF32> = (0..5).map(|k| synthetic_face(b.size, k)).collect();

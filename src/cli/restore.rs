@@ -5,7 +5,7 @@ use super::model_args::ModelArgs;
 use crate::imaging::colorfix::ColorFix;
 use crate::imaging::io::{load_image_within, save_png, LoadedImage};
 use crate::imaging::ImageF32;
-use crate::model::base::{BaseModel, CfwModel};
+use crate::model::base::{BaseModel, CfwModel, Residency};
 use crate::personalize::identity::{base_fingerprint_cached, Identity};
 use crate::restore::{
     check_native_size, Personalization, RestoreSettings, Restorer, TargetSize, BASE_SUBJECT,
@@ -260,7 +260,51 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         crate::device::device_label(&device),
         crate::device::dtype_name(dtype)
     );
-    let (mut base, unused) = BaseModel::load(&base_path, base_config, dtype, &device)?;
+    // First the text encoder alone: every prompt context (and the identity's) is computed
+    // before the sampling networks are read, so its ~1.4 GB of weights and the UNet's ~3.7 GB
+    // are never in memory together (the freed memory then holds the UNet).
+    let (text_model, _) = BaseModel::load_with(
+        &base_path,
+        base_config.clone(),
+        dtype,
+        &device,
+        Residency::TextOnly,
+    )?;
+    // With an identity `*` is its learned token; without one it becomes "person".
+    let prompt = match identity {
+        Some(_) => args.prompt.clone(),
+        None => args.prompt.replace('*', BASE_SUBJECT),
+    };
+    let cond = Restorer::text_context(&text_model, &prompt)?;
+    let uncond = Restorer::text_context(&text_model, &args.negative_prompt)?;
+    let max_input_pixels = settings.max_pixels;
+    let mut identity_line = "none (base model)".to_string();
+    let mut personalization = None;
+    if let (Some(identity), Some(fingerprint)) = (&identity, &fingerprint) {
+        let mut prepared = Personalization::new(
+            identity,
+            &text_model,
+            fingerprint,
+            &prompt,
+            &args.negative_prompt,
+            args.id_strength,
+        )?;
+        if args.id_ref != 0 {
+            prepared
+                .use_reference(identity, &text_model, args.id_ref)
+                .with_context(|| format!("--id-ref {}", args.id_ref))?;
+        }
+        identity_line = format!("{} (base {fingerprint})", prepared.name);
+        personalization = Some(prepared);
+    }
+    drop(text_model);
+    let (base, unused) = BaseModel::load_with(
+        &base_path,
+        base_config,
+        dtype,
+        &device,
+        Residency::WithoutText,
+    )?;
     if let Some(line) = unused {
         eprintln!("note: {}: {line}", base_path.display());
     }
@@ -270,37 +314,6 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     if let Some(line) = unused {
         eprintln!("note: {}: {line}", cfw_path.display());
     }
-
-    // With an identity `*` is its learned token; without one it becomes "person".
-    let prompt = match identity {
-        Some(_) => args.prompt.clone(),
-        None => args.prompt.replace('*', BASE_SUBJECT),
-    };
-    let cond = Restorer::text_context(&base, &prompt)?;
-    let uncond = Restorer::text_context(&base, &args.negative_prompt)?;
-    let max_input_pixels = settings.max_pixels;
-    let mut identity_line = "none (base model)".to_string();
-    let mut personalization = None;
-    if let (Some(identity), Some(fingerprint)) = (&identity, &fingerprint) {
-        let mut prepared = Personalization::new(
-            identity,
-            &base,
-            fingerprint,
-            &prompt,
-            &args.negative_prompt,
-            args.id_strength,
-        )?;
-        if args.id_ref != 0 {
-            prepared
-                .use_reference(identity, &base, args.id_ref)
-                .with_context(|| format!("--id-ref {}", args.id_ref))?;
-        }
-        identity_line = format!("{} (base {fingerprint})", prepared.name);
-        personalization = Some(prepared);
-    }
-    // Every context is computed: the text encoder's weights (~1.4 GB in f32) are not needed
-    // while sampling.
-    base.release_text_encoder();
     let mut restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
     if let Some(personalization) = personalization {
         restorer = restorer.with_personalization(personalization)?;

@@ -37,8 +37,25 @@ pub const SCHEDULE_BUFFERS: [&str; 12] = [
     "posterior_mean_coef2",
 ];
 
+/// Which networks of the diffusion checkpoint a [`BaseModel`] holds. Whatever it does not hold is
+/// still checked against the file (every name, shape and dtype) but never read. The VAE decoder
+/// is never held: restoring writes pixels through the CFW decoder, training works on latents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residency {
+    /// UNet, time-aware encoder, VAE encoder and text encoder (training, personalization).
+    Full,
+    /// Everything but the text encoder: sampling, once the prompts' contexts are computed.
+    WithoutText,
+    /// The text encoder alone, to compute prompt contexts before the rest is loaded (so its
+    /// ~1.4 GB and the UNet's ~3.7 GB are never in memory together). The other networks are
+    /// zero placeholders: [`BaseModel::require_networks`] refuses to run them.
+    TextOnly,
+}
+
 pub struct BaseModel {
     pub config: BaseModelConfig,
+    /// What this model holds (see [`Residency`]).
+    pub residency: Residency,
     pub unet: UNet,
     pub lq_encoder: LqEncoder,
     /// `None` once released: a restore needs it only for its prompts' contexts, and it holds
@@ -62,7 +79,23 @@ impl BaseModel {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, UnusedSummary)> {
-        Self::from_var_builder(config, weights.var_builder(dtype, device), weights)
+        Self::from_weights_with(config, weights, dtype, device, Residency::Full)
+    }
+
+    /// [`BaseModel::from_weights`] holding only the networks `residency` names.
+    pub fn from_weights_with(
+        config: BaseModelConfig,
+        weights: &CheckedWeights,
+        dtype: DType,
+        device: &Device,
+        residency: Residency,
+    ) -> Result<(Self, UnusedSummary)> {
+        Self::from_var_builder_with(
+            config,
+            weights.var_builder(dtype, device),
+            weights,
+            residency,
+        )
     }
 
     /// Builds every network from `vb`, whose tensors come from `weights` (directly, or through
@@ -72,13 +105,32 @@ impl BaseModel {
         vb: candle_nn::VarBuilder<'static>,
         weights: &CheckedWeights,
     ) -> Result<(Self, UnusedSummary)> {
+        Self::from_var_builder_with(config, vb, weights, Residency::Full)
+    }
+
+    fn from_var_builder_with(
+        config: BaseModelConfig,
+        vb: candle_nn::VarBuilder<'static>,
+        weights: &CheckedWeights,
+        residency: Residency,
+    ) -> Result<(Self, UnusedSummary)> {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
-        let unet = UNet::new(&config.unet, vb.pp(UNET_PREFIX))?;
-        let lq_encoder = LqEncoder::new(&config.lq_encoder, vb.pp(LQ_ENCODER_PREFIX))?;
-        let text_encoder = TextEncoder::new(&config.text, vb.pp(TEXT_PREFIX))?;
-        let vae = AutoencoderKL::new(&config.vae, vb.pp(VAE_PREFIX))?;
+        let check_vb = weights.check_only().var_builder(dtype, &device);
+        let (text_vb, rest_vb) = match residency {
+            Residency::Full => (vb.clone(), vb),
+            Residency::WithoutText => (check_vb.clone(), vb),
+            Residency::TextOnly => (vb, check_vb.clone()),
+        };
+        let unet = UNet::new(&config.unet, rest_vb.pp(UNET_PREFIX))?;
+        let lq_encoder = LqEncoder::new(&config.lq_encoder, rest_vb.pp(LQ_ENCODER_PREFIX))?;
+        let text_encoder = TextEncoder::new(&config.text, text_vb.pp(TEXT_PREFIX))?;
+        let vae = AutoencoderKL::without_decoder(
+            &config.vae,
+            rest_vb.pp(VAE_PREFIX),
+            check_vb.pp(VAE_PREFIX),
+        )?;
         for name in SCHEDULE_BUFFERS {
-            vb.get_with_hints_dtype(
+            check_vb.get_with_hints_dtype(
                 config.diffusion.timesteps,
                 name,
                 Default::default(),
@@ -99,12 +151,17 @@ impl BaseModel {
             unused,
         }
         .unused_summary();
+        let text_encoder = match residency {
+            Residency::WithoutText => None,
+            Residency::Full | Residency::TextOnly => Some(text_encoder),
+        };
         Ok((
             BaseModel {
                 config,
+                residency,
                 unet,
                 lq_encoder,
-                text_encoder: Some(text_encoder),
+                text_encoder,
                 vae,
                 tokenizer: ClipTokenizer::from_bundled()?,
                 device,
@@ -114,10 +171,23 @@ impl BaseModel {
         ))
     }
 
-    /// The frozen text encoder; an error once [`BaseModel::release_text_encoder`] dropped it.
+    /// An error unless the UNet, time-aware encoder and VAE encoder hold their weights.
+    pub fn require_networks(&self) -> Result<()> {
+        match self.residency {
+            Residency::TextOnly => Err(Error::Config(
+                "internal: the diffusion networks of a text-only model were asked to run".into(),
+            )),
+            Residency::Full | Residency::WithoutText => Ok(()),
+        }
+    }
+
+    /// The frozen text encoder; an error when loaded without it or once
+    /// [`BaseModel::release_text_encoder`] dropped it.
     pub fn text_encoder(&self) -> Result<&TextEncoder> {
         self.text_encoder.as_ref().ok_or_else(|| {
-            Error::Config("the text encoder was released after the prompts were encoded".into())
+            Error::Config(
+                "internal: the text encoder is not in memory (loaded without it, or released after the prompts were encoded)".into(),
+            )
         })
     }
 
@@ -133,9 +203,20 @@ impl BaseModel {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, UnusedSummary)> {
+        Self::load_with(path, config, dtype, device, Residency::Full)
+    }
+
+    /// [`BaseModel::load`] holding only the networks `residency` names.
+    pub fn load_with(
+        path: &Path,
+        config: BaseModelConfig,
+        dtype: DType,
+        device: &Device,
+        residency: Residency,
+    ) -> Result<(Self, UnusedSummary)> {
         let store = Arc::new(TensorStore::open(path)?);
         let weights = CheckedWeights::from_store(store);
-        Self::from_weights(config, &weights, dtype, device).map_err(|e| match e {
+        Self::from_weights_with(config, &weights, dtype, device, residency).map_err(|e| match e {
             Error::Candle(c) => Error::Weights(format!("{}: {}", path.display(), c)),
             other => other,
         })

@@ -554,7 +554,8 @@ impl Decoder {
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
     encoder: Encoder,
-    decoder: Decoder,
+    /// `None` when built by [`AutoencoderKL::without_decoder`].
+    decoder: Option<Decoder>,
     quant_conv: Conv2d,
     post_quant_conv: Conv2d,
 }
@@ -565,7 +566,21 @@ impl AutoencoderKL {
         check_config(cfg)?;
         Ok(AutoencoderKL {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
-            decoder: Decoder::new(cfg, false, vb.pp("decoder"))?,
+            decoder: Some(Decoder::new(cfg, false, vb.pp("decoder"))?),
+            quant_conv: conv1x1(2 * cfg.z_channels, 2 * cfg.embed_dim, vb.pp("quant_conv"))?,
+            post_quant_conv: conv1x1(cfg.embed_dim, cfg.z_channels, vb.pp("post_quant_conv"))?,
+        })
+    }
+
+    /// The autoencoder without its decoder, whose tensors are requested from `check_vb` (same
+    /// prefix as `vb`; a check-only builder verifies them against the file) and then dropped:
+    /// restoring writes pixels through the CFW decoder, and training works in latent space.
+    pub fn without_decoder(cfg: &VaeConfig, vb: VarBuilder, check_vb: VarBuilder) -> Result<Self> {
+        check_config(cfg)?;
+        Decoder::new(cfg, false, check_vb.pp("decoder"))?;
+        Ok(AutoencoderKL {
+            encoder: Encoder::new(cfg, vb.pp("encoder"))?,
+            decoder: None,
             quant_conv: conv1x1(2 * cfg.z_channels, 2 * cfg.embed_dim, vb.pp("quant_conv"))?,
             post_quant_conv: conv1x1(cfg.embed_dim, cfg.z_channels, vb.pp("post_quant_conv"))?,
         })
@@ -579,8 +594,10 @@ impl AutoencoderKL {
 
     /// Unscaled latent `z` (divide a diffusion latent by the scale factor first) to an image.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.decoder
-            .forward(&self.post_quant_conv.forward(z)?, None)
+        let decoder = self.decoder.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("this autoencoder was loaded without its decoder".into())
+        })?;
+        decoder.forward(&self.post_quant_conv.forward(z)?, None)
     }
 }
 

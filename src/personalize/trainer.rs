@@ -227,6 +227,7 @@ impl<'a> Trainer<'a> {
         config: TrainConfig,
         seed: u64,
     ) -> Result<Self> {
+        base.require_networks()?;
         if base.dtype != DType::F32 {
             return Err(Error::Input(
                 "personalization trains in f32; use --dtype f32".into(),

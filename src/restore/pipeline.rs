@@ -43,6 +43,7 @@ impl<'a> Restorer<'a> {
         uncond: Tensor,
     ) -> Result<Self> {
         settings.validate()?;
+        base.require_networks()?;
         if settings.steps == 0 || settings.steps > base.config.diffusion.timesteps {
             return Err(Error::Input(format!(
                 "--steps {}: must be between 1 and {}",

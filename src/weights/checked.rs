@@ -39,6 +39,8 @@ struct Log {
 pub struct CheckedWeights {
     source: Arc<Source>,
     log: Arc<Mutex<Log>>,
+    /// False for [`CheckedWeights::check_only`]: every check runs, no weight is read.
+    materialise: bool,
 }
 
 /// What a successful check found besides the model's own tensors.
@@ -75,6 +77,16 @@ impl CheckedWeights {
         CheckedWeights {
             source: Arc::new(source),
             log: Arc::new(Mutex::new(Log::default())),
+            materialise: true,
+        }
+    }
+
+    /// The same source and log, but tensors are only checked (name, shape, dtype) and served as
+    /// zero-cost placeholders: for networks a task does not run, whose keys must still match.
+    pub fn check_only(&self) -> Self {
+        CheckedWeights {
+            materialise: false,
+            ..self.clone()
         }
     }
 
@@ -237,6 +249,7 @@ impl SimpleBackend for CheckedWeights {
             .insert(name.to_string(), shape.dims().to_vec());
         match self.source.as_ref() {
             Source::ShapesOnly => placeholder(&shape, dtype, dev),
+            Source::Random(_) if !self.materialise => placeholder(&shape, dtype, dev),
             Source::Random(seed) => random_tensor(&shape, name, *seed)?
                 .to_dtype(dtype)?
                 .to_device(dev),
@@ -260,6 +273,7 @@ impl SimpleBackend for CheckedWeights {
                     log.wrong_dtype.push((name.to_string(), stored));
                     placeholder(&shape, dtype, dev)
                 }
+                Some(_) if !self.materialise => placeholder(&shape, dtype, dev),
                 Some(_) => {
                     drop(log);
                     store
@@ -282,6 +296,9 @@ impl SimpleBackend for CheckedWeights {
                         .unwrap()
                         .requested
                         .insert(name.to_string(), s.dims().to_vec());
+                    if !self.materialise {
+                        return placeholder(&s, dtype, dev);
+                    }
                 }
                 store
                     .load(name, dtype, dev)
