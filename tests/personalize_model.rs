@@ -383,3 +383,130 @@ fn training_steps_touch_only_the_trainable_tensors() {
     assert!(err.contains("truncated or corrupt"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The branch-by-branch backward of a training step (one x-pass branch's graph alive at a time)
+/// gives the losses and gradients of the single joint graph, for every trainable tensor.
+#[test]
+fn branchwise_gradients_equal_the_joint_backward() {
+    let base = base();
+    let params = TrainableParams::init(&base, 21).unwrap();
+    set_random_gammas(&params, 400);
+    let images = reference_images(2, 64, 6);
+    let mut trainer = Trainer::new(&base, params, &images, 64, TrainConfig::default(), 13).unwrap();
+    let sample = trainer.draw_sample().unwrap();
+
+    let joint = trainer.loss(&sample).unwrap();
+    let joint_grads = joint.total.backward().unwrap();
+    let (report, split_grads) = trainer.loss_and_gradients(&sample).unwrap();
+    let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    for (name, split, whole) in [
+        ("total", report.total, scalar(&joint.total)),
+        ("diff", report.diff, scalar(&joint.diff)),
+        ("gen", report.gen, scalar(&joint.gen)),
+        ("pers", report.pers, scalar(&joint.pers)),
+    ] {
+        let err = (split - whole).abs();
+        println!("{name}: joint {whole:e}, branchwise {split:e}, abs error {err:e}");
+        assert!(
+            err <= 1e-5 * whole.abs().max(1e-3),
+            "{name}: {split} vs {whole}"
+        );
+    }
+
+    let (ica, gammas) = trainer.params.block_vars().unwrap();
+    let token = ("token".to_string(), trainer.params.token.clone());
+    let vars: Vec<_> = ica
+        .iter()
+        .chain(gammas.iter())
+        .chain(std::iter::once(&token))
+        .map(|(name, var)| {
+            let whole = joint_grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no joint gradient"))
+                .clone();
+            let split = split_grads
+                .get(&var.id())
+                .unwrap_or_else(|| panic!("{name}: no branchwise gradient"))
+                .clone();
+            (name.clone(), whole, split)
+        })
+        .collect();
+    // Summing the branches' gradients in another order rounds differently; a tensor whose
+    // gradient nearly cancels between the branches is compared at the scale of the rest.
+    let global = vars
+        .iter()
+        .map(|(_, whole, _)| common::max_abs(whole))
+        .fold(0f32, f32::max);
+    let mut compared = 0;
+    let mut worst = 0f32;
+    for (name, whole, split) in &vars {
+        let scale = common::max_abs(whole);
+        let err = max_abs_diff(whole, split);
+        assert!(
+            scale > 0.0,
+            "{name}: zero gradient, the comparison would prove nothing"
+        );
+        assert!(
+            err <= 1e-4 * scale + 1e-6 * global,
+            "{name}: branchwise gradient differs by {err:e} (its scale {scale:e}, largest gradient {global:e})"
+        );
+        worst = worst.max(err / scale);
+        compared += 1;
+    }
+    println!("compared {compared} gradients, largest {global:e}, worst relative error {worst:e}");
+    assert_eq!(compared, ica.len() + gammas.len() + 1);
+}
+
+/// Records which spatial transformers a pass reaches; finished after `wanted` of them.
+struct VisitCounter {
+    visited: Vec<String>,
+    wanted: usize,
+}
+
+impl pfstorer::model::unet::TransformerSeam for VisitCounter {
+    fn after_blocks(&mut self, path: &str, tokens: Tensor) -> candle_core::Result<Tensor> {
+        self.visited.push(path.to_string());
+        Ok(tokens)
+    }
+
+    fn finished(&self) -> bool {
+        self.visited.len() >= self.wanted
+    }
+}
+
+/// `run_for_seam` (the reference pass) stops at the first block boundary after the seam is
+/// done; `forward_with_seam` runs every transformer whatever the seam says.
+#[test]
+fn a_finished_seam_ends_the_pass_early() {
+    let base = base();
+    let x = randn(31, &[1, 4, 8, 8]);
+    let t = Tensor::new(&[300f32], &Device::Cpu).unwrap();
+    let ctx = PromptTokens::default_negative(&base.tokenizer)
+        .unwrap()
+        .context(base.text_encoder().unwrap(), None)
+        .unwrap();
+    let inputs = UNetInputs {
+        timesteps: &t,
+        context: &ctx,
+        struct_cond: None,
+    };
+    let mut all = VisitCounter {
+        visited: Vec::new(),
+        wanted: 1,
+    };
+    base.unet
+        .forward_with_seam(&x, &inputs, Some(&mut all))
+        .unwrap();
+    assert!(
+        all.visited.len() > 1,
+        "the tiny UNet needs several transformers: {:?}",
+        all.visited
+    );
+    let wanted = all.visited.len() - 1;
+    let mut part = VisitCounter {
+        visited: Vec::new(),
+        wanted,
+    };
+    base.unet.run_for_seam(&x, &inputs, &mut part).unwrap();
+    assert_eq!(part.visited, all.visited[..wanted].to_vec());
+}

@@ -424,6 +424,12 @@ pub trait TransformerSeam {
         let _ = path;
         host.run_blocks(tokens, context)
     }
+
+    /// Whether the seam has seen everything it needs; [`UNet::run_for_seam`] stops at the first
+    /// block boundary where this holds.
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 // Built once per model; the size difference between variants does not matter.
@@ -620,21 +626,59 @@ impl UNet {
         &self,
         x: &Tensor,
         inputs: &UNetInputs,
-        mut seam: Option<&mut dyn TransformerSeam>,
+        seam: Option<&mut dyn TransformerSeam>,
     ) -> Result<Tensor> {
+        let out = self.pass(x, inputs, seam, false)?;
+        out.ok_or_else(|| candle_core::Error::Msg("the UNet pass stopped early".into()))
+    }
+
+    /// Runs `x` through the UNet only as far as `seam` needs (until
+    /// [`TransformerSeam::finished`]), for passes whose output is not used (the personalization
+    /// reference pass: nothing after its last host is computed).
+    pub fn run_for_seam(
+        &self,
+        x: &Tensor,
+        inputs: &UNetInputs,
+        seam: &mut dyn TransformerSeam,
+    ) -> Result<()> {
+        self.pass(x, inputs, Some(seam), true).map(|_| ())
+    }
+
+    /// The UNet pass; `None` when `stop_when_finished` and the seam finished before the end.
+    fn pass(
+        &self,
+        x: &Tensor,
+        inputs: &UNetInputs,
+        mut seam: Option<&mut dyn TransformerSeam>,
+        stop_when_finished: bool,
+    ) -> Result<Option<Tensor>> {
+        let finished = |seam: &Option<&mut dyn TransformerSeam>| {
+            stop_when_finished && seam.as_ref().is_some_and(|s| s.finished())
+        };
         let emb = self.time_embedding(inputs.timesteps, x.dtype())?;
         let mut skips = Vec::with_capacity(self.input_blocks.len());
         let mut h = x.clone();
         for block in &self.input_blocks {
             h = Self::run_layers(block, h, &emb, inputs, &mut seam)?;
             skips.push(h.clone());
+            if finished(&seam) {
+                return Ok(None);
+            }
         }
         h = Self::run_layers(&self.middle_block, h, &emb, inputs, &mut seam)?;
         for block in &self.output_blocks {
+            if finished(&seam) {
+                return Ok(None);
+            }
             let skip = skips.pop().expect("one skip per output block");
             h = Tensor::cat(&[&h, &skip], 1)?;
             h = Self::run_layers(block, h, &emb, inputs, &mut seam)?;
         }
-        self.out_conv.forward(&self.out_norm.forward_silu(&h)?)
+        if finished(&seam) {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?,
+        ))
     }
 }

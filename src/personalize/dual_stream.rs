@@ -93,6 +93,10 @@ impl TransformerSeam for ReferenceRecorder<'_> {
         );
         Ok(ref_tokens)
     }
+
+    fn finished(&self) -> bool {
+        self.features.hosts.len() == self.hosts.len()
+    }
 }
 
 fn to_candle(e: Error) -> candle_core::Error {
@@ -183,9 +187,9 @@ impl<'a> PersonalizedUNet<'a> {
             context,
             struct_cond: None,
         };
-        // The output of the reference pass is not needed, only what the seam recorded.
-        self.unet
-            .forward_with_seam(ref_latent, &inputs, Some(&mut recorder))?;
+        // The output of the reference pass is not needed, only what the seam recorded: the
+        // pass stops after the last host.
+        self.unet.run_for_seam(ref_latent, &inputs, &mut recorder)?;
         for path in self.blocks.keys() {
             if !recorder.features.hosts.contains_key(path) {
                 return Err(Error::Config(format!(

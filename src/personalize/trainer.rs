@@ -2,7 +2,7 @@
 //! StableSR base, optimised by AdamW over the block weights, the γ gates and the learned token
 //! only (three parameter groups with their own learning rates).
 
-use super::dual_stream::PersonalizedUNet;
+use super::dual_stream::{HostReference, PersonalizedUNet, ReferenceFeatures};
 use super::token::{init_embedding, PromptTokens};
 use super::{host_specs, HostSpec, LAMBDA_GEN, LAMBDA_PERS, LR_GAMMA, LR_ICA, LR_TOKEN, P_HQ};
 use super::{INIT_WORD, WEIGHT_DECAY};
@@ -18,7 +18,7 @@ use crate::model::unet::{StructCond, UNetInputs};
 use crate::model::vae::DiagonalGaussian;
 use crate::optim::{AdamW, AdamWParams};
 use crate::personalize::block::PersonalizationBlock;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 use candle_nn::VarMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -399,20 +399,139 @@ impl<'a> Trainer<'a> {
 
     /// One optimisation step on a given sample (overfitting checks).
     pub fn step_on(&mut self, sample: &TrainingSample) -> Result<StepReport> {
-        let parts = self.loss(sample)?;
-        let grads = parts.total.backward()?;
+        let (report, grads) = self.loss_and_gradients(sample)?;
         for opt in &mut self.optimizers {
-            opt.step(&grads)?;
+            opt.step_with(|var| grads.get(&var.id()).cloned())?;
         }
         self.iteration += 1;
-        let scalar = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar()?) };
-        Ok(StepReport {
-            total: scalar(&parts.total)?,
-            diff: scalar(&parts.diff)?,
-            gen: scalar(&parts.gen)?,
-            pers: scalar(&parts.pers)?,
-        })
+        Ok(report)
     }
+
+    /// The losses of [`Trainer::loss`] and the gradient of their total with respect to every
+    /// trainable variable, computed one x-pass branch at a time so that only one branch's graph
+    /// is alive at once (a personalization iteration's peak memory is its retained graphs).
+    ///
+    /// The total is `L_Diff(LQ branch) + λ_gen·L_Gen(null branch) + λ_pers·L_Pers(reference
+    /// pass)`. The branches share the text context and the reference tokens; each branch runs
+    /// on detached copies of them (leaves), its backward yields the gradient of its term for the
+    /// block weights, γ and those leaves, and its graph is dropped. A last backward pushes the
+    /// leaves' accumulated gradients and L_Pers through the reference pass and the text encoder:
+    /// `Σ ⟨leaf_graph, ∂L/∂leaf⟩ + λ_pers·L_Pers` has exactly the wanted gradient there.
+    pub fn loss_and_gradients(
+        &self,
+        sample: &TrainingSample,
+    ) -> Result<(StepReport, HashMap<TensorId, Tensor>)> {
+        let base = self.base;
+        let device = &base.device;
+        let t = sample.timestep;
+        let (a, s) = (
+            self.sqrt_alphas_cumprod[t],
+            self.sqrt_one_minus_alphas_cumprod[t],
+        );
+        let z_t = ((&sample.z0 * a)? + (&sample.noise * s)?)?;
+        let target = ((&sample.noise * a)? - (&sample.z0 * s)?)?;
+        let context = self
+            .prompt
+            .context(base.text_encoder()?, Some(self.params.token.as_tensor()))?;
+        let t1 = Tensor::new(&[t as f32], device)?;
+        let pers_unet = PersonalizedUNet::new(&base.unet, &self.blocks, 1.0);
+        let positions = self.prompt.positions(1, 0);
+        let refs = pers_unet.reference_features(
+            &self.references[sample.reference].latent,
+            &t1,
+            &context,
+            &positions,
+        )?;
+
+        let context_leaf = Var::from_tensor(&context.detach())?;
+        let mut ref_leaves = BTreeMap::new();
+        let mut leaf_refs = ReferenceFeatures::default();
+        for (path, host) in &refs.hosts {
+            let leaf = Var::from_tensor(&host.tokens.detach())?;
+            leaf_refs.hosts.insert(
+                path.clone(),
+                HostReference {
+                    tokens: leaf.as_tensor().clone(),
+                    signals: host.signals.clone(),
+                },
+            );
+            ref_leaves.insert(path.clone(), leaf);
+        }
+        let (ica, gammas) = self.params.block_vars()?;
+        let block_vars: Vec<Var> = ica.into_iter().chain(gammas).map(|(_, v)| v).collect();
+
+        let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+        let mut branch_losses = Vec::with_capacity(2);
+        for (lq_latent, weight) in [(&sample.z_lq, 1.0), (&self.z_null, self.config.lambda_gen)] {
+            let struct_cond = base.lq_encoder.forward(lq_latent, &t1)?;
+            let inputs = UNetInputs {
+                timesteps: &t1,
+                context: context_leaf.as_tensor(),
+                struct_cond: Some(&struct_cond),
+            };
+            let v = pers_unet.forward(&z_t, &inputs, Some(&leaf_refs))?;
+            let loss = (v - &target)?.sqr()?.mean_all()?;
+            let branch_grads = (&loss * weight)?.backward()?;
+            for var in block_vars
+                .iter()
+                .chain(std::iter::once(&context_leaf))
+                .chain(ref_leaves.values())
+            {
+                if let Some(g) = branch_grads.get(var.as_tensor()) {
+                    accumulate(&mut grads, var.id(), g)?;
+                }
+            }
+            branch_losses.push(loss.detach());
+        }
+
+        let pers = refs.pers_loss()?;
+        let mut surrogate = (&pers * self.config.lambda_pers)?;
+        let pulled = std::iter::once((&context, &context_leaf)).chain(
+            ref_leaves
+                .iter()
+                .map(|(path, leaf)| (&refs.hosts[path].tokens, leaf)),
+        );
+        for (graph, leaf) in pulled {
+            if let Some(g) = grads.remove(&leaf.id()) {
+                surrogate = (&surrogate + (graph * g)?.sum_all()?)?;
+            }
+        }
+        let through_reference = surrogate.backward()?;
+        for var in block_vars.iter().chain(std::iter::once(&self.params.token)) {
+            if let Some(g) = through_reference.get(var.as_tensor()) {
+                accumulate(&mut grads, var.id(), g)?;
+            }
+        }
+
+        let scalar = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar()?) };
+        let (diff, gen, pers) = (
+            scalar(&branch_losses[0])?,
+            scalar(&branch_losses[1])?,
+            scalar(&pers)?,
+        );
+        let total = (diff as f64
+            + self.config.lambda_gen * gen as f64
+            + self.config.lambda_pers * pers as f64) as f32;
+        Ok((
+            StepReport {
+                total,
+                diff,
+                gen,
+                pers,
+            },
+            grads,
+        ))
+    }
+}
+
+/// Adds `g` to the gradient kept for `id`.
+fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: &Tensor) -> Result<()> {
+    let sum = match grads.remove(&id) {
+        Some(prev) => (prev + g)?,
+        None => g.clone(),
+    };
+    grads.insert(id, sum);
+    Ok(())
 }
 
 /// The generator of iteration `iteration`'s random draws.
