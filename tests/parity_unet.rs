@@ -151,3 +151,55 @@ fn unet_in_f16_stays_within_the_half_precision_bound() {
     let scale = common::max_abs(expected).max(1.0) as f64;
     common::assert_close("f16 unet.out", &out, expected, 1e-2 * scale, 0.0);
 }
+
+/// A model batch that is a multiple of the encoder features' batch (the CFG branches share one
+/// LQ): the SPADE modulation computed once per LQ row and broadcast over the branches gives the
+/// reference output for every branch, and what repeating the features to the full batch gives.
+#[test]
+fn unet_broadcasts_encoder_features_over_cfg_branches() {
+    let cfg = config();
+    let io = common::load("stablesr/io.safetensors");
+    let w = weights(FORMATS[0]);
+    let vb = w.var_builder(common::test_dtype(), &common::test_device());
+    let unet = UNet::new(&cfg.unet, vb.pp("model.diffusion_model")).unwrap();
+    let cond = struct_cond_from(&io);
+    let twice = |t: &Tensor| Tensor::cat(&[t, t], 0).unwrap();
+    let t = common::get(&io, "unet.in.t")
+        .to_device(&common::test_device())
+        .unwrap();
+    let context = common::input(&io, "unet.in.context");
+    let x = common::input(&io, "unet.in.x");
+    let (t2, context2, x2) = (twice(&t), twice(&context), twice(&x));
+    let shared = unet
+        .forward(
+            &x2,
+            &UNetInputs {
+                timesteps: &t2,
+                context: &context2,
+                struct_cond: Some(&cond),
+            },
+        )
+        .unwrap();
+    let repeated_cond: StructCond = cond.iter().map(|(k, v)| (*k, twice(v))).collect();
+    let repeated = unet
+        .forward(
+            &x2,
+            &UNetInputs {
+                timesteps: &t2,
+                context: &context2,
+                struct_cond: Some(&repeated_cond),
+            },
+        )
+        .unwrap();
+    let diff = common::max_abs_diff(&shared, &repeated);
+    println!("broadcast vs repeated encoder features: max abs diff {diff:e}");
+    assert!(diff <= 1e-5 * common::max_abs(&repeated).max(1.0));
+    let rows = x.dim(0).unwrap();
+    for branch in 0..2 {
+        common::assert_module_close(
+            &format!("branch {branch}: unet.out"),
+            &shared.narrow(0, branch * rows, rows).unwrap(),
+            common::get(&io, "unet.out"),
+        );
+    }
+}

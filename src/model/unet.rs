@@ -43,13 +43,25 @@ impl Spade {
         })
     }
 
+    /// `segmap` has the encoder's batch, which divides `h`'s (the CFG batch repeats the LQ
+    /// rows once per branch): the modulation is computed once per LQ row and broadcast over the
+    /// branches, not recomputed for each.
     fn forward(&self, h: &Tensor, segmap: &Tensor) -> Result<Tensor> {
         let normalized = self.norm.forward(h)?;
         let actv = self.shared.forward(segmap)?.relu()?;
         let gamma = self.gamma.forward(&actv)?;
         let beta = self.beta.forward(&actv)?;
+        let (batch, c, hh, ww) = normalized.dims4()?;
+        let rows = segmap.dim(0)?;
+        if rows == 0 || !batch.is_multiple_of(rows) {
+            candle_core::bail!("feature batch {rows} does not divide model batch {batch}");
+        }
+        // [branches, rows, C, H, W] against [1, rows, C, H, W].
+        let grouped = normalized.reshape((batch / rows, rows, c, hh, ww))?;
+        let gamma = (gamma + 1.0)?.unsqueeze(0)?;
+        let beta = beta.unsqueeze(0)?;
         // gamma and beta come from the (constant) encoder features: only h needs a gradient.
-        nn::add_const(&nn::mul_const(&normalized, &(gamma + 1.0)?)?, &beta)
+        nn::add_const(&nn::mul_const(&grouped, &gamma)?, &beta)?.reshape((batch, c, hh, ww))
     }
 }
 
@@ -117,24 +129,12 @@ impl ResBlock {
                     cond.keys().collect::<Vec<_>>()
                 ))
             })?;
-            h = spade.forward(&h, &broadcast_batch(segmap, h.dim(0)?)?)?;
+            h = spade.forward(&h, segmap)?;
         }
         match &self.skip {
             Some(skip) => skip.forward(x)? + h,
             None => x + h,
         }
-    }
-}
-
-/// Encoder features are computed for the LQ batch; the CFG batch may be a multiple of it.
-fn broadcast_batch(t: &Tensor, batch: usize) -> Result<Tensor> {
-    let b = t.dim(0)?;
-    if b == batch {
-        Ok(t.clone())
-    } else if batch.is_multiple_of(b) {
-        Tensor::cat(&vec![t.clone(); batch / b], 0)
-    } else {
-        candle_core::bail!("feature batch {b} does not divide model batch {batch}")
     }
 }
 

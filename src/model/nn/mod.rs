@@ -50,7 +50,8 @@ pub fn differentiable() -> bool {
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
-    let y = if differentiable() {
+    // candle's fused kernel has no backward: the composed one only where a gradient flows.
+    let y = if differentiable() && x.track_op() {
         candle_nn::ops::softmax(&x, D::Minus1)?
     } else {
         candle_nn::ops::softmax_last_dim(&x)?
