@@ -224,11 +224,10 @@ impl candle_core::CustomOp3 for RecomputedAttention {
                 Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
                 None => scores,
             };
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let p = super::softmax_last_dim_no_grad(&scores)?;
             dv = (dv + p.t()?.matmul(&g_c)?)?;
             let dp = g_c.matmul(&v.t()?)?;
-            let row_dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-            let ds = (p * dp.broadcast_sub(&row_dot)?)?;
+            let ds = softmax_backward(&p, &dp)?;
             dq_chunks.push((ds.matmul(&k)? * self.scale)?);
             dk = (dk + (ds.t()?.matmul(&q_c)? * self.scale)?)?;
         }
@@ -239,6 +238,20 @@ impl candle_core::CustomOp3 for RecomputedAttention {
             Some(dv.to_dtype(dtype)?),
         ))
     }
+}
+
+/// `p * (dp - rowsum(dp * p))`: the fused CPU pass where it applies, composed elsewhere.
+fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    let fusable = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+    if fusable(p) && fusable(dp) {
+        return p.apply_op2_no_bwd(dp, &super::cpu_kernels::SoftmaxBackwardCpu);
+    }
+    softmax_backward_composed(p, dp)
+}
+
+fn softmax_backward_composed(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    let row_dot = (dp * p)?.sum_keepdim(D::Minus1)?;
+    p * dp.broadcast_sub(&row_dot)?
 }
 
 fn attention_rows(
@@ -315,6 +328,36 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The fused softmax backward against the composed ops, on the serial and the threaded
+    /// paths (sizes on both sides of the serial bound, rows not a multiple of the lanes).
+    #[test]
+    fn fused_softmax_backward_matches_composed() {
+        for shape in [[2usize, 3, 77], [3, 333, 129]] {
+            let scores = (randn(21, &shape) * 4.0).unwrap();
+            let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            let dp = randn(22, &shape);
+            let fused = softmax_backward(&p, &dp).unwrap();
+            let composed = softmax_backward_composed(&p, &dp).unwrap();
+            let err = max_diff(&fused, &composed);
+            println!("{shape:?}: max abs error {err:e}");
+            // The composed row sum rounds in f32 in its own order; the fused one sums in f64.
+            assert!(err < 4e-6, "{shape:?}: {err}");
+        }
+    }
+
+    /// The vectorized softmax (serial and threaded) against candle's kernel.
+    #[test]
+    fn vectorized_softmax_matches_candle() {
+        for shape in [[2usize, 3, 77], [3, 333, 129], [1, 40, 4096]] {
+            let scores = (randn(23, &shape) * 8.0).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            let got = super::super::softmax_last_dim_no_grad(&scores).unwrap();
+            let err = max_diff(&got, &want);
+            println!("{shape:?}: max abs error {err:e}");
+            assert!(err < 1e-6, "{shape:?}: {err}");
         }
     }
 

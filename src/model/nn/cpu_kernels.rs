@@ -44,6 +44,91 @@ fn for_each_row(out: &mut [f32], group_len: usize, work: impl Fn(usize, &mut [f3
     });
 }
 
+/// Softmax over the last dimension of a contiguous f32 CPU tensor, rows split over the threads,
+/// with the vectorized exp of [`super::fast_exp`] (candle's kernel calls the scalar `expf` per
+/// element). No backward: training's differentiable softmax is composed.
+pub(crate) struct SoftmaxLastDimCpu;
+
+/// Below this many elements one thread does the whole softmax (spawning costs more).
+const SOFTMAX_SERIAL_ELEMENTS: usize = 1 << 15;
+
+impl candle_core::CustomOp1 for SoftmaxLastDimCpu {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = f32_slice(storage, layout, "softmax")?;
+        let len = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        let row = |r: usize, out_row: &mut [f32]| {
+            super::fast_exp::softmax_row(&x[r * len..(r + 1) * len], out_row)
+        };
+        if x.len() < SOFTMAX_SERIAL_ELEMENTS {
+            for (r, out_row) in out.chunks_mut(len).enumerate() {
+                row(r, out_row);
+            }
+        } else {
+            for_each_row(&mut out, len, row);
+        }
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// The softmax's backward along the last dimension, `p * (dp - rowsum(dp * p))`, in one pass
+/// per row over contiguous f32 CPU tensors (the composed ops take four passes and three
+/// score-sized temporaries). Used where attention's backward recomputes its probabilities.
+pub(crate) struct SoftmaxBackwardCpu;
+
+impl candle_core::CustomOp2 for SoftmaxBackwardCpu {
+    fn name(&self) -> &'static str {
+        "softmax-backward-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p_storage: &candle_core::CpuStorage,
+        p_layout: &candle_core::Layout,
+        dp_storage: &candle_core::CpuStorage,
+        dp_layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        if p_layout.shape() != dp_layout.shape() {
+            candle_core::bail!(
+                "softmax backward: probabilities {:?} and gradient {:?} differ in shape",
+                p_layout.shape(),
+                dp_layout.shape()
+            );
+        }
+        let p = f32_slice(p_storage, p_layout, "softmax backward")?;
+        let dp = f32_slice(dp_storage, dp_layout, "softmax backward")?;
+        let len = p_layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; p.len()];
+        let row = |r: usize, out_row: &mut [f32]| {
+            let (p_row, dp_row) = (&p[r * len..(r + 1) * len], &dp[r * len..(r + 1) * len]);
+            let dot = p_row
+                .iter()
+                .zip(dp_row)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
+            for ((o, &pv), &g) in out_row.iter_mut().zip(p_row).zip(dp_row) {
+                *o = pv * (g - dot);
+            }
+        };
+        if p.len() < SOFTMAX_SERIAL_ELEMENTS {
+            for (r, out_row) in out.chunks_mut(len).enumerate() {
+                row(r, out_row);
+            }
+        } else {
+            for_each_row(&mut out, len, row);
+        }
+        Ok((candle_core::CpuStorage::F32(out), p_layout.shape().clone()))
+    }
+}
+
 /// GroupNorm on contiguous f32 CPU tensors with constant affine parameters: per (sample, group)
 /// mean and variance in f64 accumulators, then `(x - mean) / sqrt(var + eps) * w[c] + b[c]`,
 /// rows split over threads; with `silu` the SiLU that follows every norm of the UNet and VAE
@@ -56,11 +141,6 @@ pub(crate) struct FusedGroupNormCpu {
     pub(crate) weight: Vec<f32>,
     pub(crate) bias: Vec<f32>,
     pub(crate) silu: bool,
-}
-
-/// SiLU as candle computes it, `v / (1 + exp(-v))`.
-fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
 }
 
 /// d silu(v) / dv = s(v) * (1 + v * (1 - s(v))), with s the logistic function.
@@ -99,8 +179,11 @@ impl candle_core::CustomOp1 for FusedGroupNormCpu {
                 let scale = (rstd * self.weight[ch] as f64) as f32;
                 let shift = (self.bias[ch] as f64 - mean * rstd * self.weight[ch] as f64) as f32;
                 if self.silu {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        *o = silu(v * scale + shift);
+                    // silu(y) = y / (1 + exp(-y)), with the exponentials in one vectorized pass.
+                    let mut e: Vec<f32> = xs.iter().map(|&v| -(v * scale + shift)).collect();
+                    super::fast_exp::exp_in_place(&mut e);
+                    for ((o, &v), &e) in o.iter_mut().zip(xs).zip(&e) {
+                        *o = (v * scale + shift) / (1.0 + e);
                     }
                 } else {
                     for (o, &v) in o.iter_mut().zip(xs) {

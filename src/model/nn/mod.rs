@@ -16,6 +16,7 @@
 mod attention;
 mod conv_backward;
 mod cpu_kernels;
+pub mod fast_exp;
 mod frozen;
 mod layers;
 mod trainable;
@@ -54,9 +55,18 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let y = if differentiable() && x.track_op() {
         candle_nn::ops::softmax(&x, D::Minus1)?
     } else {
-        candle_nn::ops::softmax_last_dim(&x)?
+        softmax_last_dim_no_grad(&x)?
     };
     y.to_dtype(dtype)
+}
+
+/// Softmax over the last dimension without a backward: the vectorized CPU kernel on contiguous
+/// f32 CPU tensors, candle's fused one elsewhere.
+pub fn softmax_last_dim_no_grad(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.is_contiguous() && x.rank() >= 1 {
+        return x.apply_op1_no_bwd(&cpu_kernels::SoftmaxLastDimCpu);
+    }
+    candle_nn::ops::softmax_last_dim(x)
 }
 
 #[cfg(test)]
