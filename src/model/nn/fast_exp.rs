@@ -49,7 +49,7 @@ fn exp_slice_generic(x: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", feature = "avx512"))]
 #[target_feature(enable = "avx512f")]
 fn exp_slice_avx512(x: &mut [f32]) {
     exp_slice_generic(x)
@@ -65,6 +65,9 @@ fn exp_slice_avx2(x: &mut [f32]) {
 pub fn exp_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        // The `avx512` cargo feature (default) also gates gemm's AVX-512 kernels; a build
+        // without it runs the AVX2 code paths everywhere (what an AVX2-only CPU runs).
+        #[cfg(feature = "avx512")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has the instructions the function was compiled for.
             return unsafe { exp_slice_avx512(x) };
