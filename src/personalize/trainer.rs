@@ -340,10 +340,13 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// The loss for `sample` with the current parameters.
-    pub fn loss(&self, sample: &TrainingSample) -> Result<LossParts> {
-        let base = self.base;
-        let device = &base.device;
+    /// What both x-pass branches share: the noised latent, the v target, the timestep, the
+    /// text context (with the learned token) and the reference pass's features.
+    fn iteration_inputs(
+        &self,
+        pers_unet: &PersonalizedUNet,
+        sample: &TrainingSample,
+    ) -> Result<IterationInputs> {
         let t = sample.timestep;
         let (a, s) = (
             self.sqrt_alphas_cumprod[t],
@@ -351,20 +354,39 @@ impl<'a> Trainer<'a> {
         );
         let z_t = ((&sample.z0 * a)? + (&sample.noise * s)?)?;
         let target = ((&sample.noise * a)? - (&sample.z0 * s)?)?;
-
-        let context = self
-            .prompt
-            .context(base.text_encoder()?, Some(self.params.token.as_tensor()))?;
-        let t1 = Tensor::new(&[t as f32], device)?;
-        let t2 = Tensor::new(&[t as f32, t as f32], device)?;
-        let pers_unet = PersonalizedUNet::new(&base.unet, &self.blocks, 1.0);
-        let positions = self.prompt.positions(1, 0);
+        let context = self.prompt.context(
+            self.base.text_encoder()?,
+            Some(self.params.token.as_tensor()),
+        )?;
+        let t1 = Tensor::new(&[t as f32], &self.base.device)?;
         let refs = pers_unet.reference_features(
             &self.references[sample.reference].latent,
             &t1,
             &context,
-            &positions,
+            &self.prompt.positions(1, 0),
         )?;
+        Ok(IterationInputs {
+            z_t,
+            target,
+            t1,
+            context,
+            refs,
+        })
+    }
+
+    /// The loss for `sample` with the current parameters.
+    pub fn loss(&self, sample: &TrainingSample) -> Result<LossParts> {
+        let base = self.base;
+        let pers_unet = PersonalizedUNet::new(&base.unet, &self.blocks, 1.0);
+        let IterationInputs {
+            z_t,
+            target,
+            t1,
+            context,
+            refs,
+        } = self.iteration_inputs(&pers_unet, sample)?;
+        let t = sample.timestep as f32;
+        let t2 = Tensor::new(&[t, t], &base.device)?;
         let lq_cond = base.lq_encoder.forward(&sample.z_lq, &t1)?;
         let null_cond = base.lq_encoder.forward(&self.z_null, &t1)?;
         let struct_cond = concat_struct_cond(&lq_cond, &null_cond)?;
@@ -422,26 +444,14 @@ impl<'a> Trainer<'a> {
         sample: &TrainingSample,
     ) -> Result<(StepReport, HashMap<TensorId, Tensor>)> {
         let base = self.base;
-        let device = &base.device;
-        let t = sample.timestep;
-        let (a, s) = (
-            self.sqrt_alphas_cumprod[t],
-            self.sqrt_one_minus_alphas_cumprod[t],
-        );
-        let z_t = ((&sample.z0 * a)? + (&sample.noise * s)?)?;
-        let target = ((&sample.noise * a)? - (&sample.z0 * s)?)?;
-        let context = self
-            .prompt
-            .context(base.text_encoder()?, Some(self.params.token.as_tensor()))?;
-        let t1 = Tensor::new(&[t as f32], device)?;
         let pers_unet = PersonalizedUNet::new(&base.unet, &self.blocks, 1.0);
-        let positions = self.prompt.positions(1, 0);
-        let refs = pers_unet.reference_features(
-            &self.references[sample.reference].latent,
-            &t1,
-            &context,
-            &positions,
-        )?;
+        let IterationInputs {
+            z_t,
+            target,
+            t1,
+            context,
+            refs,
+        } = self.iteration_inputs(&pers_unet, sample)?;
 
         let context_leaf = Var::from_tensor(&context.detach())?;
         let mut ref_leaves = BTreeMap::new();
@@ -522,6 +532,16 @@ impl<'a> Trainer<'a> {
             grads,
         ))
     }
+}
+
+/// See [`Trainer::iteration_inputs`].
+struct IterationInputs {
+    z_t: Tensor,
+    target: Tensor,
+    /// `[1]`: the timestep of one row.
+    t1: Tensor,
+    context: Tensor,
+    refs: ReferenceFeatures,
 }
 
 /// Adds `g` to the gradient kept for `id`.

@@ -44,6 +44,17 @@ fn for_each_row(out: &mut [f32], group_len: usize, work: impl Fn(usize, &mut [f3
     });
 }
 
+/// [`for_each_row`], or on this thread alone for tensors where spawning costs more.
+fn for_each_row_sized(out: &mut [f32], row_len: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.len() < SOFTMAX_SERIAL_ELEMENTS {
+        for (r, out_row) in out.chunks_mut(row_len).enumerate() {
+            work(r, out_row);
+        }
+    } else {
+        for_each_row(out, row_len, work);
+    }
+}
+
 /// Softmax over the last dimension of a contiguous f32 CPU tensor, rows split over the threads,
 /// with the vectorized exp of [`super::fast_exp`] (candle's kernel calls the scalar `expf` per
 /// element). No backward: training's differentiable softmax is composed.
@@ -68,13 +79,7 @@ impl candle_core::CustomOp1 for SoftmaxLastDimCpu {
         let row = |r: usize, out_row: &mut [f32]| {
             super::fast_exp::softmax_row(&x[r * len..(r + 1) * len], out_row)
         };
-        if x.len() < SOFTMAX_SERIAL_ELEMENTS {
-            for (r, out_row) in out.chunks_mut(len).enumerate() {
-                row(r, out_row);
-            }
-        } else {
-            for_each_row(&mut out, len, row);
-        }
+        for_each_row_sized(&mut out, len, row);
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -118,13 +123,7 @@ impl candle_core::CustomOp2 for SoftmaxBackwardCpu {
                 *o = pv * (g - dot);
             }
         };
-        if p.len() < SOFTMAX_SERIAL_ELEMENTS {
-            for (r, out_row) in out.chunks_mut(len).enumerate() {
-                row(r, out_row);
-            }
-        } else {
-            for_each_row(&mut out, len, row);
-        }
+        for_each_row_sized(&mut out, len, row);
         Ok((candle_core::CpuStorage::F32(out), p_layout.shape().clone()))
     }
 }

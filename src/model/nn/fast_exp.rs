@@ -192,16 +192,7 @@ mod tests {
                 softmax_row(xr, or);
             }
             let got = Tensor::from_vec(out, (rows, len), &Device::Cpu).unwrap();
-            let err: f32 = (got - &expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let err = crate::model::nn::test_util::max_diff(&got, &expected);
             println!("{rows}x{len} (logits x{scale}): max abs error {err:e}");
             assert!(err <= 1e-6, "{rows}x{len}: {err:e}");
         }
