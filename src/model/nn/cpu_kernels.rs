@@ -177,16 +177,22 @@ impl candle_core::CustomOp1 for FusedGroupNormCpu {
                 let ch = first_channel + k;
                 let scale = (rstd * self.weight[ch] as f64) as f32;
                 let shift = (self.bias[ch] as f64 - mean * rstd * self.weight[ch] as f64) as f32;
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    *o = v * scale + shift;
+                }
                 if self.silu {
-                    // silu(y) = y / (1 + exp(-y)), with the exponentials in one vectorized pass.
-                    let mut e: Vec<f32> = xs.iter().map(|&v| -(v * scale + shift)).collect();
-                    super::fast_exp::exp_in_place(&mut e);
-                    for ((o, &v), &e) in o.iter_mut().zip(xs).zip(&e) {
-                        *o = (v * scale + shift) / (1.0 + e);
-                    }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        *o = v * scale + shift;
+                    // silu(y) = y / (1 + exp(-y)), the exponentials vectorized over blocks
+                    // of a stack buffer (no allocation per channel).
+                    let mut e = [0f32; 256];
+                    for block in o.chunks_mut(e.len()) {
+                        let e = &mut e[..block.len()];
+                        for (e, &y) in e.iter_mut().zip(block.iter()) {
+                            *e = -y;
+                        }
+                        super::fast_exp::exp_in_place(e);
+                        for (y, &e) in block.iter_mut().zip(e.iter()) {
+                            *y /= 1.0 + e;
+                        }
                     }
                 }
             }
