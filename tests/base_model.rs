@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use pfstorer::config::{BaseModelConfig, CfwConfig};
-use pfstorer::model::base::{BaseModel, CfwModel, Residency};
+use pfstorer::model::base::{BaseModel, CfwModel, Network, Residency};
 use pfstorer::model::unet::UNetInputs;
 use pfstorer::weights::CheckedWeights;
 use pfstorer::Error;
@@ -256,7 +256,30 @@ fn residencies_hold_what_they_name_and_check_the_rest() {
     // The sampling networks: real in Full and WithoutText, refused in TextOnly.
     assert!(full.require_networks().is_ok() && sampling.require_networks().is_ok());
     let err = text_only.require_networks().unwrap_err().to_string();
-    assert!(err.contains("text-only"), "{err}");
+    assert!(
+        err.contains("TextOnly") && err.contains("asked to run"),
+        "{err}"
+    );
+    // The staged restore's residencies hold one stage's networks each and refuse the others.
+    let encoder_only = load(Residency::VaeEncoderOnly);
+    let sampling_only = load(Residency::SamplingOnly);
+    assert!(encoder_only.require(Network::VaeEncoder).is_ok());
+    assert!(sampling_only.require(Network::Sampling).is_ok());
+    for (model, refused) in [
+        (&encoder_only, Network::Sampling),
+        (&encoder_only, Network::Text),
+        (&sampling_only, Network::VaeEncoder),
+        (&sampling_only, Network::Text),
+        (&text_only, Network::Sampling),
+        (&sampling, Network::Text),
+    ] {
+        let err = model.require(refused).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("{refused:?}")) && err.contains("asked to run"),
+            "{err}"
+        );
+    }
+    assert!(sampling_only.text_encoder().is_err() && encoder_only.text_encoder().is_err());
     let latent = cfg.diffusion.image_size / cfg.vae.downsample_factor();
     let x = common::seeded_randn(3, &[1, cfg.unet.in_channels, latent, latent]);
     let t = candle_core::Tensor::new(&[500f32], &Device::Cpu).unwrap();
@@ -272,6 +295,7 @@ fn residencies_hold_what_they_name_and_check_the_rest() {
     };
     let out_full = run(&full);
     assert_eq!(common::max_abs_diff(&out_full, &run(&sampling)), 0.0);
+    assert_eq!(common::max_abs_diff(&out_full, &run(&sampling_only)), 0.0);
     assert!(common::max_abs(&out_full) > 0.0);
 
     // No residency holds the VAE decoder; the VAE encoder is held with the sampling networks.
@@ -280,17 +304,24 @@ fn residencies_hold_what_they_name_and_check_the_rest() {
         &[1, 3, cfg.diffusion.image_size, cfg.diffusion.image_size],
     );
     let z = full.vae.encode(&image).unwrap().mean;
-    assert_eq!(
-        common::max_abs_diff(&z, &sampling.vae.encode(&image).unwrap().mean),
-        0.0
-    );
+    for other in [&sampling, &encoder_only] {
+        assert_eq!(
+            common::max_abs_diff(&z, &other.vae.encode(&image).unwrap().mean),
+            0.0
+        );
+    }
     let err = full.vae.decode(&z).unwrap_err().to_string();
     assert!(err.contains("without its decoder"), "{err}");
 
     // What a residency does not hold is still checked against the file.
     let mut wider = cfg.clone();
     wider.unet.model_channels *= 2;
-    for residency in [Residency::TextOnly, Residency::WithoutText] {
+    for residency in [
+        Residency::TextOnly,
+        Residency::WithoutText,
+        Residency::VaeEncoderOnly,
+        Residency::SamplingOnly,
+    ] {
         let msg = BaseModel::load_with(&path, wider.clone(), DType::F32, &Device::Cpu, residency)
             .err()
             .unwrap()
@@ -308,7 +339,13 @@ fn residencies_hold_what_they_name_and_check_the_rest() {
     let dir = tmp_dir("residency");
     let incomplete = dir.join("no-decoder-conv-out.safetensors");
     candle_core::safetensors::save(&tensors, &incomplete).unwrap();
-    for residency in [Residency::Full, Residency::TextOnly, Residency::WithoutText] {
+    for residency in [
+        Residency::Full,
+        Residency::TextOnly,
+        Residency::WithoutText,
+        Residency::VaeEncoderOnly,
+        Residency::SamplingOnly,
+    ] {
         let msg = BaseModel::load_with(
             &incomplete,
             cfg.clone(),

@@ -363,3 +363,73 @@ fn large_output_goes_through_pixel_patches_and_latent_tiles() {
         );
     }
 }
+
+/// `--residency staged` (each stage loads its networks and frees them) writes the bytes
+/// `--residency resident` writes, through pixel patches too; a CFW checkpoint that does not fit
+/// is refused before any image is read, naming the file, in both modes.
+#[test]
+fn staged_and_resident_networks_write_the_same_bytes() {
+    let dir = tmp_dir("residency");
+    gradient(40, 30).save(dir.join("face.png")).unwrap();
+    let run = |residency: &str, out: &str, cfw: Option<&Path>| {
+        let mut args = vec![
+            dir.join("face.png").display().to_string(),
+            "-o".into(),
+            dir.join(out).display().to_string(),
+            "--scale".into(),
+            "4".into(),
+            "--residency".into(),
+            residency.into(),
+            "--patch-size".into(),
+            "128".into(),
+            "--patch-stride".into(),
+            "100".into(),
+        ];
+        args.extend(fast());
+        args.extend(model_flags());
+        if let Some(cfw) = cfw {
+            let at = args.iter().position(|a| a == "--cfw").unwrap();
+            args[at + 1] = cfw.display().to_string();
+        }
+        restore(&args)
+    };
+    let staged = run("staged", "staged.png", None);
+    assert!(staged.status.success(), "{}", stderr(&staged));
+    let resident = run("resident", "resident.png", None);
+    assert!(resident.status.success(), "{}", stderr(&resident));
+    let patches = walk_windows(160, 128, 100) * walk_windows(128, 128, 100);
+    assert!(
+        stderr(&staged).contains(&format!("{patches} patches")),
+        "{}",
+        stderr(&staged)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("staged.png")).unwrap(),
+        std::fs::read(dir.join("resident.png")).unwrap(),
+        "staged == resident"
+    );
+
+    // The diffusion checkpoint given as the CFW one: refused up front, nothing written.
+    let wrong = common::fixture("stablesr/model.safetensors");
+    for residency in ["staged", "resident"] {
+        let out = format!("wrong-{residency}.png");
+        let o = run(residency, &out, Some(&wrong));
+        assert!(!o.status.success(), "{residency}");
+        let err = stderr(&o);
+        assert!(
+            err.contains(&wrong.display().to_string()) && err.contains("missing"),
+            "{residency}: {err}"
+        );
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{residency}: one error line: {err}");
+        assert!(
+            !err.contains("work:"),
+            "{residency}: refused before any image: {err}"
+        );
+        assert!(!dir.join(&out).exists());
+    }
+
+    let o = run("sometimes", "never.png", None);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--residency"), "{}", stderr(&o));
+}

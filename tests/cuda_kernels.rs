@@ -14,7 +14,7 @@ use common::{max_abs, max_abs_diff, test_device, test_dtype};
 use pfstorer::model::nn::{
     attention, attention_chunk_elements, conv2d_input_gradient, conv2d_input_gradient_composed,
     input_gradient_path_for, set_differentiable, ConvGradGeometry, InputGradientPath,
-    ATTENTION_CHUNK_ELEMENTS,
+    CPU_CHUNK_ELEMENTS,
 };
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
@@ -197,10 +197,10 @@ fn attention_with_the_device_chunk_bound() {
     let (heads, n, d): (usize, usize, usize) = if device.is_cuda() {
         (10, 4096, 64)
     } else {
-        assert_eq!(bound, ATTENTION_CHUNK_ELEMENTS, "the CPU bound is fixed");
+        assert_eq!(bound, CPU_CHUNK_ELEMENTS, "the CPU bound is fixed");
         println!(
             "cuda_kernels: PFSTORER_TEST_DEVICE is not cuda; checked the CPU attention (fixed bound \
-             2^26) instead"
+             2^24) instead"
         );
         (2, 256, 16)
     };

@@ -492,3 +492,100 @@ fn batched_tiles_give_the_same_latent_with_the_real_networks() {
     );
     println!("latent: {tiles} tiles, calls of {BATCH}: max abs diff {diff:.3e} (scale {scale:.2})");
 }
+
+/// A staged restorer (each stage loads its networks from the files and frees them after) gives
+/// the resident restorer's image bit for bit, for one piece and for several pixel patches: the
+/// same weights, the same operations, and each piece's random sequence carried across the
+/// stages. Only the staged one spends time loading.
+#[test]
+fn staged_networks_restore_what_resident_ones_do() {
+    use pfstorer::restore::{StagedNetworks, TargetSize, WeightSource};
+    let (base, cfw) = models();
+    let factor = base.config.vae.downsample_factor();
+    let native = common::FAST_INPUT_SIZE;
+    let tile = native / factor;
+    let cond = Restorer::text_context(&base, "a photo of a person").unwrap();
+    let uncond = Restorer::text_context(&base, "blurry").unwrap();
+    let settings = |patch_size: usize| RestoreSettings {
+        steps: 2,
+        native_size: Some(native),
+        tile_overlap: tile / 2,
+        patch_size,
+        patch_stride: (patch_size * 3 / 4).max(1),
+        seed: 11,
+        ..RestoreSettings::default()
+    };
+    let staged_networks = || StagedNetworks {
+        base: WeightSource::open(&common::fixture("stablesr/model.safetensors")).unwrap(),
+        base_config: base.config.clone(),
+        cfw: WeightSource::open(&common::fixture("stablesr/cfw.safetensors")).unwrap(),
+        cfw_config: cfw.config.clone(),
+        dtype: DType::F32,
+        cfw_dtype: DType::F32,
+        device: Device::Cpu,
+    };
+    let target = TargetSize::Scale(1.0);
+    // An odd size: padding to 32 and, with the small patches, uneven patch edges.
+    let (w, h) = (native * 3 / 2 + 5, native + 3);
+    let image = synthetic(w, h);
+    for patch_size in [4096, (native / 32).max(1) * 32] {
+        let resident = Restorer::new(
+            &base,
+            &cfw,
+            settings(patch_size),
+            cond.clone(),
+            uncond.clone(),
+        )
+        .unwrap();
+        let staged = Restorer::staged(
+            staged_networks(),
+            settings(patch_size),
+            cond.clone(),
+            uncond.clone(),
+        )
+        .unwrap();
+        assert!(staged.is_staged() && !resident.is_staged());
+        let (plan, work) = staged.work(w, h, target).unwrap();
+        assert_eq!(
+            (plan.patches > 1),
+            patch_size < 4096,
+            "{w}x{h} in {patch_size}-px patches: {} patches",
+            plan.patches
+        );
+        let mut steps_seen = Vec::new();
+        let a = resident.restore(&image, target, &mut |_, _| {}).unwrap();
+        let b = staged
+            .restore(&image, target, &mut |done, total| {
+                steps_seen.push((done, total))
+            })
+            .unwrap();
+        assert_eq!((a.width, a.height), (b.width, b.height));
+        let diff = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        println!(
+            "{} patch(es): staged vs resident max abs diff {diff:e}",
+            plan.patches
+        );
+        assert_eq!(
+            a.data, b.data,
+            "{} patch(es): staged == resident",
+            plan.patches
+        );
+        assert_eq!(staged.unet_calls(), work.unet_calls, "planned calls");
+        assert_eq!(resident.unet_calls(), staged.unet_calls());
+        // Progress runs over every patch's steps in order.
+        let total = plan.patches * 2;
+        assert_eq!(steps_seen.last(), Some(&(total, total)), "{steps_seen:?}");
+        assert!(
+            steps_seen.windows(2).all(|p| p[0].0 <= p[1].0),
+            "{steps_seen:?}"
+        );
+        let (s, r) = (staged.stage_seconds(), resident.stage_seconds());
+        assert!(s.load > 0.0 && r.load == 0.0, "{s:?} {r:?}");
+        assert!(s.encode > 0.0 && s.sample > 0.0 && s.decode > 0.0, "{s:?}");
+    }
+}

@@ -20,7 +20,8 @@ use crate::model::unet::{UNet, UNetInputs};
 use crate::model::vae::AutoencoderKL;
 use crate::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
 use crate::restore::{
-    RestoreSettings, Restorer, TargetSize, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
+    ResidencyPolicy, RestoreSettings, Restorer, StagedNetworks, TargetSize, WeightSource,
+    BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
 };
 use crate::weights::checked::random_tensor;
 use crate::weights::{CheckedWeights, Source, TensorStore};
@@ -78,6 +79,9 @@ pub struct RestoreBench {
     /// Latent tiles per UNet call (as `restore --tile-batch`); default from the device.
     #[arg(long, value_name = "N")]
     pub tile_batch: Option<usize>,
+    /// As `restore --residency`: staged loads each stage's networks for it (auto: on the CPU).
+    #[arg(long, value_enum, default_value_t = ResidencyPolicy::Auto)]
+    pub residency: ResidencyPolicy,
     /// Diffusion checkpoint; default: seeded random weights of the released architecture.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -374,17 +378,19 @@ fn write_random(
 
 fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     let (device, dtype) = b.run.device_dtype()?;
+    let source = |path: &Option<PathBuf>| -> anyhow::Result<WeightSource> {
+        Ok(match path {
+            Some(p) => WeightSource::open(p)?,
+            None => WeightSource::Random(0),
+        })
+    };
+    let (base_source, cfw_source) = (source(&b.base)?, source(&b.cfw)?);
     // As `pfstorer restore`: the prompts' contexts from the text encoder alone, then the
-    // sampling networks without it.
+    // sampling networks without it (loaded once, or stage by stage).
     let t_load = Instant::now();
     let base_cfg = b.arch.base_config()?;
-    let text_model = load_base(
-        &b.base,
-        base_cfg.clone(),
-        dtype,
-        &device,
-        Residency::TextOnly,
-    )?;
+    let (text_model, _) =
+        base_source.load_base(base_cfg.clone(), dtype, &device, Residency::TextOnly)?;
     let mut load_s = t_load.elapsed().as_secs_f64();
     let prompt = DEFAULT_PROMPT.replace('*', BASE_SUBJECT);
     let t_text = Instant::now();
@@ -392,18 +398,6 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     let uncond = Restorer::text_context(&text_model, DEFAULT_NEGATIVE_PROMPT)?;
     let text_s = t_text.elapsed().as_secs_f64();
     drop(text_model);
-    let t_load = Instant::now();
-    let base = load_base(&b.base, base_cfg, dtype, &device, Residency::WithoutText)?;
-    let cfw_cfg = b.arch.cfw_config()?;
-    // As `pfstorer restore`: the CFW autoencoder in f32.
-    let cfw = match &b.cfw {
-        Some(p) => CfwModel::load(p, cfw_cfg, DType::F32, &device)?.0,
-        None => {
-            let weights = CheckedWeights::new(Source::Random(0));
-            CfwModel::from_weights(cfw_cfg, &weights, DType::F32, &device)?.0
-        }
-    };
-    load_s += t_load.elapsed().as_secs_f64();
 
     let settings = RestoreSettings {
         steps: b.steps,
@@ -411,27 +405,39 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
         tile_batch: b.tile_batch,
         ..RestoreSettings::default()
     };
+    let cfw_cfg = b.arch.cfw_config()?;
+    let staged = b.residency.is_staged(&device);
+    let t_load = Instant::now();
+    let (base, cfw);
+    let restorer = if staged {
+        let networks = StagedNetworks {
+            base: base_source,
+            base_config: base_cfg,
+            cfw: cfw_source,
+            cfw_config: cfw_cfg,
+            dtype,
+            // As `pfstorer restore`: the CFW autoencoder in f32.
+            cfw_dtype: DType::F32,
+            device: device.clone(),
+        };
+        Restorer::staged(networks, settings, cond, uncond)?
+    } else {
+        base = base_source
+            .load_base(base_cfg, dtype, &device, Residency::WithoutText)?
+            .0;
+        cfw = cfw_source.load_cfw(cfw_cfg, DType::F32, &device)?.0;
+        Restorer::new(&base, &cfw, settings, cond, uncond)?
+    };
+    load_s += t_load.elapsed().as_secs_f64();
     let image = synthetic_face(b.size, 7);
-    let lq = crate::imaging::tensor::image_to_tensor(&image, &device)?;
-    let stages = time_codec_stages(&base.vae, base.dtype, &cfw, &lq, settings.dec_w)?;
     let t_total = Instant::now();
-    let restorer = Restorer::new(&base, &cfw, settings, cond, uncond)?;
     let (_, work) = restorer.work(image.width, image.height, TargetSize::Scale(1.0))?;
     eprintln!("work: {work}");
-    // `done == 0` is reported when sampling starts, then every finished step.
-    let mut sampling_started: Option<Instant> = None;
-    let mut last_step = Instant::now();
-    let out = restorer.restore(&image, TargetSize::Scale(1.0), &mut |done, _| {
-        let now = Instant::now();
-        if done == 0 {
-            sampling_started.get_or_insert(now);
-        } else {
-            last_step = now;
-        }
-    })?;
-    // The prompts' encoding counts as in the reference's timing.
+    let out = restorer.restore(&image, TargetSize::Scale(1.0), &mut |_, _| {})?;
+    // The prompts' encoding counts as in the reference's timing; a staged restore's loads
+    // are part of its work and counted too (`stage_load_s`).
     let total_s = t_total.elapsed().as_secs_f64() + text_s;
-    let sample_s = sampling_started.map(|start| (last_step - start).as_secs_f64());
+    let stages = restorer.stage_seconds();
     println!(
         "{}",
         serde_json::json!({
@@ -441,15 +447,16 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             "steps": b.steps,
             "device": device_label(&device),
             "dtype": dtype_name(dtype),
+            "residency": if staged { "staged" } else { "resident" },
             "weights": b.base.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "random".into()),
             "load_s": load_s,
             "total_s": total_s,
             "text_s": text_s,
-            "vae_encode_s": stages.vae_encode_s,
-            "sample_s": sample_s,
-            "cfw_encode_s": stages.cfw_encode_s,
-            "cfw_decode_s": stages.cfw_decode_s,
-            "per_step_s": sample_s.map(|s| s / b.steps as f64),
+            "stage_load_s": stages.load,
+            "vae_encode_s": stages.encode,
+            "sample_s": stages.sample,
+            "cfw_decode_s": stages.decode,
+            "per_step_s": stages.sample / b.steps as f64,
             "tiles_per_batch": restorer.tiling().tiles_per_batch,
             "unet_calls": restorer.unet_calls(),
             "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),

@@ -38,8 +38,9 @@ pub const SCHEDULE_BUFFERS: [&str; 12] = [
 ];
 
 /// Which networks of the diffusion checkpoint a [`BaseModel`] holds. Whatever it does not hold is
-/// still checked against the file (every name, shape and dtype) but never read. The VAE decoder
-/// is never held: restoring writes pixels through the CFW decoder, training works on latents.
+/// still checked against the file (every name, shape and dtype) but never read, and is a
+/// zero-cost placeholder that [`BaseModel::require`] refuses to run. The VAE decoder is never
+/// held: restoring writes pixels through the CFW decoder, training works on latents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Residency {
     /// UNet, time-aware encoder, VAE encoder and text encoder (training, personalization).
@@ -47,9 +48,36 @@ pub enum Residency {
     /// Everything but the text encoder: sampling, once the prompts' contexts are computed.
     WithoutText,
     /// The text encoder alone, to compute prompt contexts before the rest is loaded (so its
-    /// ~1.4 GB and the UNet's ~3.7 GB are never in memory together). The other networks are
-    /// zero placeholders: [`BaseModel::require_networks`] refuses to run them.
+    /// ~1.4 GB and the UNet's ~3.7 GB are never in memory together).
     TextOnly,
+    /// The VAE encoder alone: the first stage of a staged restore (LQ image -> latent).
+    VaeEncoderOnly,
+    /// The UNet and the time-aware encoder alone: the sampling stage of a staged restore, with
+    /// nothing else of the checkpoint beside their ~3.9 GB.
+    SamplingOnly,
+}
+
+/// The networks of the diffusion checkpoint that run (the VAE decoder never does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    Text,
+    VaeEncoder,
+    /// The UNet and the time-aware encoder, which always run together.
+    Sampling,
+}
+
+impl Residency {
+    /// Whether a model loaded with this residency holds `network`'s weights.
+    pub fn holds(self, network: Network) -> bool {
+        use Network::*;
+        match self {
+            Residency::Full => true,
+            Residency::WithoutText => network != Text,
+            Residency::TextOnly => network == Text,
+            Residency::VaeEncoderOnly => network == VaeEncoder,
+            Residency::SamplingOnly => network == Sampling,
+        }
+    }
 }
 
 pub struct BaseModel {
@@ -116,17 +144,24 @@ impl BaseModel {
     ) -> Result<(Self, UnusedSummary)> {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
         let check_vb = weights.check_only().var_builder(dtype, &device);
-        let (text_vb, rest_vb) = match residency {
-            Residency::Full => (vb.clone(), vb),
-            Residency::WithoutText => (check_vb.clone(), vb),
-            Residency::TextOnly => (vb, check_vb.clone()),
+        let vb_for = |network| {
+            if residency.holds(network) {
+                vb.clone()
+            } else {
+                check_vb.clone()
+            }
         };
-        let unet = UNet::new(&config.unet, rest_vb.pp(UNET_PREFIX))?;
-        let lq_encoder = LqEncoder::new(&config.lq_encoder, rest_vb.pp(LQ_ENCODER_PREFIX))?;
+        let (text_vb, sampling_vb, vae_vb) = (
+            vb_for(Network::Text),
+            vb_for(Network::Sampling),
+            vb_for(Network::VaeEncoder),
+        );
+        let unet = UNet::new(&config.unet, sampling_vb.pp(UNET_PREFIX))?;
+        let lq_encoder = LqEncoder::new(&config.lq_encoder, sampling_vb.pp(LQ_ENCODER_PREFIX))?;
         let text_encoder = TextEncoder::new(&config.text, text_vb.pp(TEXT_PREFIX))?;
         let vae = AutoencoderKL::without_decoder(
             &config.vae,
-            rest_vb.pp(VAE_PREFIX),
+            vae_vb.pp(VAE_PREFIX),
             check_vb.pp(VAE_PREFIX),
         )?;
         for name in SCHEDULE_BUFFERS {
@@ -151,10 +186,7 @@ impl BaseModel {
             unused,
         }
         .unused_summary();
-        let text_encoder = match residency {
-            Residency::WithoutText => None,
-            Residency::Full | Residency::TextOnly => Some(text_encoder),
-        };
+        let text_encoder = residency.holds(Network::Text).then_some(text_encoder);
         Ok((
             BaseModel {
                 config,
@@ -173,12 +205,19 @@ impl BaseModel {
 
     /// An error unless the UNet, time-aware encoder and VAE encoder hold their weights.
     pub fn require_networks(&self) -> Result<()> {
-        match self.residency {
-            Residency::TextOnly => Err(Error::Config(
-                "internal: the diffusion networks of a text-only model were asked to run".into(),
-            )),
-            Residency::Full | Residency::WithoutText => Ok(()),
+        self.require(Network::Sampling)?;
+        self.require(Network::VaeEncoder)
+    }
+
+    /// An error unless `network` holds its weights (not a placeholder of another residency).
+    pub fn require(&self, network: Network) -> Result<()> {
+        if self.residency.holds(network) {
+            return Ok(());
         }
+        Err(Error::Config(format!(
+            "internal: the {network:?} network of a model loaded as {:?} was asked to run",
+            self.residency
+        )))
     }
 
     /// The frozen text encoder; an error when loaded without it or once
@@ -238,7 +277,21 @@ impl CfwModel {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, UnusedSummary)> {
-        let vb = weights.var_builder(dtype, device);
+        Self::build(config, weights, weights.var_builder(dtype, device), dtype)
+    }
+
+    /// Checks `weights` against `config` (every name, shape and dtype) without reading a weight.
+    pub fn check(config: CfwConfig, weights: &CheckedWeights) -> Result<UnusedSummary> {
+        let vb = weights.check_only().var_builder(DType::F32, &Device::Cpu);
+        Ok(Self::build(config, weights, vb, DType::F32)?.1)
+    }
+
+    fn build(
+        config: CfwConfig,
+        weights: &CheckedWeights,
+        vb: candle_nn::VarBuilder<'static>,
+        dtype: DType,
+    ) -> Result<(Self, UnusedSummary)> {
         let autoencoder = CfwAutoencoder::new(&config.vae, vb)?;
         let prefixes = ["encoder.", "decoder.", "quant_conv.", "post_quant_conv."];
         let report = weights.finish(&prefixes)?;

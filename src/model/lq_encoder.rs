@@ -59,17 +59,14 @@ impl AttentionBlock {
         let qkv = Self::conv1x1(&self.norm.forward(&flat)?, &self.qkv_weight, &self.qkv_bias)?;
         let ch = c / self.heads;
         let qkv = qkv.reshape((b * self.heads, 3 * ch, t))?;
-        let scale = 1.0 / (ch as f64).sqrt().sqrt();
-        let q = (qkv.narrow(1, 0, ch)? * scale)?;
-        let k = (qkv.narrow(1, ch, ch)? * scale)?;
-        let v = qkv.narrow(1, 2 * ch, ch)?;
-        // weight[b, t, s] = sum_c q[b, c, t] k[b, c, s]
-        let weight = q.transpose(1, 2)?.contiguous()?.matmul(&k.contiguous()?)?;
-        let weight = nn::softmax_last_dim(&weight)?;
-        // a[b, c, t] = sum_s weight[b, t, s] v[b, c, s]
-        let a = v
-            .contiguous()?
-            .matmul(&weight.transpose(1, 2)?.contiguous()?)?;
+        // The reference scales q and k by ch^-1/4 each; one ch^-1/2 on the scores is the same
+        // product. Token-major `[b*heads, t, ch]` for the shared attention, which chunks the
+        // query rows so the `t x t` scores (4096^2 per head at a 64x64 latent) are never whole.
+        let tokens = |from: usize| qkv.narrow(1, from, ch)?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (tokens(0)?, tokens(ch)?, tokens(2 * ch)?);
+        let a = nn::attention(&q, &k, &v, 1.0 / (ch as f64).sqrt(), None)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let a = a.reshape((b, c, t))?;
         let out = Self::conv1x1(&a, &self.proj_weight, &self.proj_bias)?;
         (flat + out)?.reshape((b, c, h, w))

@@ -237,7 +237,32 @@ impl FeedForward {
 }
 
 impl Module for FeedForward {
+    /// At inference the tokens go through in row chunks whose `[rows, 2*inner]` projection stays
+    /// within the attention's score-chunk bound: the GEGLU is per token, so chunking changes no
+    /// value, and a 64x64 latent's CFG batch no longer holds three 4x-wide copies of its tokens
+    /// (84 + 42 + 42 MB) at once.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let width = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / width.max(1);
+        let projected = self.proj.weight().dim(0)?;
+        let per_chunk = (nn::attention_chunk_elements(x.device()) / projected.max(1)).max(1);
+        if (nn::differentiable() && x.track_op()) || rows <= per_chunk {
+            return self.forward_rows(x);
+        }
+        let flat = x.reshape((rows, width))?;
+        let mut chunks = Vec::with_capacity(rows.div_ceil(per_chunk));
+        for start in (0..rows).step_by(per_chunk) {
+            let len = per_chunk.min(rows - start);
+            chunks.push(self.forward_rows(&flat.narrow(0, start, len)?)?);
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = self.out.weight().dim(0)?;
+        Tensor::cat(&chunks, 0)?.reshape(dims)
+    }
+}
+
+impl FeedForward {
+    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
         let inner = h.dim(D::Minus1)? / 2;
         let value = h.narrow(D::Minus1, 0, inner)?;

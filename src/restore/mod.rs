@@ -12,11 +12,14 @@
 //!   an image goes through, known before any compute;
 //! - [`denoisers`]: the UNet as the samplers' v-denoiser, with and without an identity
 //!   ([`Personalization`]);
+//! - [`networks`]: where each stage's networks come from: loaded once for a batch, or loaded for
+//!   the stage and freed after it ([`ResidencyPolicy`]);
 //! - [`pipeline`]: [`Restorer`], the steps above end to end.
 //!
 //! Image/tensor conversions live in [`crate::imaging::tensor`]; the prompts in [`crate::prompts`].
 
 pub mod denoisers;
+pub mod networks;
 pub mod pipeline;
 pub mod settings;
 
@@ -25,6 +28,7 @@ pub use crate::imaging::tensor::{
 };
 pub use crate::prompts::{BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT};
 pub use denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
+pub use networks::{Networks, ResidencyPolicy, StagedNetworks, WeightSource};
 pub use pipeline::Restorer;
 pub use settings::{
     auto_tile_batch, bytes_per_unet_row, check_native_size, RestorePlan, RestoreSettings,

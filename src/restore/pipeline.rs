@@ -1,27 +1,33 @@
 //! [`Restorer`]: one image end to end, as StableSR's tile script runs it.
 
 use super::denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
+use super::networks::{Held, Networks, StagedNetworks};
 use super::settings::{
     auto_tile_batch, bytes_per_unet_row, check_native_size, RestorePlan, RestoreSettings,
     SamplingWork, TargetSize,
 };
+use crate::config::BaseModelConfig;
 use crate::diffusion::canvas::{CanvasSampler, Tiling};
 use crate::diffusion::noise::{NoiseSource, SeededNoise};
 use crate::diffusion::sampler::{Branches, DdpmSampler, SampleOptions, StepProgress, VDenoiser};
 use crate::error::{Error, Result};
+use crate::imaging::patches::Patch;
 use crate::imaging::patches::{patches, PatchBlender};
 use crate::imaging::tensor::{
     image_to_tensor, pad_reflect_to_multiple, resize_bicubic_nchw, tensor_to_image,
 };
 use crate::imaging::ImageF32;
-use crate::model::base::{BaseModel, CfwModel};
-use candle_core::{DType, Tensor};
+use crate::model::base::{BaseModel, CfwModel, Network};
+use candle_core::{DType, Device, Tensor};
 use std::cell::Cell;
+use std::time::Instant;
 
-/// Everything loaded once per batch.
+/// Everything set up once per batch.
 pub struct Restorer<'a> {
-    pub base: &'a BaseModel,
-    pub cfw: &'a CfwModel,
+    networks: Networks<'a>,
+    /// The diffusion model's configuration, device and precision.
+    config: BaseModelConfig,
+    device: Device,
     pub settings: RestoreSettings,
     sampler: DdpmSampler,
     /// Latent tiling, with the tiles per UNet call resolved for the device.
@@ -31,10 +37,25 @@ pub struct Restorer<'a> {
     personalization: Option<Personalization>,
     /// UNet calls made so far (what [`SamplingWork::unet_calls`] predicts).
     unet_calls: Cell<usize>,
+    seconds: Cell<StageSeconds>,
+}
+
+/// Wall seconds a restorer has spent so far in each stage, over all images and pieces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StageSeconds {
+    /// Loading networks at the start of a stage (staged restorers only).
+    pub load: f64,
+    /// VAE encoding of the LQ.
+    pub encode: f64,
+    /// Sampling.
+    pub sample: f64,
+    /// CFW encoding and decoding, colour fix.
+    pub decode: f64,
 }
 
 impl<'a> Restorer<'a> {
-    /// `cond` / `uncond` are the `[1, 77, d]` text contexts (see [`Restorer::text_context`]).
+    /// A restorer over networks loaded once for the batch. `cond` / `uncond` are the
+    /// `[1, 77, d]` text contexts (see [`Restorer::text_context`]).
     pub fn new(
         base: &'a BaseModel,
         cfw: &'a CfwModel,
@@ -42,23 +63,64 @@ impl<'a> Restorer<'a> {
         cond: Tensor,
         uncond: Tensor,
     ) -> Result<Self> {
-        settings.validate()?;
         base.require_networks()?;
-        if settings.steps == 0 || settings.steps > base.config.diffusion.timesteps {
+        // The weights are loaded by now, so free memory is what sampling can use.
+        let free = crate::device::free_memory(&base.device);
+        Self::build(
+            Networks::Resident { base, cfw },
+            base.config.clone(),
+            base.device.clone(),
+            free,
+            settings,
+            (cond, uncond),
+        )
+    }
+
+    /// A restorer that loads each stage's networks when it starts and frees them after it
+    /// (see [`Networks::Staged`]).
+    pub fn staged(
+        staged: StagedNetworks,
+        settings: RestoreSettings,
+        cond: Tensor,
+        uncond: Tensor,
+    ) -> Result<Self> {
+        // Sampling will have its networks loaded beside whatever runs now.
+        let free = crate::device::free_memory(&staged.device)
+            .map(|f| f.saturating_sub(staged.sampling_weight_bytes() as u64));
+        let config = staged.base_config.clone();
+        let device = staged.device.clone();
+        Self::build(
+            Networks::Staged(staged),
+            config,
+            device,
+            free,
+            settings,
+            (cond, uncond),
+        )
+    }
+
+    fn build(
+        networks: Networks<'a>,
+        config: BaseModelConfig,
+        device: Device,
+        free_memory: Option<u64>,
+        settings: RestoreSettings,
+        (cond, uncond): (Tensor, Tensor),
+    ) -> Result<Self> {
+        settings.validate()?;
+        if settings.steps == 0 || settings.steps > config.diffusion.timesteps {
             return Err(Error::Input(format!(
                 "--steps {}: must be between 1 and {}",
-                settings.steps, base.config.diffusion.timesteps
+                settings.steps, config.diffusion.timesteps
             )));
         }
-        let native = settings
-            .native_size
-            .unwrap_or(base.config.diffusion.image_size);
+        let native = settings.native_size.unwrap_or(config.diffusion.image_size);
         check_native_size(native)?;
-        let tile = native / base.config.vae.downsample_factor();
-        if tile == 0 || !native.is_multiple_of(base.config.vae.downsample_factor()) {
+        let tile = native / config.vae.downsample_factor();
+        if tile == 0 || !native.is_multiple_of(config.vae.downsample_factor()) {
             return Err(Error::Input(format!(
                 "--input-size {native}: must be a positive multiple of {}",
-                base.config.vae.downsample_factor()
+                config.vae.downsample_factor()
             )));
         }
         if settings.tile_overlap >= tile {
@@ -76,16 +138,15 @@ impl<'a> Restorer<'a> {
                 settings.patch_size, settings.patch_stride
             )));
         }
-        let sampler = DdpmSampler::new(&base.config.diffusion, settings.steps)?;
+        let sampler = DdpmSampler::new(&config.diffusion, settings.steps)?;
         let tiles_per_batch = settings.tile_batch.unwrap_or_else(|| {
             let rows = match Branches::for_guidance(Some(settings.guidance)) {
                 Branches::Cond => 1,
                 Branches::UncondCond => 2,
             };
-            // The weights are loaded by now, so free memory is what sampling can use.
             auto_tile_batch(
-                crate::device::free_memory(&base.device),
-                bytes_per_unet_row(base.config.unet.model_channels, tile),
+                free_memory,
+                bytes_per_unet_row(config.unet.model_channels, tile),
                 rows,
             )
         });
@@ -95,8 +156,9 @@ impl<'a> Restorer<'a> {
             tiles_per_batch,
         };
         Ok(Restorer {
-            base,
-            cfw,
+            networks,
+            config,
+            device,
             settings,
             sampler,
             tiling,
@@ -104,7 +166,13 @@ impl<'a> Restorer<'a> {
             uncond,
             personalization: None,
             unet_calls: Cell::new(0),
+            seconds: Cell::new(StageSeconds::default()),
         })
+    }
+
+    /// Whether each stage loads its own networks (see [`Restorer::staged`]).
+    pub fn is_staged(&self) -> bool {
+        matches!(self.networks, Networks::Staged(_))
     }
 
     /// Restores with `personalization`: its contexts replace `cond` / `uncond`.
@@ -127,6 +195,35 @@ impl<'a> Restorer<'a> {
         self.tiling
     }
 
+    /// Seconds spent so far in each stage.
+    pub fn stage_seconds(&self) -> StageSeconds {
+        self.seconds.get()
+    }
+
+    /// A stage's networks, the time taken counted as loading when they were loaded for it.
+    fn loaded<'s, T>(
+        &'s self,
+        get: impl FnOnce(&'s Networks<'a>) -> Result<Held<'s, T>>,
+    ) -> Result<Held<'s, T>> {
+        let t = Instant::now();
+        if self.is_staged() {
+            // The previous stage's networks and activations are dropped by now.
+            crate::allocator::release_freed_memory();
+        }
+        let held = get(&self.networks)?;
+        if matches!(held, Held::Loaded(_)) {
+            self.count(t, |s| &mut s.load);
+        }
+        Ok(held)
+    }
+
+    /// Adds the time since `since` to one stage's count.
+    fn count(&self, since: Instant, stage: fn(&mut StageSeconds) -> &mut f64) {
+        let mut s = self.seconds.get();
+        *stage(&mut s) += since.elapsed().as_secs_f64();
+        self.seconds.set(s);
+    }
+
     /// UNet calls made so far by this restorer.
     pub fn unet_calls(&self) -> usize {
         self.unet_calls.get()
@@ -140,14 +237,12 @@ impl<'a> Restorer<'a> {
         height: usize,
         target: TargetSize,
     ) -> Result<(RestorePlan, SamplingWork)> {
-        let plan =
-            self.settings
-                .plan(self.base.config.diffusion.image_size, width, height, target)?;
-        let work = self.settings.work(
-            &plan,
-            self.base.config.vae.downsample_factor(),
-            &self.tiling,
-        )?;
+        let plan = self
+            .settings
+            .plan(self.config.diffusion.image_size, width, height, target)?;
+        let work = self
+            .settings
+            .work(&plan, self.config.vae.downsample_factor(), &self.tiling)?;
         Ok((plan, work))
     }
 
@@ -163,13 +258,13 @@ impl<'a> Restorer<'a> {
         // Process at the output size, or larger so the short side reaches the model's native
         // size (as the reference), and resize back at the end.
         let plan = self.settings.plan(
-            self.base.config.diffusion.image_size,
+            self.config.diffusion.image_size,
             rgb.width,
             rgb.height,
             target,
         )?;
         let (out_w, out_h, proc_w, proc_h) = (plan.out_w, plan.out_h, plan.proc_w, plan.proc_h);
-        let device = &self.base.device;
+        let device = &self.device;
         let lq = image_to_tensor(rgb, device)?;
         let lq = resize_bicubic_nchw(&lq, proc_h, proc_w)?.clamp(-1f32, 1f32)?;
         let seed = self.settings.seed;
@@ -209,7 +304,10 @@ impl<'a> Restorer<'a> {
         Ok(sr.narrow(2, 0, h)?.narrow(3, 0, w)?)
     }
 
-    /// Restores a padded `[1, 3, H, W]` LQ in [-1, 1]; returns the result in [-1, 1].
+    /// Restores a padded `[1, 3, H, W]` LQ in [-1, 1]; returns the result in [-1, 1]. Stage by
+    /// stage over all of its pieces (one, or the pixel patches of a large image): encode every
+    /// piece, sample every piece, decode every piece. Each piece keeps its own random sequence
+    /// across the stages, so the order is the reference's piece by piece in all but time.
     fn restore_padded(
         &self,
         lq: &Tensor,
@@ -218,42 +316,86 @@ impl<'a> Restorer<'a> {
     ) -> Result<Tensor> {
         let (b, c, h, w) = lq.dims4()?;
         let s = &self.settings;
-        if h <= s.patch_size && w <= s.patch_size {
-            let mut noise = new_noise();
-            return self.restore_piece(lq, noise.as_mut(), &mut |d| on_step(d, s.steps));
+        let whole = h <= s.patch_size && w <= s.patch_size;
+        let pieces = if whole {
+            vec![Patch { x: 0, y: 0, w, h }]
+        } else {
+            patches(h, w, s.patch_size, s.patch_stride)
+        };
+        let piece_of = |p: &Patch| -> Result<Tensor> {
+            Ok(if whole {
+                lq.clone()
+            } else {
+                lq.narrow(2, p.y, p.h)?.narrow(3, p.x, p.w)?
+            })
+        };
+
+        let mut started = Vec::with_capacity(pieces.len());
+        {
+            let encoder = self.loaded(|n| n.vae_encoder())?;
+            let t = Instant::now();
+            for p in &pieces {
+                let mut noise = new_noise();
+                let init_latent = Self::encode_piece(&encoder, &piece_of(p)?, noise.as_mut())?;
+                started.push((init_latent, noise));
+            }
+            self.count(t, |s| &mut s.encode);
         }
-        let pieces = patches(h, w, s.patch_size, s.patch_stride);
+
         let total = pieces.len() * s.steps;
-        let mut blender = PatchBlender::new(b, c, h, w, lq.device())?;
-        for (k, p) in pieces.iter().enumerate() {
-            let piece = lq.narrow(2, p.y, p.h)?.narrow(3, p.x, p.w)?;
-            let mut noise = new_noise();
-            let out = self.restore_piece(&piece, noise.as_mut(), &mut |d| {
-                on_step(k * s.steps + d, total)
-            })?;
-            blender.add(*p, &out)?;
+        let mut latents = Vec::with_capacity(pieces.len());
+        {
+            let sampling = self.loaded(|n| n.sampling())?;
+            let t = Instant::now();
+            for (k, (init_latent, mut noise)) in started.into_iter().enumerate() {
+                latents.push(self.sample_piece(
+                    &sampling,
+                    &init_latent,
+                    noise.as_mut(),
+                    &mut |d| on_step(k * s.steps + d, total),
+                )?);
+            }
+            self.count(t, |s| &mut s.sample);
         }
-        Ok(blender.finish()?)
+
+        let cfw = self.loaded(|n| n.cfw())?;
+        let t = Instant::now();
+        let decoded = if whole {
+            self.decode_piece(&cfw, &latents[0], lq)?
+        } else {
+            let mut blender = PatchBlender::new(b, c, h, w, lq.device())?;
+            for (p, latent) in pieces.iter().zip(&latents) {
+                let out = self.decode_piece(&cfw, latent, &piece_of(p)?)?;
+                blender.add(*p, &out)?;
+            }
+            blender.finish()?
+        };
+        self.count(t, |s| &mut s.decode);
+        Ok(decoded)
     }
 
-    /// One piece: encode, sample over latent tiles, decode with CFW, colour fix.
-    fn restore_piece(
+    /// A piece's starting latent: the VAE posterior of the LQ, sampled with the piece's first
+    /// noise draw and scaled (f32).
+    fn encode_piece(base: &BaseModel, lq: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        base.require(Network::VaeEncoder)?;
+        let dtype = base.dtype;
+        let posterior = base.vae.encode(&lq.to_dtype(dtype)?)?;
+        let eps = noise.next(posterior.mean.dims(), &base.device)?;
+        Ok((posterior
+            .sample(&eps.to_dtype(dtype)?)?
+            .to_dtype(DType::F32)?
+            * base.config.diffusion.scale_factor)?)
+    }
+
+    /// Samples a piece's latent over latent tiles; `on_step(done)` after every step.
+    fn sample_piece(
         &self,
-        lq: &Tensor,
+        base: &BaseModel,
+        init_latent: &Tensor,
         noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Tensor> {
-        let base = self.base;
-        let dtype = base.dtype;
-        let scale = base.config.diffusion.scale_factor;
-        let lq_model = lq.to_dtype(dtype)?;
-        let posterior = base.vae.encode(&lq_model)?;
-        let eps = noise.next(posterior.mean.dims(), &base.device)?;
-        let init_latent = (posterior
-            .sample(&eps.to_dtype(dtype)?)?
-            .to_dtype(DType::F32)?
-            * scale)?;
-
+        base.require(Network::Sampling)?;
         let mut base_denoiser;
         let mut personalized;
         let denoiser: &mut dyn VDenoiser = match &self.personalization {
@@ -283,23 +425,26 @@ impl<'a> Restorer<'a> {
         on_step(0);
         let mut progress = |p: &StepProgress| on_step(p.done);
         // The same decision the work plan counts with (`Tiling::fits_one_tile`).
-        let latent = if self.tiling.fits_one_tile(lh, lw) {
+        Ok(if self.tiling.fits_one_tile(lh, lw) {
             self.sampler
-                .sample(&mut counted, &init_latent, noise, &opts, &mut progress)?
+                .sample(&mut counted, init_latent, noise, &opts, &mut progress)?
                 .latent
         } else {
             CanvasSampler::new(&self.sampler, self.tiling)?
-                .sample(&mut counted, &init_latent, noise, &opts, &mut progress)?
+                .sample(&mut counted, init_latent, noise, &opts, &mut progress)?
                 .latent
-        };
-        let cfw_dtype = self.cfw.dtype;
-        let (_, enc_features) = self
-            .cfw
+        })
+    }
+
+    /// A piece's pixels: the CFW decode of its sampled latent fused with the encoder features
+    /// of its LQ, colour-fixed against the LQ (f32, [-1, 1]).
+    fn decode_piece(&self, cfw: &CfwModel, latent: &Tensor, lq: &Tensor) -> Result<Tensor> {
+        let cfw_dtype = cfw.dtype;
+        let (_, enc_features) = cfw
             .autoencoder
             .encode_with_features(&lq.to_dtype(cfw_dtype)?)?;
-        let z = (latent / scale)?.to_dtype(cfw_dtype)?;
-        let decoded = self
-            .cfw
+        let z = (latent / self.config.diffusion.scale_factor)?.to_dtype(cfw_dtype)?;
+        let decoded = cfw
             .autoencoder
             .decode_fused(&z, &enc_features, self.settings.dec_w)?
             .to_dtype(DType::F32)?;

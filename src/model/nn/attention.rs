@@ -10,6 +10,12 @@ use candle_core::{DType, Result, Tensor, D};
 /// score tensor, in inference or in training (the chunks are ordinary differentiable ops).
 pub const ATTENTION_CHUNK_ELEMENTS: usize = 1 << 26;
 
+/// The inference bound on the CPU: 2^22 floats = 16 MiB per score chunk (also the feed-forward's
+/// row chunks, see `unet::FeedForward`). A chunk of ~100 query rows per head against 4096 keys
+/// keeps the matrix products at full speed, and the scores and their probabilities (two
+/// chunk-sized tensors) add 32 MiB to a restore's peak instead of half a gigabyte.
+pub const CPU_CHUNK_ELEMENTS: usize = 1 << 22;
+
 /// On CUDA, inference chunks follow the device's free memory: 1/32 of it per f32 score chunk
 /// (the softmax keeps about three score-sized tensors alive at once, and tiles may run in
 /// batches), between 2^24 elements (64 MiB) and 2^27 (512 MiB). Larger chunks only add peak
@@ -26,8 +32,8 @@ pub fn chunk_elements_for_free_memory(free_bytes: usize) -> usize {
         .clamp(CUDA_CHUNK_MIN_ELEMENTS, CUDA_CHUNK_MAX_ELEMENTS)
 }
 
-/// The inference score-chunk bound on `device`: [`ATTENTION_CHUNK_ELEMENTS`] on the CPU (and
-/// where free memory cannot be read), [`chunk_elements_for_free_memory`] on CUDA, read once per
+/// The inference score-chunk bound on `device`: [`CPU_CHUNK_ELEMENTS`] on the CPU,
+/// [`ATTENTION_CHUNK_ELEMENTS`] where a GPU's free memory cannot be read, [`chunk_elements_for_free_memory`] on CUDA, read once per
 /// GPU (at its first attention, with the weights loaded) so one run keeps one chunking.
 pub fn attention_chunk_elements(device: &candle_core::Device) -> usize {
     match device.location() {
@@ -46,7 +52,7 @@ pub fn attention_chunk_elements(device: &candle_core::Device) -> usize {
             known.push((gpu_id, n));
             n
         }
-        _ => ATTENTION_CHUNK_ELEMENTS,
+        _ => CPU_CHUNK_ELEMENTS,
     }
 }
 
@@ -389,7 +395,7 @@ mod tests {
         assert!(10 * rows * 4096 * 4 <= 512 << 20);
         assert_eq!(
             attention_chunk_elements(&candle_core::Device::Cpu),
-            ATTENTION_CHUNK_ELEMENTS
+            CPU_CHUNK_ELEMENTS
         );
     }
 
