@@ -294,9 +294,16 @@ impl candle_core::CustomOp2 for GroupNormInputGradCpu {
 /// `(dy mod s, dx mod s)` at `(y + dy / s, x + dx / s)`, again one shifted view per tap.
 /// candle 0.11's CPU path instead transposes the input to NHWC single-threaded and builds an
 /// im2col tile per 512 pixels (over half of a 512x512 VAE decode's time).
+///
+/// With `flipped_transposed`, the kernel given is read as its spatial flip with the two channel
+/// axes swapped (`k'[o, i, dy, dx] = k[i, o, k_h-1-dy, k_w-1-dx]`): the convolution that gives a
+/// convolution's input gradient. Each tap's matrix is then another strided view of the same
+/// kernel, so a frozen layer's backward never copies its kernel (for a 1280-channel 3x3 kernel
+/// that copy, through `index_select`, cost more than the gradient's matrix products).
 pub(crate) struct ShiftedGemmConv2d {
     pub(crate) padding: usize,
     pub(crate) stride: usize,
+    pub(crate) flipped_transposed: bool,
 }
 
 impl candle_core::CustomOp2 for ShiftedGemmConv2d {
@@ -314,7 +321,12 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
         let x = f32_slice(x_storage, x_layout, "shifted-gemm conv2d input")?;
         let kernel = f32_slice(k_storage, k_layout, "shifted-gemm conv2d kernel")?;
         let (b, c_in, h, w) = x_layout.shape().dims4()?;
-        let (c_out, k_c_in, k_h, k_w) = k_layout.shape().dims4()?;
+        let (k_0, k_1, k_h, k_w) = k_layout.shape().dims4()?;
+        let (c_out, k_c_in) = if self.flipped_transposed {
+            (k_1, k_0)
+        } else {
+            (k_0, k_1)
+        };
         let (p, s) = (self.padding, self.stride);
         let (hp, wp) = (h + 2 * p, w + 2 * p);
         if k_c_in != c_in || k_h > hp || k_w > wp || s == 0 {
@@ -331,8 +343,16 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
         let plane = (hq + 1) * wq;
         let phases = s * s;
         // Tap t's `c_out x c_in` matrix is a strided view of the kernel (row stride
-        // c_in * taps, column stride taps, offset t): gemm packs it, so no re-layout per call.
+        // c_in * taps, column stride taps, offset t; flipped and transposed: row stride taps,
+        // column stride c_out * taps, offset taps - 1 - t): gemm packs it, so no re-layout.
         let taps = k_h * k_w;
+        let tap_matrix = |t: usize| -> (usize, isize, isize) {
+            if self.flipped_transposed {
+                (taps - 1 - t, (c_out * taps) as isize, taps as isize)
+            } else {
+                (t, taps as isize, (c_in * taps) as isize)
+            }
+        };
         let wide = out_h * wq;
         // Phase (a, b) of channel c starts at ((a * s + b) * c_in + c) * plane.
         let mut padded = vec![0f32; phases * c_in * plane];
@@ -372,11 +392,13 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
                     let shift = phase * c_in * plane + (band_start + dy / s) * wq + dx / s;
                     // SAFETY: dst is `c_out` rows of `cols` within `acc` (row stride `wide`,
                     // starting at column band_start * wq, and band_start * wq + cols <= wide);
-                    // lhs is tap t's `c_out x c_in` view of the kernel; rhs is `c_in` rows
+                    // lhs is tap t's `c_out x c_in` view of the kernel (every offset it
+                    // reads is below c_out * c_in * taps in both layouts); rhs is `c_in` rows
                     // (stride `plane`) of `cols` elements from `shift` inside one phase, whose
                     // last element is below the phase's (c_in - 1) * plane + (hq + 1) * wq:
                     // (band_start + rows - 1 + dy / s) * wq + wq + dx / s <= hq * wq + wq, as
                     // out_h - 1 + (k_h - 1) / s <= (hp - 1) / s < hq and dx / s < wq.
+                    let (lhs_offset, lhs_cs, lhs_rs) = tap_matrix(t);
                     unsafe {
                         gemm::gemm(
                             c_out,
@@ -386,9 +408,9 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
                             1,
                             wide as isize,
                             t > 0,
-                            kernel.as_ptr().add(t),
-                            taps as isize,
-                            (c_in * taps) as isize,
+                            kernel.as_ptr().add(lhs_offset),
+                            lhs_cs,
+                            lhs_rs,
                             padded.as_ptr().add(shift),
                             1,
                             plane as isize,
@@ -516,14 +538,37 @@ mod tests {
             let x = randn(5, &x_shape);
             let kernel = randn(6, &k_shape);
             let want = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
-            let got = x
-                .apply_op2_no_bwd(&kernel, &super::ShiftedGemmConv2d { padding, stride })
-                .unwrap();
+            let op = |flipped_transposed| super::ShiftedGemmConv2d {
+                padding,
+                stride,
+                flipped_transposed,
+            };
+            let got = x.apply_op2_no_bwd(&kernel, &op(false)).unwrap();
             assert_eq!(got.dims(), want.dims(), "{x_shape:?} {k_shape:?}");
             let err = max_diff(&got, &want);
             assert!(
                 err < 1e-4,
                 "{x_shape:?} {k_shape:?} pad {padding} stride {stride}: {err}"
+            );
+            // The same convolution from the kernel stored flipped and channel-swapped: the
+            // op reads it back through its strided views.
+            let (o_n, i_n, kh, kw) = kernel.dims4().unwrap();
+            let k: Vec<f32> = kernel.flatten_all().unwrap().to_vec1().unwrap();
+            let mut flipped = vec![0f32; k.len()];
+            for (o, i, a, b) in (0..o_n).flat_map(|o| {
+                (0..i_n).flat_map(move |i| {
+                    (0..kh).flat_map(move |a| (0..kw).map(move |b| (o, i, a, b)))
+                })
+            }) {
+                flipped[((i * o_n + o) * kh + kh - 1 - a) * kw + kw - 1 - b] =
+                    k[((o * i_n + i) * kh + a) * kw + b];
+            }
+            let stored = Tensor::from_vec(flipped, (i_n, o_n, kh, kw), kernel.device()).unwrap();
+            let got = x.apply_op2_no_bwd(&stored, &op(true)).unwrap();
+            let err = max_diff(&got, &want);
+            assert!(
+                err < 1e-4,
+                "flipped: {x_shape:?} {k_shape:?} pad {padding} stride {stride}: {err}"
             );
         }
     }

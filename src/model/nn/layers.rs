@@ -286,8 +286,37 @@ pub(crate) fn conv2d_forward(
     let op = ShiftedGemmConv2d {
         padding: cfg.padding,
         stride: cfg.stride,
+        flipped_transposed: false,
     };
     x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op)
+}
+
+/// `x` convolved (stride 1, `padding`) with `kernel` flipped in space and with its channel axes
+/// swapped: on the shifted-gemm path straight from the stored kernel, elsewhere from a flipped
+/// copy.
+fn conv2d_with_flipped_kernel(x: &Tensor, kernel: &Tensor, padding: usize) -> Result<Tensor> {
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    let fast = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && kernel.dtype() == DType::F32
+        && k_h * k_w > 1
+        && !x.track_op()
+        && !kernel.track_op();
+    if fast {
+        let op = ShiftedGemmConv2d {
+            padding,
+            stride: 1,
+            flipped_transposed: true,
+        };
+        return x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op);
+    }
+    let swapped = kernel.transpose(0, 1)?.contiguous()?;
+    let flipped = if k_h * k_w > 1 {
+        flip_spatial(&swapped)?
+    } else {
+        swapped
+    };
+    conv2d_forward(x, &flipped, &unit_stride(padding))
 }
 
 /// The input gradient of `conv2d(x, kernel, cfg)` for the output gradient `g`, `x` being
@@ -330,17 +359,16 @@ pub fn conv2d_input_gradient_composed(
     if cfg.dilation != 1 || cfg.groups != 1 || p + 1 > k_h || p + 1 > k_w {
         return conv2d_input_gradient_transposed(g, kernel, cfg, in_h, in_w);
     }
-    let flipped = flip_spatial(&kernel.transpose(0, 1)?.contiguous()?)?;
     let (spread_h, spread_w) = ((out_h - 1) * s + 1, (out_w - 1) * s + 1);
     if s == 1 && k_h == k_w {
         // Stride 1 and a square kernel: the padding is symmetric and the convolution does it.
-        return conv2d_forward(g, &flipped, &unit_stride(k_h - 1 - p));
+        return conv2d_with_flipped_kernel(g, kernel, k_h - 1 - p);
     }
     let spread = spread_with_zeros(&spread_with_zeros(g, 2, s)?, 3, s)?;
     let spread = spread
         .pad_with_zeros(2, k_h - 1 - p, in_h + p - spread_h)?
         .pad_with_zeros(3, k_w - 1 - p, in_w + p - spread_w)?;
-    conv2d_forward(&spread, &flipped, &unit_stride(0))
+    conv2d_with_flipped_kernel(&spread, kernel, 0)
 }
 
 fn unit_stride(padding: usize) -> candle_nn::Conv2dConfig {
