@@ -20,14 +20,16 @@ use crate::model::unet::{UNet, UNetInputs};
 use crate::model::vae::AutoencoderKL;
 use crate::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
 use crate::restore::{
-    ResidencyPolicy, RestoreSettings, Restorer, StagedNetworks, TargetSize, WeightSource,
+    ResidencyPolicy, RestoreSettings, Restorer, Stage, StagedNetworks, TargetSize, WeightSource,
     BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
 };
 use crate::weights::checked::random_tensor;
 use crate::weights::{CheckedWeights, Source, TensorStore};
 use candle_core::{DType, Device, Shape, Tensor};
 use clap::{Args, Subcommand};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -430,10 +432,41 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     };
     load_s += t_load.elapsed().as_secs_f64();
     let image = synthetic_face(b.size, 7);
+    // Each stage's peak RSS: the high-water mark is read and reset as the next stage starts.
+    let before_restore = peak_rss_bytes();
+    let stage_peaks: Rc<RefCell<Vec<StagePeak>>> = Rc::default();
+    let peaks = stage_peaks.clone();
+    let resettable = reset_peak_rss();
+    restorer.on_stage(Box::new(move |stage| {
+        let mut peaks = peaks.borrow_mut();
+        if let Some(last) = peaks.last_mut() {
+            last.1 = peak_rss_bytes().filter(|_| resettable);
+        }
+        reset_peak_rss();
+        peaks.push((stage, None));
+    }));
     let t_total = Instant::now();
     let (_, work) = restorer.work(image.width, image.height, TargetSize::Scale(1.0))?;
     eprintln!("work: {work}");
     let out = restorer.restore(&image, TargetSize::Scale(1.0), &mut |_, _| {})?;
+    if let Some(last) = stage_peaks.borrow_mut().last_mut() {
+        last.1 = peak_rss_bytes().filter(|_| resettable);
+    }
+    let stage_peaks = stage_peaks.borrow();
+    let gb = |b: Option<u64>| b.map(|b| b as f64 / 1e9);
+    let stage_peak_rss_gb: serde_json::Map<String, serde_json::Value> = stage_peaks
+        .iter()
+        .map(|(stage, peak)| (format!("{stage:?}").to_lowercase(), gb(*peak).into()))
+        .collect();
+    let peak_rss = if resettable {
+        stage_peaks
+            .iter()
+            .filter_map(|(_, p)| *p)
+            .chain(before_restore)
+            .max()
+    } else {
+        peak_rss_bytes()
+    };
     // The prompts' encoding counts as in the reference's timing; a staged restore's loads
     // are part of its work and counted too (`stage_load_s`).
     let total_s = t_total.elapsed().as_secs_f64() + text_s;
@@ -459,10 +492,20 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
             "per_step_s": stages.sample / b.steps as f64,
             "tiles_per_batch": restorer.tiling().tiles_per_batch,
             "unet_calls": restorer.unet_calls(),
-            "peak_rss_gb": peak_rss_bytes().map(|b| b as f64 / 1e9),
+            "peak_rss_gb": gb(peak_rss),
+            "stage_peak_rss_gb": stage_peak_rss_gb,
         })
     );
     Ok(())
+}
+
+/// A restore stage and the peak RSS while it ran (bytes; `None` where peaks cannot be reset).
+type StagePeak = (Stage, Option<u64>);
+
+/// Resets this process's peak RSS (`VmHWM`) to its current RSS; false where the kernel does not
+/// allow it (then peaks cannot be told apart by stage).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn bench_codec(b: CodecBench) -> anyhow::Result<()> {

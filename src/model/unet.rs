@@ -263,11 +263,7 @@ impl Module for FeedForward {
 
 impl FeedForward {
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?;
-        self.out.forward(&(value * nn::gelu(&gate)?)?)
+        self.out.forward(&nn::geglu(&self.proj.forward(x)?)?)
     }
 }
 

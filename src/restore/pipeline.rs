@@ -19,7 +19,7 @@ use crate::imaging::tensor::{
 use crate::imaging::ImageF32;
 use crate::model::base::{BaseModel, CfwModel, Network};
 use candle_core::{DType, Device, Tensor};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 /// Everything set up once per batch.
@@ -38,7 +38,23 @@ pub struct Restorer<'a> {
     /// UNet calls made so far (what [`SamplingWork::unet_calls`] predicts).
     unet_calls: Cell<usize>,
     seconds: Cell<StageSeconds>,
+    /// Called as each stage starts, before its networks are loaded (benchmarks).
+    stage_hook: RefCell<Option<StageHook>>,
 }
+
+/// The stages of restoring an image, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// LQ image to latent (VAE encoder).
+    Encode,
+    /// The DDPM loop (UNet and time-aware encoder).
+    Sample,
+    /// CFW decode and colour fix.
+    Decode,
+}
+
+/// A callback at the start of each stage (see [`Restorer::on_stage`]).
+pub type StageHook = Box<dyn FnMut(Stage)>;
 
 /// Wall seconds a restorer has spent so far in each stage, over all images and pieces.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -167,6 +183,7 @@ impl<'a> Restorer<'a> {
             personalization: None,
             unet_calls: Cell::new(0),
             seconds: Cell::new(StageSeconds::default()),
+            stage_hook: RefCell::new(None),
         })
     }
 
@@ -200,11 +217,21 @@ impl<'a> Restorer<'a> {
         self.seconds.get()
     }
 
+    /// Calls `hook` as each stage starts, before its networks load (e.g. to take each stage's
+    /// peak memory).
+    pub fn on_stage(&self, hook: StageHook) {
+        *self.stage_hook.borrow_mut() = Some(hook);
+    }
+
     /// A stage's networks, the time taken counted as loading when they were loaded for it.
     fn loaded<'s, T>(
         &'s self,
+        stage: Stage,
         get: impl FnOnce(&'s Networks<'a>) -> Result<Held<'s, T>>,
     ) -> Result<Held<'s, T>> {
+        if let Some(hook) = self.stage_hook.borrow_mut().as_mut() {
+            hook(stage);
+        }
         let t = Instant::now();
         if self.is_staged() {
             // The previous stage's networks and activations are dropped by now.
@@ -332,7 +359,7 @@ impl<'a> Restorer<'a> {
 
         let mut started = Vec::with_capacity(pieces.len());
         {
-            let encoder = self.loaded(|n| n.vae_encoder())?;
+            let encoder = self.loaded(Stage::Encode, |n| n.vae_encoder())?;
             let t = Instant::now();
             for p in &pieces {
                 let mut noise = new_noise();
@@ -345,7 +372,7 @@ impl<'a> Restorer<'a> {
         let total = pieces.len() * s.steps;
         let mut latents = Vec::with_capacity(pieces.len());
         {
-            let sampling = self.loaded(|n| n.sampling())?;
+            let sampling = self.loaded(Stage::Sample, |n| n.sampling())?;
             let t = Instant::now();
             for (k, (init_latent, mut noise)) in started.into_iter().enumerate() {
                 latents.push(self.sample_piece(
@@ -358,7 +385,7 @@ impl<'a> Restorer<'a> {
             self.count(t, |s| &mut s.sample);
         }
 
-        let cfw = self.loaded(|n| n.cfw())?;
+        let cfw = self.loaded(Stage::Decode, |n| n.cfw())?;
         let t = Instant::now();
         let decoded = if whole {
             self.decode_piece(&cfw, &latents[0], lq)?

@@ -17,8 +17,9 @@ const HIGHEST: f32 = 89.0;
 // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
 const ROUNDER: f32 = 12_582_912.0;
 
+/// exp(x) of one element (inlined into vectorized loops; see the module notes).
 #[inline(always)]
-fn exp_lane(x: f32) -> f32 {
+pub(super) fn exp_lane(x: f32) -> f32 {
     // NaN passes through the clamp (and the result is NaN).
     let x = x.clamp(LOWEST, HIGHEST);
     let shifted = x * LOG2E + ROUNDER;

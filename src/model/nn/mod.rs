@@ -11,13 +11,15 @@
 //! inference, recomputed for training), [`trainable`] (the backward of trained convolutions),
 //! [`conv_backward`] (the frozen convolution's input gradient: sizes, dispatch, cuDNN's
 //! backward-data), [`cpu_kernels`] (fused CPU kernels, each tested against
-//! the composed candle ops).
+//! the composed candle ops), [`gelu`] (the feed-forward's GEGLU in one pass, forward and
+//! backward).
 
 mod attention;
 mod conv_backward;
 mod cpu_kernels;
 pub mod fast_exp;
 mod frozen;
+pub mod gelu;
 mod layers;
 mod trainable;
 
@@ -27,6 +29,7 @@ pub use conv_backward::{
     InputGradientPath,
 };
 pub use frozen::*;
+pub use gelu::{geglu, geglu_composed};
 pub use layers::*;
 
 use candle_core::{DType, Result, Tensor, D};
