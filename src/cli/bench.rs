@@ -84,6 +84,10 @@ pub struct RestoreBench {
     /// As `restore --residency`: staged loads each stage's networks for it (auto: on the CPU).
     #[arg(long, value_enum, default_value_t = ResidencyPolicy::Auto)]
     pub residency: ResidencyPolicy,
+    /// Also report each stage's peak RSS (`stage_peak_rss_gb`). Resets the kernel's high-water
+    /// mark as each stage starts, so an outside `/usr/bin/time` then sees only the last stage's.
+    #[arg(long)]
+    pub stage_peaks: bool,
     /// Diffusion checkpoint; default: seeded random weights of the released architecture.
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -436,15 +440,17 @@ fn bench_restore(b: RestoreBench) -> anyhow::Result<()> {
     let before_restore = peak_rss_bytes();
     let stage_peaks: Rc<RefCell<Vec<StagePeak>>> = Rc::default();
     let peaks = stage_peaks.clone();
-    let resettable = reset_peak_rss();
-    restorer.on_stage(Box::new(move |stage| {
-        let mut peaks = peaks.borrow_mut();
-        if let Some(last) = peaks.last_mut() {
-            last.1 = peak_rss_bytes().filter(|_| resettable);
-        }
-        reset_peak_rss();
-        peaks.push((stage, None));
-    }));
+    let resettable = b.stage_peaks && reset_peak_rss();
+    if b.stage_peaks {
+        restorer.on_stage(Box::new(move |stage| {
+            let mut peaks = peaks.borrow_mut();
+            if let Some(last) = peaks.last_mut() {
+                last.1 = peak_rss_bytes().filter(|_| resettable);
+            }
+            reset_peak_rss();
+            peaks.push((stage, None));
+        }));
+    }
     let t_total = Instant::now();
     let (_, work) = restorer.work(image.width, image.height, TargetSize::Scale(1.0))?;
     eprintln!("work: {work}");

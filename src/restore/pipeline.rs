@@ -217,8 +217,8 @@ impl<'a> Restorer<'a> {
         self.seconds.get()
     }
 
-    /// Calls `hook` as each stage starts, before its networks load (e.g. to take each stage's
-    /// peak memory).
+    /// Calls `hook` as each stage starts, before its networks load and after the previous
+    /// stage's memory was returned (e.g. to take each stage's peak memory).
     pub fn on_stage(&self, hook: StageHook) {
         *self.stage_hook.borrow_mut() = Some(hook);
     }
@@ -229,13 +229,13 @@ impl<'a> Restorer<'a> {
         stage: Stage,
         get: impl FnOnce(&'s Networks<'a>) -> Result<Held<'s, T>>,
     ) -> Result<Held<'s, T>> {
-        if let Some(hook) = self.stage_hook.borrow_mut().as_mut() {
-            hook(stage);
-        }
         let t = Instant::now();
         if self.is_staged() {
             // The previous stage's networks and activations are dropped by now.
             crate::allocator::release_freed_memory();
+        }
+        if let Some(hook) = self.stage_hook.borrow_mut().as_mut() {
+            hook(stage);
         }
         let held = get(&self.networks)?;
         if matches!(held, Held::Loaded(_)) {
