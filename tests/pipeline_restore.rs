@@ -335,18 +335,46 @@ fn synthetic(width: usize, height: usize) -> pfstorer::imaging::ImageF32 {
     pfstorer::imaging::ImageF32::new(width, height, 3, data)
 }
 
+/// The tiny models at the fast native size, its latent tile and two prompt contexts.
+struct FastRestore {
+    base: BaseModel,
+    cfw: CfwModel,
+    native: usize,
+    tile: usize,
+    cond: Tensor,
+    uncond: Tensor,
+}
+
+fn fast_restore() -> FastRestore {
+    let (base, cfw) = models();
+    let native = common::FAST_INPUT_SIZE;
+    let tile = native / base.config.vae.downsample_factor();
+    let cond = Restorer::text_context(&base, "a photo of a person").unwrap();
+    let uncond = Restorer::text_context(&base, "blurry").unwrap();
+    FastRestore {
+        base,
+        cfw,
+        native,
+        tile,
+        cond,
+        uncond,
+    }
+}
+
 /// Several latent tiles per UNet call give the image of one tile at a time (the tiles are
 /// independent rows of the batch, the blend adds them in the same order and the noise is drawn
 /// on the whole latent either way), and the restorer makes exactly the UNet calls its work plan
 /// announces, with one patch and with several.
 #[test]
 fn batched_tiles_match_one_at_a_time_and_the_planned_calls() {
-    let (base, cfw) = models();
-    let factor = base.config.vae.downsample_factor();
-    let native = common::FAST_INPUT_SIZE;
-    let tile = native / factor;
-    let cond = Restorer::text_context(&base, "a photo of a person").unwrap();
-    let uncond = Restorer::text_context(&base, "blurry").unwrap();
+    let FastRestore {
+        base,
+        cfw,
+        native,
+        tile,
+        cond,
+        uncond,
+    } = fast_restore();
     let settings = |tile_batch: usize, patch_size: usize| RestoreSettings {
         steps: 2,
         native_size: Some(native),
@@ -500,12 +528,14 @@ fn batched_tiles_give_the_same_latent_with_the_real_networks() {
 #[test]
 fn staged_networks_restore_what_resident_ones_do() {
     use pfstorer::restore::{StagedNetworks, TargetSize, WeightSource};
-    let (base, cfw) = models();
-    let factor = base.config.vae.downsample_factor();
-    let native = common::FAST_INPUT_SIZE;
-    let tile = native / factor;
-    let cond = Restorer::text_context(&base, "a photo of a person").unwrap();
-    let uncond = Restorer::text_context(&base, "blurry").unwrap();
+    let FastRestore {
+        base,
+        cfw,
+        native,
+        tile,
+        cond,
+        uncond,
+    } = fast_restore();
     let settings = |patch_size: usize| RestoreSettings {
         steps: 2,
         native_size: Some(native),
