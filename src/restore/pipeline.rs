@@ -11,8 +11,7 @@ use crate::diffusion::canvas::{CanvasSampler, Tiling};
 use crate::diffusion::noise::{NoiseSource, SeededNoise};
 use crate::diffusion::sampler::{Branches, DdpmSampler, SampleOptions, StepProgress, VDenoiser};
 use crate::error::{Error, Result};
-use crate::imaging::patches::Patch;
-use crate::imaging::patches::{patches, PatchBlender};
+use crate::imaging::patches::{patches, Patch, PatchBlender};
 use crate::imaging::tensor::{
     image_to_tensor, pad_reflect_to_multiple, resize_bicubic_nchw, tensor_to_image,
 };
@@ -25,7 +24,7 @@ use std::time::Instant;
 /// Everything set up once per batch.
 pub struct Restorer<'a> {
     networks: Networks<'a>,
-    /// The diffusion model's configuration, device and precision.
+    /// The diffusion model's configuration and device.
     config: BaseModelConfig,
     device: Device,
     pub settings: RestoreSettings,
@@ -57,7 +56,7 @@ pub enum Stage {
 pub type StageHook = Box<dyn FnMut(Stage)>;
 
 /// Wall seconds a restorer has spent so far in each stage, over all images and pieces.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StageSeconds {
     /// Loading networks at the start of a stage (staged restorers only).
     pub load: f64,
