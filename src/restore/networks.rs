@@ -147,40 +147,34 @@ impl StagedNetworks {
     /// Bytes of the sampling networks' weights (UNet and time-aware encoder) at `self.dtype`:
     /// what the sampling stage will take from the device once loaded.
     pub fn sampling_weight_bytes(&self) -> usize {
-        let elements: usize = match &self.base {
+        // Every tensor name with its shape: the file's index, or what the architecture asks for.
+        let shapes: Vec<(String, Vec<usize>)> = match &self.base {
             WeightSource::File(store) => store
                 .shapes()
                 .iter()
-                .filter(|(name, _)| {
-                    name.starts_with(&format!("{UNET_PREFIX}."))
-                        || name.starts_with(&format!("{LQ_ENCODER_PREFIX}."))
-                })
-                .map(|(_, (shape, _))| shape.iter().product::<usize>())
-                .sum(),
+                .map(|(name, (shape, _))| (name.clone(), shape.clone()))
+                .collect(),
             WeightSource::Random(_) => {
                 let probe = CheckedWeights::shapes_only();
-                if BaseModel::from_weights_with(
+                let built = BaseModel::from_weights_with(
                     self.base_config.clone(),
                     &probe,
                     self.dtype,
                     &self.device,
                     Residency::SamplingOnly,
-                )
-                .is_err()
-                {
+                );
+                if built.is_err() {
                     return 0;
                 }
-                probe
-                    .requested()
-                    .iter()
-                    .filter(|(name, _)| {
-                        name.starts_with(&format!("{UNET_PREFIX}."))
-                            || name.starts_with(&format!("{LQ_ENCODER_PREFIX}."))
-                    })
-                    .map(|(_, shape)| shape.iter().product::<usize>())
-                    .sum()
+                probe.requested().into_iter().collect()
             }
         };
+        let prefixes = [format!("{UNET_PREFIX}."), format!("{LQ_ENCODER_PREFIX}.")];
+        let elements: usize = shapes
+            .iter()
+            .filter(|(name, _)| prefixes.iter().any(|p| name.starts_with(p)))
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
         elements * self.dtype.size_in_bytes()
     }
 }
