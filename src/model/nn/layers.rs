@@ -7,6 +7,7 @@ use super::conv_backward::{input_gradient_path_for, ConvGradGeometry};
 use super::cpu_kernels::{FusedGroupNormCpu, ShiftedGemmConv2d};
 use super::differentiable;
 use super::frozen::{add_const, mul_const, with_input_gradient};
+use super::winograd::{self, Winograd3x3Conv2d};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -265,7 +266,7 @@ impl Conv2d {
 }
 
 /// `x.conv2d(kernel, ...)`; on the CPU in f32, without dilation or groups and with no gradient
-/// to track, the shifted-gemm kernel ([`ShiftedGemmConv2d`]) instead of candle's im2col path.
+/// to track, [`cpu_conv2d`] instead of candle's im2col path.
 pub(crate) fn conv2d_forward(
     x: &Tensor,
     kernel: &Tensor,
@@ -283,12 +284,37 @@ pub(crate) fn conv2d_forward(
     if !fast {
         return x.conv2d(kernel, cfg.padding, cfg.stride, cfg.dilation, cfg.groups);
     }
+    cpu_conv2d(x, kernel, cfg.padding, cfg.stride, false)
+}
+
+/// The CPU f32 convolution without dilation or groups: large 3x3 stride-1 ones by Winograd's
+/// F(2x2, 3x3), the others as shifted matrix products. `flipped_transposed` reads the kernel as
+/// its spatial flip with the channel axes swapped.
+fn cpu_conv2d(
+    x: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    flipped_transposed: bool,
+) -> Result<Tensor> {
+    let (_, c_in, h, w) = x.dims4()?;
+    let (k_0, k_1, k_h, k_w) = kernel.dims4()?;
+    let c_out = if flipped_transposed { k_1 } else { k_0 };
+    let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
+    let out = |len: usize, k: usize| (len + 2 * padding).saturating_sub(k) + 1;
+    if (k_h, k_w, stride) == (3, 3, 1) && winograd::pays(c_in, c_out, out(h, k_h), out(w, k_w)) {
+        let op = Winograd3x3Conv2d {
+            padding,
+            flipped_transposed,
+        };
+        return x.apply_op2_no_bwd(&kernel, &op);
+    }
     let op = ShiftedGemmConv2d {
-        padding: cfg.padding,
-        stride: cfg.stride,
-        flipped_transposed: false,
+        padding,
+        stride,
+        flipped_transposed,
     };
-    x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op)
+    x.apply_op2_no_bwd(&kernel, &op)
 }
 
 /// `x` convolved (stride 1, `padding`) with `kernel` flipped in space and with its channel axes
@@ -303,12 +329,7 @@ fn conv2d_with_flipped_kernel(x: &Tensor, kernel: &Tensor, padding: usize) -> Re
         && !x.track_op()
         && !kernel.track_op();
     if fast {
-        let op = ShiftedGemmConv2d {
-            padding,
-            stride: 1,
-            flipped_transposed: true,
-        };
-        return x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op);
+        return cpu_conv2d(x, kernel, padding, 1, true);
     }
     let swapped = kernel.transpose(0, 1)?.contiguous()?;
     let flipped = if k_h * k_w > 1 {

@@ -12,7 +12,7 @@
 //! [`conv_backward`] (the frozen convolution's input gradient: sizes, dispatch, cuDNN's
 //! backward-data), [`cpu_kernels`] (fused CPU kernels, each tested against
 //! the composed candle ops), [`gelu`] (the feed-forward's GEGLU in one pass, forward and
-//! backward).
+//! backward), [`winograd`] (large 3x3 convolutions by F(2x2, 3x3)).
 
 mod attention;
 mod conv_backward;
@@ -22,6 +22,7 @@ mod frozen;
 pub mod gelu;
 mod layers;
 mod trainable;
+mod winograd;
 
 pub use attention::*;
 pub use conv_backward::{
