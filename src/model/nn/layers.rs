@@ -297,12 +297,14 @@ fn cpu_conv2d(
     stride: usize,
     flipped_transposed: bool,
 ) -> Result<Tensor> {
-    let (_, c_in, h, w) = x.dims4()?;
+    let (batch, c_in, h, w) = x.dims4()?;
     let (k_0, k_1, k_h, k_w) = kernel.dims4()?;
     let c_out = if flipped_transposed { k_1 } else { k_0 };
     let (x, kernel) = (x.contiguous()?, kernel.contiguous()?);
     let out = |len: usize, k: usize| (len + 2 * padding).saturating_sub(k) + 1;
-    if (k_h, k_w, stride) == (3, 3, 1) && winograd::pays(c_in, c_out, out(h, k_h), out(w, k_w)) {
+    if (k_h, k_w, stride) == (3, 3, 1)
+        && winograd::pays(batch, c_in, c_out, out(h, k_h), out(w, k_w))
+    {
         let op = Winograd3x3Conv2d {
             padding,
             flipped_transposed,

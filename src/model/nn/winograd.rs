@@ -12,13 +12,14 @@ use candle_core::Result;
 const XI: usize = 16;
 
 /// Whether F(2x2, 3x3) beats the shifted-gemm convolution for this shape (measured on the
-/// decoder's and UNet's shapes): enough tiles that the per-call kernel transform (16
-/// `c_out x c_in` matrices) is small beside the products (at 16x16 outputs with 1280 channels it
-/// costs more than it saves), and products deep and wide enough to be matrix-sized; a 3- or
-/// 4-channel input (the image) gains too, as the shifted products then have depth 3.
-pub(crate) fn pays(c_in: usize, c_out: usize, out_h: usize, out_w: usize) -> bool {
-    let tiles = out_h.div_ceil(2) * out_w.div_ceil(2);
-    tiles >= 256 && c_out >= 32 && (c_in <= 4 || c_in * c_out >= 8192)
+/// decoder's and UNet's shapes, `examples/conv_timing`): enough tiles that the per-call kernel
+/// transform (16 `c_out x c_in` matrices) is small beside the products (at the UNet's 32x32
+/// level the two are even, at 16x16 Winograd loses 2x), and products deep and wide enough to be
+/// matrix-sized; a 3- or 4-channel input (the image) gains too, as the shifted products then
+/// have depth 3.
+pub(crate) fn pays(batch: usize, c_in: usize, c_out: usize, out_h: usize, out_w: usize) -> bool {
+    let tiles = batch * out_h.div_ceil(2) * out_w.div_ceil(2);
+    tiles >= 512 && c_out >= 32 && (c_in <= 4 || c_in * c_out >= 8192)
 }
 
 /// `conv2d(x, g, padding, stride 1)` with a 3x3 kernel; with `flipped_transposed` the kernel is
@@ -29,10 +30,17 @@ pub(crate) struct Winograd3x3Conv2d {
     pub(crate) flipped_transposed: bool,
 }
 
-/// `U[ξ][o][c] = (G g_oc G^T)[ξ]`, G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
-fn transform_kernel(kernel: &[f32], c_out: usize, c_in: usize, flipped: bool) -> Vec<f32> {
-    let mut u = vec![0f32; XI * c_out * c_in];
-    for o in 0..c_out {
+/// `U[ξ][o][c] = (G g_oc G^T)[ξ]` for the output channels `outputs` (numbered from their first),
+/// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
+fn transform_kernel(
+    kernel: &[f32],
+    (c_out, c_in): (usize, usize),
+    outputs: std::ops::Range<usize>,
+    flipped: bool,
+) -> Vec<f32> {
+    let count = outputs.len();
+    let mut u = vec![0f32; XI * count * c_in];
+    for (k, o) in outputs.enumerate() {
         for c in 0..c_in {
             let g = |a: usize, b: usize| -> f32 {
                 if flipped {
@@ -54,7 +62,7 @@ fn transform_kernel(kernel: &[f32], c_out: usize, c_in: usize, flipped: bool) ->
                 let [r0, r1, r2] = *row;
                 let vals = [r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2];
                 for (j, v) in vals.into_iter().enumerate() {
-                    u[((i * 4 + j) * c_out + o) * c_in + c] = v;
+                    u[((i * 4 + j) * count + k) * c_in + c] = v;
                 }
             }
         }
@@ -106,95 +114,116 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
         }
         let (out_h, out_w) = (h + 2 * p - 2, w + 2 * p - 2);
         let (tiles_h, tiles_w) = (out_h.div_ceil(2), out_w.div_ceil(2));
-        let u = transform_kernel(kernel, c_out, c_in, self.flipped_transposed);
         let threads = candle_core::utils::get_num_threads().max(1);
+        // Output channels in blocks whose transformed kernel (16 `block x c_in` matrices, 16/9
+        // of the kernel's size) stays bounded; each block re-transforms the input, which costs
+        // little beside its products.
+        let blocks = (XI * c_in * c_out).div_ceil(KERNEL_BLOCK_ELEMENTS).max(1);
+        let block = c_out.div_ceil(blocks);
         // Bands of tile rows whose transformed input and products stay cache-sized, at least
         // one per thread. Each thread takes whole bands (transform, 16 products, inverse
         // transform) so nothing waits inside a convolution.
-        let cache_rows = (BAND_ELEMENTS / (XI * c_in.max(c_out) * tiles_w).max(1)).max(1);
+        let cache_rows = (BAND_ELEMENTS / (XI * c_in.max(block) * tiles_w).max(1)).max(1);
         let band_tile_rows = cache_rows
             .min((b * tiles_h).div_ceil(threads).max(1))
             .clamp(1, tiles_h);
         let bands_per_image = tiles_h.div_ceil(band_tile_rows);
         let bands = b * bands_per_image;
+        let workers = threads.min(bands);
+        let band_tiles_max = band_tile_rows * tiles_w;
+        // Per worker: the transformed input V[c][ξ][tile] and products M[o][ξ][tile] of a band
+        // (allocated here, once, rather than in each worker's own arena).
+        let (v_len, m_len) = (c_in * XI * band_tiles_max, block * XI * band_tiles_max);
+        let mut scratch = vec![0f32; workers * (v_len + m_len)];
         let mut out = vec![0f32; b * c_out * out_h * out_w];
         let out_ptr = SharedOut(out.as_mut_ptr());
-        let next_band = std::sync::atomic::AtomicUsize::new(0);
-        let work = || {
-            let band_tiles_max = band_tile_rows * tiles_w;
-            // Transformed input V[c][ξ][tile] and products M[o][ξ][tile] of one band.
-            let mut v = vec![0f32; c_in * XI * band_tiles_max];
-            let mut m = vec![0f32; c_out * XI * band_tiles_max];
-            loop {
-                let band = next_band.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if band >= bands {
-                    break;
-                }
-                let (n, band_start) = (
-                    band / bands_per_image,
-                    (band % bands_per_image) * band_tile_rows,
-                );
-                let band_rows = band_tile_rows.min(tiles_h - band_start);
-                let tiles = band_rows * tiles_w;
-                let image = &x[n * c_in * h * w..(n + 1) * c_in * h * w];
-                for (c, v_c) in v.chunks_mut(XI * tiles).take(c_in).enumerate() {
-                    input_transform(
-                        &image[c * h * w..(c + 1) * h * w],
-                        (h, w, p),
-                        (band_start, band_rows, tiles_w),
-                        v_c,
+        for o_first in (0..c_out).step_by(block) {
+            let o_count = block.min(c_out - o_first);
+            let u = transform_kernel(
+                kernel,
+                (c_out, c_in),
+                o_first..o_first + o_count,
+                self.flipped_transposed,
+            );
+            let next_band = std::sync::atomic::AtomicUsize::new(0);
+            let work = |worker_scratch: &mut [f32]| {
+                let (v, m) = worker_scratch.split_at_mut(v_len);
+                loop {
+                    let band = next_band.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if band >= bands {
+                        break;
+                    }
+                    let (n, band_start) = (
+                        band / bands_per_image,
+                        (band % bands_per_image) * band_tile_rows,
                     );
-                }
-                for xi in 0..XI {
-                    // SAFETY: dst is `c_out` rows (stride XI * tiles) of `tiles` elements from
-                    // xi * tiles in `m` (c_out * XI * band_tiles_max long, tiles <=
-                    // band_tiles_max); lhs is U[xi], `c_out x c_in` row-major inside `u`; rhs
-                    // is `c_in` rows (stride XI * tiles) of `tiles` from xi * tiles inside `v`.
-                    unsafe {
-                        gemm::gemm(
-                            c_out,
-                            tiles,
-                            c_in,
-                            m.as_mut_ptr().add(xi * tiles),
-                            1,
-                            (XI * tiles) as isize,
-                            false,
-                            u.as_ptr().add(xi * c_out * c_in),
-                            1,
-                            c_in as isize,
-                            v.as_ptr().add(xi * tiles),
-                            1,
-                            (XI * tiles) as isize,
-                            0f32,
-                            1f32,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                    let band_rows = band_tile_rows.min(tiles_h - band_start);
+                    let tiles = band_rows * tiles_w;
+                    let image = &x[n * c_in * h * w..(n + 1) * c_in * h * w];
+                    for (c, v_c) in v.chunks_mut(XI * tiles).take(c_in).enumerate() {
+                        input_transform(
+                            &image[c * h * w..(c + 1) * h * w],
+                            (h, w, p),
+                            (band_start, band_rows, tiles_w),
+                            v_c,
                         );
                     }
+                    for xi in 0..XI {
+                        // SAFETY: dst is `o_count` rows (stride XI * tiles) of `tiles`
+                        // elements from xi * tiles in `m` (block * XI * band_tiles_max long,
+                        // tiles <= band_tiles_max); lhs is U[xi], `o_count x c_in` row-major
+                        // inside `u`; rhs is `c_in` rows (stride XI * tiles) of `tiles` from
+                        // xi * tiles inside `v`.
+                        unsafe {
+                            gemm::gemm(
+                                o_count,
+                                tiles,
+                                c_in,
+                                m.as_mut_ptr().add(xi * tiles),
+                                1,
+                                (XI * tiles) as isize,
+                                false,
+                                u.as_ptr().add(xi * o_count * c_in),
+                                1,
+                                c_in as isize,
+                                v.as_ptr().add(xi * tiles),
+                                1,
+                                (XI * tiles) as isize,
+                                0f32,
+                                1f32,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        }
+                    }
+                    let (y0, y1) = (2 * band_start, (2 * (band_start + band_rows)).min(out_h));
+                    for (k, m_o) in m.chunks(XI * tiles).take(o_count).enumerate() {
+                        let o = o_first + k;
+                        // SAFETY: rows y0..y1 of output plane (n, o); bands are disjoint in
+                        // (n, rows), so no two threads write the same elements, and `out`
+                        // outlives the scope.
+                        let rows = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                out_ptr.at(((n * c_out + o) * out_h + y0) * out_w),
+                                (y1 - y0) * out_w,
+                            )
+                        };
+                        output_transform(m_o, (y1 - y0, out_w), (band_rows, tiles_w), rows);
+                    }
                 }
-                let (y0, y1) = (2 * band_start, (2 * (band_start + band_rows)).min(out_h));
-                for (o, m_o) in m.chunks(XI * tiles).take(c_out).enumerate() {
-                    // SAFETY: rows y0..y1 of output plane (n, o); bands are disjoint in
-                    // (n, rows), so no two threads write the same elements, and `out` outlives
-                    // the scope.
-                    let rows = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out_ptr.at(((n * c_out + o) * out_h + y0) * out_w),
-                            (y1 - y0) * out_w,
-                        )
-                    };
-                    output_transform(m_o, (y1 - y0, out_w), (band_rows, tiles_w), rows);
+            };
+            let work = &work;
+            std::thread::scope(|scope| {
+                let mut parts = scratch.chunks_mut(v_len + m_len);
+                let own = parts.next().expect("at least one worker");
+                for part in parts {
+                    scope.spawn(move || work(part));
                 }
-            }
-        };
-        std::thread::scope(|scope| {
-            for _ in 1..threads.min(bands) {
-                scope.spawn(work);
-            }
-            work();
-        });
+                work(own);
+            });
+        }
         Ok((
             candle_core::CpuStorage::F32(out),
             candle_core::Shape::from((b, c_out, out_h, out_w)),
@@ -337,6 +366,9 @@ impl SharedOut {
 /// Elements of the transformed input or products a band aims at (cache-sized).
 const BAND_ELEMENTS: usize = 1 << 21;
 
+/// At most this many elements of transformed kernel at a time (32 MiB).
+const KERNEL_BLOCK_ELEMENTS: usize = 1 << 23;
+
 #[cfg(test)]
 mod tests {
     use crate::model::nn::test_util::{max_diff, randn};
@@ -390,6 +422,31 @@ mod tests {
             let err = max_diff(&got, &want);
             assert!(err < tol, "flipped {x_shape:?} pad {padding}: {err}");
         }
+    }
+
+    /// The output-channel blocks: a kernel whose transform exceeds one block is done in
+    /// several (the last one short).
+    #[test]
+    fn winograd_output_channel_blocks_cover_every_channel() {
+        let c_in = 512;
+        let c_out = super::KERNEL_BLOCK_ELEMENTS / (super::XI * c_in) + 7;
+        let x = randn(9, &[1, c_in, 7, 6]);
+        let kernel = randn(10, &[c_out, c_in, 3, 3]);
+        let want = x.conv2d(&kernel, 1, 1, 1, 1).unwrap();
+        let op = super::Winograd3x3Conv2d {
+            padding: 1,
+            flipped_transposed: false,
+        };
+        let got = x.apply_op2_no_bwd(&kernel, &op).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = max_diff(&got, &want);
+        assert!(err < 4e-6 * scale, "{err} at scale {scale}");
     }
 
     /// The bands: with enough channels the rows split into several (the last one short).
