@@ -232,7 +232,8 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
 }
 
 /// `V[ξ][tile] = (B^T d B)[ξ]` for the band's tiles of one channel (`plane`, h x w, padding p).
-fn input_transform(
+#[inline(always)]
+fn input_transform_body(
     plane: &[f32],
     (h, w, p): (usize, usize, usize),
     (band_start, band_rows, tiles_w): (usize, usize, usize),
@@ -242,27 +243,26 @@ fn input_transform(
     // Padded input rows (zero outside the image) split into even and odd columns, so the
     // stride-2 tiles become contiguous runs: E[k] = row[2k], O[k] = row[2k + 1], k <= tiles_w.
     let half = tiles_w + 1;
+    let mut padded = vec![0f32; 2 * half];
     let mut rows = vec![0f32; 8 * half];
     // B^T d down the columns, also split: T[i] for the four rows of B^T.
     let mut t = vec![0f32; 8 * half];
+    let copied = w.min(2 * half - p);
     for tr in 0..band_rows {
         let top = 2 * (band_start + tr);
         for a in 0..4 {
             let (even, odd) = rows[a * 2 * half..(a + 1) * 2 * half].split_at_mut(half);
-            even.fill(0.0);
-            odd.fill(0.0);
             let yp = top + a;
             if yp < p || yp >= p + h {
+                even.fill(0.0);
+                odd.fill(0.0);
                 continue;
             }
-            let src = &plane[(yp - p) * w..(yp - p + 1) * w];
-            for (xi, &val) in src.iter().enumerate().take(2 * half - p) {
-                let xp = xi + p;
-                if xp % 2 == 0 {
-                    even[xp / 2] = val;
-                } else {
-                    odd[xp / 2] = val;
-                }
+            // Only the image columns change from row to row; the padding stays zero.
+            padded[p..p + copied].copy_from_slice(&plane[(yp - p) * w..][..copied]);
+            for (k, pair) in padded.chunks_exact(2).enumerate() {
+                even[k] = pair[0];
+                odd[k] = pair[1];
             }
         }
         {
@@ -300,7 +300,8 @@ fn input_transform(
 
 /// The band's output rows of one channel (`rows`, out_h x out_w of them) from its products
 /// `M[ξ][tile]`: `A^T m A`, clipped at odd output sizes.
-fn output_transform(
+#[inline(always)]
+fn output_transform_body(
     m: &[f32],
     (out_h, out_w): (usize, usize),
     (band_rows, tiles_w): (usize, usize),
@@ -345,6 +346,51 @@ fn output_transform(
         }
     }
 }
+
+/// The transforms compiled for AVX2 where the CPU has it (the default target stops at SSE2,
+/// 4 lanes); the same code either way.
+macro_rules! dispatch_avx2 {
+    ($name:ident, $avx2:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $body($($arg),*)
+        }
+
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                return unsafe { $avx2($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+dispatch_avx2!(
+    input_transform,
+    input_transform_avx2,
+    input_transform_body,
+    (
+        plane: &[f32],
+        image_geometry: (usize, usize, usize),
+        band: (usize, usize, usize),
+        v: &mut [f32]
+    )
+);
+
+dispatch_avx2!(
+    output_transform,
+    output_transform_avx2,
+    output_transform_body,
+    (
+        m: &[f32],
+        out_size: (usize, usize),
+        band: (usize, usize),
+        rows: &mut [f32]
+    )
+);
 
 /// A raw output pointer the band workers share; each writes only its own band's rows.
 #[derive(Clone, Copy)]
