@@ -128,3 +128,20 @@ fn f16_runs_on_the_cpu() {
     assert_eq!(json["dtype"], "f16");
     assert!(json["median_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn zero_timed_runs_is_a_clear_error() {
+    // The medians need a timed run; `--runs 0` used to panic after the warm-up.
+    for what in ["unet", "codec"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+            .args(["bench", what, "--runs", "0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains("--runs") && err.contains("at least 1") && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+    }
+}

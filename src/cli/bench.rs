@@ -105,8 +105,8 @@ pub struct CodecBench {
     /// Image side in pixels (square).
     #[arg(long, default_value_t = 512)]
     pub size: usize,
-    /// Timed runs of each stage after one warm-up run.
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs of each stage after one warm-up run (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub runs: usize,
     /// CFW fusion weight (`--dec-w`).
     #[arg(long, default_value_t = 0.5)]
@@ -168,8 +168,8 @@ pub struct UnetBench {
     /// Latent size (square); 64 is a 512x512 image.
     #[arg(long, default_value_t = 64)]
     pub latent: usize,
-    /// Timed runs after one warm-up run.
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs after one warm-up run (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub runs: usize,
     /// StableSR YAML of the architecture; default: the released face model.
     #[arg(long)]
@@ -189,6 +189,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Codec(b) => bench_codec(b),
         BenchWhat::Train(b) => bench_train(b),
         BenchWhat::TrainBase(b) => bench_train_base(b),
+    }
+}
+
+/// A count of timed runs: the medians need one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, got `{s}`")),
     }
 }
 

@@ -459,7 +459,7 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::nn::test_util::{max_diff, randn};
+    use crate::model::nn::test_util::{flipped_transposed, max_abs, max_diff, randn};
     use crate::model::nn::{set_differentiable, GroupNorm};
     use candle_core::{Module, Tensor};
 
@@ -564,14 +564,7 @@ mod tests {
             let want = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
             // f32 rounding of sums of c_in * taps products, relative to the output's scale
             // (about 1e-4 for the small cases).
-            let tol = 2e-6
-                * want
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+            let tol = 2e-6 * max_abs(&want);
             let op = |flipped_transposed| super::ShiftedGemmConv2d {
                 padding,
                 stride,
@@ -586,18 +579,7 @@ mod tests {
             );
             // The same convolution from the kernel stored flipped and channel-swapped: the
             // op reads it back through its strided views.
-            let (o_n, i_n, kh, kw) = kernel.dims4().unwrap();
-            let k: Vec<f32> = kernel.flatten_all().unwrap().to_vec1().unwrap();
-            let mut flipped = vec![0f32; k.len()];
-            for (o, i, a, b) in (0..o_n).flat_map(|o| {
-                (0..i_n).flat_map(move |i| {
-                    (0..kh).flat_map(move |a| (0..kw).map(move |b| (o, i, a, b)))
-                })
-            }) {
-                flipped[((i * o_n + o) * kh + kh - 1 - a) * kw + kw - 1 - b] =
-                    k[((o * i_n + i) * kh + a) * kw + b];
-            }
-            let stored = Tensor::from_vec(flipped, (i_n, o_n, kh, kw), kernel.device()).unwrap();
+            let stored = flipped_transposed(&kernel);
             let got = x.apply_op2_no_bwd(&stored, &op(true)).unwrap();
             let err = max_diff(&got, &want);
             assert!(

@@ -87,6 +87,26 @@ pub(crate) mod test_util {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// The largest magnitude in `t`.
+    pub fn max_abs(t: &Tensor) -> f32 {
+        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
+    /// A `[c_out, c_in, k_h, k_w]` kernel stored as its spatial flip with the channel axes
+    /// swapped, `[c_in, c_out, k_h, k_w]`: what the convolutions' `flipped_transposed` reading
+    /// turns back into the kernel.
+    pub fn flipped_transposed(kernel: &Tensor) -> Tensor {
+        kernel
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .flip(&[2, 3])
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()

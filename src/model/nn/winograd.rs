@@ -417,10 +417,36 @@ const KERNEL_BLOCK_ELEMENTS: usize = 1 << 23;
 
 #[cfg(test)]
 mod tests {
-    use crate::model::nn::test_util::{max_diff, randn};
+    use crate::model::nn::test_util::{flipped_transposed, max_abs, max_diff, randn};
 
-    /// Against candle's conv2d: odd and even sizes, padding 0 to 2, batches, several bands,
-    /// and the flipped, channel-swapped kernel reading.
+    /// The op against candle's conv2d on seeded random data, from the kernel and from its
+    /// flipped, channel-swapped copy; prints the max abs error.
+    fn check(seed: u64, x_shape: [usize; 4], c_out: usize, padding: usize) {
+        let x = randn(seed, &x_shape);
+        let kernel = randn(seed + 1, &[c_out, x_shape[1], 3, 3]);
+        let want = x.conv2d(&kernel, padding, 1, 1, 1).unwrap();
+        // f32 sums of c_in * 9 products in another order, relative to the output's scale.
+        let tol = 4e-6 * max_abs(&want);
+        for (flipped, stored) in [(false, kernel.clone()), (true, flipped_transposed(&kernel))] {
+            let op = super::Winograd3x3Conv2d {
+                padding,
+                flipped_transposed: flipped,
+            };
+            let got = x.apply_op2_no_bwd(&stored, &op).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{x_shape:?}");
+            let err = max_diff(&got, &want);
+            eprintln!(
+                "winograd {x_shape:?} -> {c_out}, padding {padding}, flipped {flipped}: \
+                 max abs error {err:.2e} (tolerance {tol:.2e})"
+            );
+            assert!(
+                err < tol,
+                "{x_shape:?} pad {padding} flipped {flipped}: {err}"
+            );
+        }
+    }
+
+    /// Odd and even sizes, padding 0 to 2, batches, one input channel, the smallest input.
     #[test]
     fn winograd_conv2d_matches_candle_conv2d() {
         for (x_shape, c_out, padding) in [
@@ -432,41 +458,7 @@ mod tests {
             ([2, 64, 90, 41], 40, 1),
             ([1, 300, 37, 35], 7, 1),
         ] {
-            let c_in = x_shape[1];
-            let x = randn(5, &x_shape);
-            let kernel = randn(6, &[c_out, c_in, 3, 3]);
-            let want = x.conv2d(&kernel, padding, 1, 1, 1).unwrap();
-            let tol = 4e-6
-                * want
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-            let op = |flipped_transposed| super::Winograd3x3Conv2d {
-                padding,
-                flipped_transposed,
-            };
-            let got = x.apply_op2_no_bwd(&kernel, &op(false)).unwrap();
-            assert_eq!(got.dims(), want.dims(), "{x_shape:?}");
-            let err = max_diff(&got, &want);
-            assert!(
-                err < tol,
-                "{x_shape:?} pad {padding}: {err} (tolerance {tol})"
-            );
-            let stored = kernel
-                .transpose(0, 1)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .flip(&[2, 3])
-                .unwrap()
-                .contiguous()
-                .unwrap();
-            let got = x.apply_op2_no_bwd(&stored, &op(true)).unwrap();
-            let err = max_diff(&got, &want);
-            assert!(err < tol, "flipped {x_shape:?} pad {padding}: {err}");
+            check(5, x_shape, c_out, padding);
         }
     }
 
@@ -476,43 +468,12 @@ mod tests {
     fn winograd_output_channel_blocks_cover_every_channel() {
         let c_in = 512;
         let c_out = super::KERNEL_BLOCK_ELEMENTS / (super::XI * c_in) + 7;
-        let x = randn(9, &[1, c_in, 7, 6]);
-        let kernel = randn(10, &[c_out, c_in, 3, 3]);
-        let want = x.conv2d(&kernel, 1, 1, 1, 1).unwrap();
-        let op = super::Winograd3x3Conv2d {
-            padding: 1,
-            flipped_transposed: false,
-        };
-        let got = x.apply_op2_no_bwd(&kernel, &op).unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let err = max_diff(&got, &want);
-        assert!(err < 4e-6 * scale, "{err} at scale {scale}");
+        check(9, [1, c_in, 7, 6], c_out, 1);
     }
 
     /// The bands: with enough channels the rows split into several (the last one short).
     #[test]
     fn winograd_bands_cover_every_row() {
-        let x = randn(7, &[1, 512, 40, 18]);
-        let kernel = randn(8, &[4, 512, 3, 3]);
-        let want = x.conv2d(&kernel, 1, 1, 1, 1).unwrap();
-        let op = super::Winograd3x3Conv2d {
-            padding: 1,
-            flipped_transposed: false,
-        };
-        let got = x.apply_op2_no_bwd(&kernel, &op).unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(max_diff(&got, &want) < 4e-6 * scale);
+        check(7, [1, 512, 40, 18], 4, 1);
     }
 }
