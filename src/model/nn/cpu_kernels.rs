@@ -15,6 +15,20 @@ pub(super) fn f32_slice<'a>(
     }
 }
 
+/// A convolution kernel's `(c_out, c_in, k_h, k_w)`; with `flipped_transposed` the stored
+/// kernel is `[c_in, c_out, k_h, k_w]` (read as its spatial flip with the channel axes swapped).
+pub(super) fn kernel_dims(
+    layout: &candle_core::Layout,
+    flipped_transposed: bool,
+) -> Result<(usize, usize, usize, usize)> {
+    let (k_0, k_1, k_h, k_w) = layout.shape().dims4()?;
+    Ok(if flipped_transposed {
+        (k_1, k_0, k_h, k_w)
+    } else {
+        (k_0, k_1, k_h, k_w)
+    })
+}
+
 /// Mean and `1 / sqrt(var + eps)` of one (sample, group) row, in f64.
 fn row_stats(x_row: &[f32], eps: f64) -> (f64, f64) {
     let n = x_row.len() as f64;
@@ -321,12 +335,7 @@ impl candle_core::CustomOp2 for ShiftedGemmConv2d {
         let x = f32_slice(x_storage, x_layout, "shifted-gemm conv2d input")?;
         let kernel = f32_slice(k_storage, k_layout, "shifted-gemm conv2d kernel")?;
         let (b, c_in, h, w) = x_layout.shape().dims4()?;
-        let (k_0, k_1, k_h, k_w) = k_layout.shape().dims4()?;
-        let (c_out, k_c_in) = if self.flipped_transposed {
-            (k_1, k_0)
-        } else {
-            (k_0, k_1)
-        };
+        let (c_out, k_c_in, k_h, k_w) = kernel_dims(k_layout, self.flipped_transposed)?;
         let (p, s) = (self.padding, self.stride);
         let (hp, wp) = (h + 2 * p, w + 2 * p);
         if k_c_in != c_in || k_h > hp || k_w > wp || s == 0 {

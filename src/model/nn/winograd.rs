@@ -98,12 +98,8 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
         let x = super::cpu_kernels::f32_slice(x_storage, x_layout, "winograd conv2d input")?;
         let kernel = super::cpu_kernels::f32_slice(k_storage, k_layout, "winograd conv2d kernel")?;
         let (b, c_in, h, w) = x_layout.shape().dims4()?;
-        let (k_0, k_1, k_h, k_w) = k_layout.shape().dims4()?;
-        let (c_out, k_c_in) = if self.flipped_transposed {
-            (k_1, k_0)
-        } else {
-            (k_0, k_1)
-        };
+        let (c_out, k_c_in, k_h, k_w) =
+            super::cpu_kernels::kernel_dims(k_layout, self.flipped_transposed)?;
         let p = self.padding;
         if k_c_in != c_in || (k_h, k_w) != (3, 3) || h + 2 * p < 3 || w + 2 * p < 3 {
             candle_core::bail!(
@@ -148,6 +144,7 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
             let next_band = std::sync::atomic::AtomicUsize::new(0);
             let work = |worker_scratch: &mut [f32]| {
                 let (v, m) = worker_scratch.split_at_mut(v_len);
+                let mut rows_scratch = vec![0f32; transform_scratch_len(tiles_w)];
                 loop {
                     let band = next_band.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if band >= bands {
@@ -166,6 +163,7 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
                             (h, w, p),
                             (band_start, band_rows, tiles_w),
                             v_c,
+                            &mut rows_scratch,
                         );
                     }
                     for xi in 0..XI {
@@ -210,7 +208,13 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
                                 (y1 - y0) * out_w,
                             )
                         };
-                        output_transform(m_o, (y1 - y0, out_w), (band_rows, tiles_w), rows);
+                        output_transform(
+                            m_o,
+                            (y1 - y0, out_w),
+                            (band_rows, tiles_w),
+                            rows,
+                            &mut rows_scratch,
+                        );
                     }
                 }
             };
@@ -231,23 +235,33 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
     }
 }
 
-/// `V[ξ][tile] = (B^T d B)[ξ]` for the band's tiles of one channel (`plane`, h x w, padding p).
+/// Elements of a worker's row scratch for the transforms of `tiles_w` tiles per row.
+fn transform_scratch_len(tiles_w: usize) -> usize {
+    18 * (tiles_w + 1)
+}
+
+/// `V[ξ][tile] = (B^T d B)[ξ]` for the band's tiles of one channel (`plane`, h x w, padding p);
+/// `scratch` holds [`transform_scratch_len`] elements.
 #[inline(always)]
 fn input_transform_body(
     plane: &[f32],
     (h, w, p): (usize, usize, usize),
     (band_start, band_rows, tiles_w): (usize, usize, usize),
     v: &mut [f32],
+    scratch: &mut [f32],
 ) {
     let tiles = band_rows * tiles_w;
     // Padded input rows (zero outside the image) split into even and odd columns, so the
     // stride-2 tiles become contiguous runs: E[k] = row[2k], O[k] = row[2k + 1], k <= tiles_w.
     let half = tiles_w + 1;
-    let mut padded = vec![0f32; 2 * half];
-    let mut rows = vec![0f32; 8 * half];
+    let (padded, rest) = scratch.split_at_mut(2 * half);
+    let (rows, rest) = rest.split_at_mut(8 * half);
     // B^T d down the columns, also split: T[i] for the four rows of B^T.
-    let mut t = vec![0f32; 8 * half];
+    let t = &mut rest[..8 * half];
     let copied = w.min(2 * half - p);
+    // The padding columns; the image columns are overwritten row by row.
+    padded[..p].fill(0.0);
+    padded[p + copied..].fill(0.0);
     for tr in 0..band_rows {
         let top = 2 * (band_start + tr);
         for a in 0..4 {
@@ -299,17 +313,18 @@ fn input_transform_body(
 }
 
 /// The band's output rows of one channel (`rows`, out_h x out_w of them) from its products
-/// `M[ξ][tile]`: `A^T m A`, clipped at odd output sizes.
+/// `M[ξ][tile]`: `A^T m A`, clipped at odd output sizes; `scratch` as for the input transform.
 #[inline(always)]
 fn output_transform_body(
     m: &[f32],
     (out_h, out_w): (usize, usize),
     (band_rows, tiles_w): (usize, usize),
     rows: &mut [f32],
+    scratch: &mut [f32],
 ) {
     let tiles = band_rows * tiles_w;
     // Per tile row: A^T m down the columns (contiguous over the tiles), then A along the rows.
-    let mut s = vec![0f32; 8 * tiles_w];
+    let s = &mut scratch[..8 * tiles_w];
     for tr in 0..band_rows {
         let at = |i: usize, j: usize| &m[(i * 4 + j) * tiles + tr * tiles_w..][..tiles_w];
         for j in 0..4 {
@@ -376,7 +391,8 @@ dispatch_avx2!(
         plane: &[f32],
         image_geometry: (usize, usize, usize),
         band: (usize, usize, usize),
-        v: &mut [f32]
+        v: &mut [f32],
+        scratch: &mut [f32]
     )
 );
 
@@ -388,7 +404,8 @@ dispatch_avx2!(
         m: &[f32],
         out_size: (usize, usize),
         band: (usize, usize),
-        rows: &mut [f32]
+        rows: &mut [f32],
+        scratch: &mut [f32]
     )
 );
 
