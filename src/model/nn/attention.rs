@@ -1,4 +1,5 @@
-//! Scaled dot-product attention: in query chunks of bounded score memory at inference, and
+//! Scaled dot-product attention: fused per block of query rows on the CPU (see
+//! [`super::fused_attention`]); elsewhere in query chunks of bounded score memory at inference,
 //! recomputing its probabilities chunk by chunk in the backward for training.
 
 use super::{differentiable, frozen::HandOver, softmax_last_dim};
@@ -10,8 +11,8 @@ use candle_core::{DType, Result, Tensor, D};
 /// score tensor, in inference or in training (the chunks are ordinary differentiable ops).
 pub const ATTENTION_CHUNK_ELEMENTS: usize = 1 << 26;
 
-/// The inference bound on the CPU: 2^22 floats = 16 MiB per score chunk (also the feed-forward's
-/// row chunks, see `unet::FeedForward`). A chunk of ~100 query rows per head against 4096 keys
+/// The inference bound on the CPU where the fused kernel does not apply (half precision): 2^22
+/// floats = 16 MiB per score chunk (also the feed-forward's row chunks, see `unet::FeedForward`). A chunk of ~100 query rows per head against 4096 keys
 /// keeps the matrix products at full speed, and the scores and their probabilities (two
 /// chunk-sized tensors) add 32 MiB to a restore's peak instead of half a gigabyte.
 pub const CPU_CHUNK_ELEMENTS: usize = 1 << 22;
@@ -84,7 +85,11 @@ pub fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if differentiable() && (q.track_op() || k.track_op() || v.track_op()) {
+    let with_grad = differentiable() && (q.track_op() || k.track_op() || v.track_op());
+    if super::fused_attention::applies(q, k, v, mask) {
+        return super::fused_attention::fused_attention(q, k, v, scale, mask, with_grad);
+    }
+    if with_grad {
         return recomputed_attention(q, k, v, scale, mask, ATTENTION_CHUNK_ELEMENTS);
     }
     chunked_attention(q, k, v, scale, mask, attention_chunk_elements(q.device()))

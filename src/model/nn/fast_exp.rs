@@ -44,26 +44,31 @@ pub(super) fn exp_lane(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn exp_slice_generic(x: &mut [f32]) {
+fn exp_slice_generic(x: &mut [f32], shift: f32) {
     for v in x.iter_mut() {
-        *v = exp_lane(*v);
+        *v = exp_lane(*v - shift);
     }
 }
 
 #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
 #[target_feature(enable = "avx512f")]
-fn exp_slice_avx512(x: &mut [f32]) {
-    exp_slice_generic(x)
+fn exp_slice_avx512(x: &mut [f32], shift: f32) {
+    exp_slice_generic(x, shift)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn exp_slice_avx2(x: &mut [f32]) {
-    exp_slice_generic(x)
+fn exp_slice_avx2(x: &mut [f32], shift: f32) {
+    exp_slice_generic(x, shift)
 }
 
 /// `x[i] = exp(x[i])` for every element.
 pub fn exp_in_place(x: &mut [f32]) {
+    exp_shifted_in_place(x, 0.0)
+}
+
+/// `x[i] = exp(x[i] - shift)` for every element, in one pass.
+pub fn exp_shifted_in_place(x: &mut [f32], shift: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         // The `avx512` cargo feature (default) also gates gemm's AVX-512 kernels; a build
@@ -71,21 +76,21 @@ pub fn exp_in_place(x: &mut [f32]) {
         #[cfg(feature = "avx512")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has the instructions the function was compiled for.
-            return unsafe { exp_slice_avx512(x) };
+            return unsafe { exp_slice_avx512(x, shift) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above.
-            return unsafe { exp_slice_avx2(x) };
+            return unsafe { exp_slice_avx2(x, shift) };
         }
     }
-    exp_slice_generic(x)
+    exp_slice_generic(x, shift)
 }
 
-/// Softmax of one row into `out`: `exp(x - max) / sum`. A NaN anywhere, or a row of -inf,
-/// gives a NaN row (as candle's kernel).
-pub fn softmax_row(x: &[f32], out: &mut [f32]) {
-    const LANES: usize = 16;
+const LANES: usize = 16;
+
+/// The largest element of a row; NaN if the row holds one (a plain maximum would skip it).
+fn row_max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut nan = [false; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -100,29 +105,50 @@ pub fn softmax_row(x: &[f32], out: &mut [f32]) {
         .iter()
         .chain(tail)
         .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    // The maximum skips NaN; a NaN in the row must still poison it.
-    let max = if nan.iter().any(|&n| n) || tail.iter().any(|v| v.is_nan()) {
+    if nan.iter().any(|&n| n) || tail.iter().any(|v| v.is_nan()) {
         f32::NAN
     } else {
         max
-    };
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = v - max;
     }
-    exp_in_place(out);
+}
+
+/// Sum of a row in 16 lanes (vectorizable).
+fn row_sum(x: &[f32]) -> f32 {
     let mut sums = [0f32; LANES];
-    let chunks = out.chunks_exact(LANES);
+    let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
     for chunk in chunks {
         for (s, &v) in sums.iter_mut().zip(chunk) {
             *s += v;
         }
     }
-    let sum: f32 = sums.iter().chain(tail).sum();
+    sums.iter().chain(tail).sum()
+}
+
+/// `exp(x - max) / sum` of a row whose copy is already in `out`.
+fn softmax_of_copy(out: &mut [f32]) -> (f32, f32) {
+    let max = row_max(out);
+    exp_shifted_in_place(out, max);
+    let sum = row_sum(out);
     let inv = 1.0 / sum;
     for o in out.iter_mut() {
         *o *= inv;
     }
+    (max, sum)
+}
+
+/// Softmax of one row in place; returns the row's log-sum-exp, `max + ln(sum(exp(x - max)))`,
+/// from which `exp(x - lse)` gives the probabilities again (attention's backward).
+pub fn softmax_in_place(row: &mut [f32]) -> f32 {
+    let (max, sum) = softmax_of_copy(row);
+    max + sum.ln()
+}
+
+/// Softmax of one row into `out`: `exp(x - max) / sum`. A NaN anywhere, or a row of -inf,
+/// gives a NaN row (as candle's kernel).
+pub fn softmax_row(x: &[f32], out: &mut [f32]) {
+    out.copy_from_slice(x);
+    softmax_of_copy(out);
 }
 
 #[cfg(test)]

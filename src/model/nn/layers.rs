@@ -4,7 +4,7 @@
 #[cfg(feature = "cudnn")]
 use super::conv_backward::InputGradientPath;
 use super::conv_backward::{input_gradient_path_for, ConvGradGeometry};
-use super::cpu_kernels::{FusedGroupNormCpu, ShiftedGemmConv2d};
+use super::cpu_kernels::{FusedGroupNormCpu, FusedLayerNormCpu, ShiftedGemmConv2d};
 use super::differentiable;
 use super::frozen::{add_const, mul_const, with_input_gradient};
 use super::winograd::{self, Winograd3x3Conv2d};
@@ -33,11 +33,40 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// Differentiable mode on the CPU: one pass forward and one back (the composed norm's graph
+    /// kept four activation-sized tensors and took five passes back). Also without a gradient
+    /// to carry, so that a tracked and an untracked input (or trained and loaded weights) give
+    /// the same bits.
+    fn fused_for_training(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let fusable = differentiable()
+            && [x, &self.weight, &self.bias]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+            && x.elem_count() > 0
+            && self.weight.rank() == 1
+            && x.dim(D::Minus1)? == self.weight.elem_count();
+        if !fusable {
+            return Ok(None);
+        }
+        let op = FusedLayerNormCpu { eps: self.eps };
+        let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        Ok(Some(if tracked {
+            x.apply_op3_arc(&self.weight, &self.bias, std::sync::Arc::new(Box::new(op)))?
+        } else {
+            x.apply_op3_no_bwd(&self.weight, &self.bias, &op)?
+        }))
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         if !differentiable() && x.is_contiguous() && dtype == DType::F32 {
             return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        if let Some(y) = self.fused_for_training(x)? {
+            return Ok(y);
         }
         let x = x.to_dtype(DType::F32)?;
         let n = x.dim(D::Minus1)? as f64;
@@ -466,4 +495,81 @@ fn spread_with_zeros(x: &Tensor, axis: usize, stride: usize) -> Result<Tensor> {
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::nn::set_differentiable;
+    use crate::model::nn::test_util::{max_diff, randn};
+    use candle_core::Var;
+
+    /// `torch.nn.LayerNorm` written out in candle ops (differentiable in everything).
+    fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let centered = x.broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let normed = centered
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap();
+        normed.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
+    }
+
+    /// In training on the CPU with frozen weights, the fused norm: values and input gradient
+    /// against candle's backward of the composed ops; no gradient for the weights. With trained
+    /// weights the fused norm also gives their gradients.
+    #[test]
+    fn training_layer_norm_matches_the_composed_one() {
+        for shape in [[2usize, 37, 40], [1, 5, 320], [3, 1, 7]] {
+            let c = shape[2];
+            let (w, b) = (randn(11, &[c]), randn(12, &[c]));
+            let x = Var::from_tensor(&((randn(13, &shape) * 3.0).unwrap() + 2.0).unwrap()).unwrap();
+            let w_out = randn(14, &shape);
+            let loss = |y: &Tensor| (y * &w_out).unwrap().sum_all().unwrap();
+            let want_y = layer_norm_composed(x.as_tensor(), &w, &b, 1e-5);
+            let want = loss(&want_y).backward().unwrap();
+
+            let norm = LayerNorm::from_tensors(w.clone(), b.clone(), 1e-5);
+            set_differentiable(true);
+            let y = norm.forward(x.as_tensor()).unwrap();
+            set_differentiable(false);
+            assert!(y.track_op(), "the result has a backward");
+            let y_err = max_diff(&y, &want_y);
+            let got = loss(&y).backward().unwrap();
+            let dx_err = max_diff(
+                got.get(x.as_tensor()).expect("input gradient"),
+                want.get(x.as_tensor()).unwrap(),
+            );
+            println!("{shape:?}: max abs error {y_err:e}, input gradient {dx_err:e}");
+            assert!(
+                y_err < 2e-5 && dx_err < 1e-4,
+                "{shape:?}: {y_err:e} {dx_err:e}"
+            );
+            assert!(got.get(&w).is_none() && got.get(&b).is_none());
+
+            // Trained weights (the personalization blocks' norms): input, weight and bias
+            // gradients against the composed norm's, and the same bits as constant weights.
+            let (w_var, b_var) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+            let want_y =
+                layer_norm_composed(x.as_tensor(), w_var.as_tensor(), b_var.as_tensor(), 1e-5);
+            let want = loss(&want_y).backward().unwrap();
+            let trained =
+                LayerNorm::from_tensors(w_var.as_tensor().clone(), b_var.as_tensor().clone(), 1e-5);
+            set_differentiable(true);
+            let y_trained = trained.forward(x.as_tensor()).unwrap();
+            let y_constant = norm.forward(&x.as_tensor().detach()).unwrap();
+            set_differentiable(false);
+            assert_eq!(max_diff(&y_trained, &y_constant), 0.0);
+            let got = loss(&y_trained).backward().unwrap();
+            for (name, t) in [
+                ("x", x.as_tensor()),
+                ("weight", w_var.as_tensor()),
+                ("bias", b_var.as_tensor()),
+            ] {
+                let err = max_diff(got.get(t).expect("gradient"), want.get(t).unwrap());
+                println!("{shape:?}, trained weights: d{name} max abs error {err:e}");
+                assert!(err < 1e-4, "{shape:?}: d{name} {err:e}");
+            }
+        }
+    }
 }

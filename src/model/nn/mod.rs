@@ -19,6 +19,7 @@ mod conv_backward;
 mod cpu_kernels;
 pub mod fast_exp;
 mod frozen;
+mod fused_attention;
 pub mod gelu;
 mod layers;
 mod trainable;
