@@ -200,6 +200,34 @@ mod tests {
         assert_eq!(special[2], 0.0);
     }
 
+    /// The in-place softmax equals the copying one, and its log-sum-exp gives the
+    /// probabilities back as `exp(x - lse)` (what attention's backward recomputes).
+    #[test]
+    fn softmax_in_place_returns_the_log_sum_exp() {
+        for (len, scale) in [(77usize, 3f64), (4096, 30.0), (5, 1.0), (1, 1.0)] {
+            let x = crate::model::nn::test_util::randn(len as u64 + 7, &[len]);
+            let x: Vec<f32> = (x * scale).unwrap().to_vec1().unwrap();
+            let mut copied = vec![0f32; len];
+            softmax_row(&x, &mut copied);
+            let mut row = x.clone();
+            let lse = softmax_in_place(&mut row);
+            assert_eq!(row, copied);
+            let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let want = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            let lse_err = (lse as f64 - want).abs();
+            let mut again = x.clone();
+            exp_shifted_in_place(&mut again, lse);
+            let p_err = again
+                .iter()
+                .zip(&row)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!("len {len}: log-sum-exp error {lse_err:e}, exp(x - lse) error {p_err:e}");
+            assert!(lse_err <= 1e-5 * want.abs().max(1.0), "{lse_err:e}");
+            assert!(p_err <= 1e-6, "{p_err:e}");
+        }
+    }
+
     #[test]
     fn softmax_rows_match_candle() {
         use candle_core::{Device, Tensor};
