@@ -261,19 +261,15 @@ fn item_slices(
 }
 
 impl FusedAttentionCpu {
-    fn mask_data(&self) -> Result<Option<(MaskGuard<'_>, [usize; 3])>> {
-        let Some(mask) = &self.mask else {
-            return Ok(None);
-        };
-        let (storage, layout) = mask.storage_and_layout();
+    /// A read lock on the mask's storage, if there is a mask.
+    fn mask_guard(&self) -> Option<MaskGuard<'_>> {
+        let (storage, layout) = self.mask.as_ref()?.storage_and_layout();
         let stride = layout.stride();
-        Ok(Some((
-            MaskGuard {
-                storage: Box::new(storage),
-                offset: layout.start_offset(),
-            },
-            [stride[0], stride[1], stride[2]],
-        )))
+        Some(MaskGuard {
+            storage: Box::new(storage),
+            offset: layout.start_offset(),
+            strides: [stride[0], stride[1], stride[2]],
+        })
     }
 
     /// Scaled, masked scores of query rows `rows` (starting at `i0`) of head `h` into `s`.
@@ -315,14 +311,8 @@ impl FusedAttentionCpu {
                 0
             }
         ];
-        let guard = self.mask_data()?;
-        let mask = match &guard {
-            Some((g, strides)) => Some(MaskData {
-                data: g.data()?,
-                strides: *strides,
-            }),
-            None => None,
-        };
+        let guard = self.mask_guard();
+        let mask = guard.as_ref().map(MaskGuard::view).transpose()?;
         {
             let out_items = item_slices(&mut out, dims, rows, d_v);
             let lse_items = if lse.is_empty() {
@@ -380,14 +370,8 @@ impl FusedAttentionCpu {
         } = dims;
         let rows = self.backward_rows;
         let blocks = n_q.div_ceil(rows);
-        let guard = self.mask_data()?;
-        let mask = match &guard {
-            Some((g, strides)) => Some(MaskData {
-                data: g.data()?,
-                strides: *strides,
-            }),
-            None => None,
-        };
+        let guard = self.mask_guard();
+        let mask = guard.as_ref().map(MaskGuard::view).transpose()?;
         let mut dq = vec![0f32; bh * n_q * d];
         let partials = {
             let dq_items = item_slices(&mut dq, dims, rows, d);
@@ -458,16 +442,20 @@ struct BackwardScratch {
     dv: Vec<f32>,
 }
 
-/// A read lock on the mask's storage and where its view starts.
+/// A read lock on the mask's storage, where its view starts and its strides.
 struct MaskGuard<'a> {
     storage: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
     offset: usize,
+    strides: [usize; 3],
 }
 
 impl MaskGuard<'_> {
-    fn data(&self) -> Result<&[f32]> {
+    fn view(&self) -> Result<MaskData<'_>> {
         match &**self.storage {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[self.offset..]),
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => Ok(MaskData {
+                data: &v[self.offset..],
+                strides: self.strides,
+            }),
             _ => candle_core::bail!("attention: the mask is not an f32 CPU tensor"),
         }
     }
