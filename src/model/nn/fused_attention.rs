@@ -272,8 +272,8 @@ impl FusedAttentionCpu {
         })
     }
 
-    /// Scaled, masked scores of query rows `rows` (starting at `i0`) of head `h` into `s`.
-    #[allow(clippy::too_many_arguments)]
+    /// Scaled, masked scores of the query rows `q_rows` (starting at row `i0`) of head `h`
+    /// into `s`.
     fn scores(
         &self,
         s: &mut [f32],
