@@ -12,9 +12,10 @@ use candle_core::{DType, Result, Tensor, D};
 pub const ATTENTION_CHUNK_ELEMENTS: usize = 1 << 26;
 
 /// The inference bound on the CPU where the fused kernel does not apply (half precision): 2^22
-/// floats = 16 MiB per score chunk (also the feed-forward's row chunks, see `unet::FeedForward`). A chunk of ~100 query rows per head against 4096 keys
-/// keeps the matrix products at full speed, and the scores and their probabilities (two
-/// chunk-sized tensors) add 32 MiB to a restore's peak instead of half a gigabyte.
+/// floats = 16 MiB per score chunk (also the feed-forward's row chunks, see
+/// `unet::FeedForward`). A chunk of ~100 query rows per head against 4096 keys keeps the matrix
+/// products at full speed, and the scores and their probabilities (two chunk-sized tensors) add
+/// 32 MiB to a restore's peak instead of half a gigabyte.
 pub const CPU_CHUNK_ELEMENTS: usize = 1 << 22;
 
 /// On CUDA, inference chunks follow the device's free memory: 1/32 of it per f32 score chunk
