@@ -11,6 +11,6 @@ fn main() {
     pfstorer::fsutil::install_signal_cleanup();
     if let Err(err) = pfstorer::cli::run(cli) {
         eprintln!("error: {}", pfstorer::cli::error_line(&err));
-        std::process::exit(1);
+        std::process::exit(pfstorer::cli::exit_code(&err));
     }
 }

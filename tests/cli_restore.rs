@@ -313,6 +313,7 @@ fn large_output_goes_through_pixel_patches_and_latent_tiles() {
             "100",
             "--tile-batch",
             "4",
+            "-v",
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -327,21 +328,24 @@ fn large_output_goes_through_pixel_patches_and_latent_tiles() {
     let tile = common::fast_latent_tile();
     let tiles = walk_windows(128 / f, tile, tile - tile / 2).pow(2);
     let calls = patches * tiles.div_ceil(4);
+    let plan = format!("big.png: 400x300 output, 1 step x {patches} patches");
     let work = format!(
-        "big.png: 400x300 output, work: {patches} patches x {tiles} latent tiles x 1 step = {} UNet passes (x2 for CFG), in {calls} UNet calls of up to 4 tiles",
+        "work: {patches} patches x {tiles} latent tiles x 1 step = {} UNet passes (x2 for CFG), in {calls} UNet calls of up to 4 tiles",
         2 * patches * tiles
     );
     let err = stderr(&o);
-    assert!(err.contains(&work), "expected `{work}` in:\n{err}");
+    assert!(err.contains(&plan), "expected `{plan}` in:\n{err}");
+    assert!(err.contains(&work), "-v: expected `{work}` in:\n{err}");
     if !candle_core::utils::cuda_is_available() {
-        assert!(err.contains(&format!("{work}; cpu, f32")), "{err}");
+        assert!(err.contains(&format!("{plan}; cpu, f32")), "{err}");
         assert!(
             err.contains("device: cpu (this build has no CUDA); dtype: f32 (auto on the CPU)"),
             "{err}"
         );
     }
     assert!(
-        err.contains("sampling will take about") && err.contains(&format!("({patches} steps)")),
+        err.contains("sampling will take about")
+            && err.contains(&format!("(1 step x {patches} patches)")),
         "projection after the first step: {err}"
     );
     let img = image::open(&out).unwrap().to_rgb8();

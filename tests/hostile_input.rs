@@ -43,11 +43,20 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A failed command: non-zero exit, and its error is one line.
+/// A failed command: exit status 1, and its error is one line.
 fn assert_one_line_failure(o: &Output) -> String {
+    assert_one_line_failure_with(o, 1)
+}
+
+/// A flag no input can satisfy: exit status 2 (a usage error), and its error is one line.
+fn assert_usage_failure(o: &Output) -> String {
+    assert_one_line_failure_with(o, 2)
+}
+
+fn assert_one_line_failure_with(o: &Output, code: i32) -> String {
     let err = stderr(o);
     assert!(!o.status.success(), "must fail: {err}");
-    assert_eq!(o.status.code(), Some(1), "an error, not an abort: {err}");
+    assert_eq!(o.status.code(), Some(code), "an error, not an abort: {err}");
     let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(error_lines.len(), 1, "one error line: {err}");
     // No doubled message ("X: X").
@@ -177,8 +186,7 @@ fn suffix_with_path_separators_is_refused_before_anything_is_written() {
     small_png(&input, 16, 16);
     let before = snapshot(&dir);
     for suffix in ["/../../../../escaped", "x/y", "..\\up"] {
-        let err =
-            assert_one_line_failure(&run(&dir, &restore_args(&[&input], &["--suffix", suffix])));
+        let err = assert_usage_failure(&run(&dir, &restore_args(&[&input], &["--suffix", suffix])));
         assert!(err.contains("--suffix"), "{err}");
         assert_eq!(snapshot(&dir), before, "no file and no directory created");
     }
@@ -261,10 +269,21 @@ fn oversized_images_fail_per_file_and_the_batch_goes_on() {
 fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
     let dir = scratch("flags");
     let input = dir.join("p.png");
-    small_png(&input, 16, 16);
+    small_png(&input, 256, 256);
     // Output sizes: per file, before the model is read (the base path does not exist).
     let missing_base = dir.join("no-such-model.safetensors");
-    for flags in [&["--scale", "1e9"][..], &["--size", "100000x100000"]] {
+    // A scale no photo can use is a usage error before anything else.
+    let mut args = vec!["restore".to_string(), p(&input)];
+    args.extend(strings(&[
+        "--scale",
+        "1e9",
+        "--quiet",
+        "--base",
+        &p(&missing_base),
+    ]));
+    let err = assert_usage_failure(&run(&dir, &args));
+    assert!(err.contains("at most 64"), "{err}");
+    for flags in [&["--scale", "40"][..], &["--size", "100000x100000"]] {
         let mut args = vec!["restore".to_string(), p(&input)];
         args.extend(strings(flags));
         args.extend(strings(&["--quiet", "--base", &p(&missing_base)]));
@@ -286,7 +305,7 @@ fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
     }
     let mut args = restore_args(&[&input], &[]);
     set_flag(&mut args, "--input-size", "100000000");
-    let err = assert_one_line_failure(&run(&dir, &args));
+    let err = assert_usage_failure(&run(&dir, &args));
     assert!(err.contains("--input-size"), "{err}");
     // image_size in the YAML.
     let yaml = std::fs::read_to_string(common::fixture("stablesr/config.yaml")).unwrap();
@@ -431,7 +450,7 @@ fn non_finite_and_out_of_range_flags_are_refused() {
         ("--id-strength", "nan"),
         ("--max-megapixels", "nan"),
     ] {
-        let err = assert_one_line_failure(&run(&dir, &restore_args(&[&input], &[flag, value])));
+        let err = assert_usage_failure(&run(&dir, &restore_args(&[&input], &[flag, value])));
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
     assert_eq!(

@@ -47,8 +47,11 @@ pub fn expand_inputs(args: &[PathBuf]) -> Vec<InputItem> {
                 Ok(files) => files.into_iter().for_each(|f| push(&mut items, f)),
                 Err(e) => items.push(invalid(&format!("cannot list directory ({e})"))),
             }
-        } else if arg.exists() {
+        } else if arg.is_file() {
             push(&mut items, arg.clone());
+        } else if arg.exists() {
+            // Reading a FIFO blocks and a device never ends: refused at once, never opened.
+            items.push(invalid("not a regular file (a FIFO, device or socket)"));
         } else if let Some(pattern) = arg
             .file_name()
             .and_then(|n| n.to_str())

@@ -27,7 +27,7 @@ pub struct DegradeArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output directory (created when missing).
-    #[arg(short = 'o', long = "out-dir")]
+    #[arg(short = 'o', long = "output", alias = "out-dir", value_name = "DIR")]
     pub out_dir: PathBuf,
     /// Replace existing outputs.
     #[arg(long)]

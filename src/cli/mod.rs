@@ -57,6 +57,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A flag or argument that no input can satisfy: reported before any input is read or any
+/// folder created, and the process exits with status 2 (as clap does for its own usage errors).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Marks `err` as a usage error (exit status 2).
+pub fn usage(err: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(error_line(&err.into())))
+}
+
+/// The exit status of a failed command: 2 for usage errors, 1 for everything else.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if err.chain().any(|cause| cause.is::<UsageError>()) {
+        2
+    } else {
+        1
+    }
+}
+
 /// The one line printed for a failed command: the error and its causes joined by `: `, a cause
 /// left out when the message before it already says it (no "X: X"), control characters from
 /// file names or metadata escaped, and line breaks folded.
@@ -84,6 +111,73 @@ pub fn error_line(err: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pfstorer").chain(args.iter().copied()))
+    }
+
+    /// One grammar: every command that writes takes `-o/--output` and `-q/--quiet`, and the
+    /// older spellings (`--out`, `--out-dir`) still parse.
+    #[test]
+    fn every_writing_command_takes_output_and_quiet() {
+        let cases: &[&[&str]] = &[
+            &["restore", "a.png"],
+            &["degrade", "a.png", "--preset", "light"],
+            &["eval", "--restored", "r", "--gt", "g"],
+            &["personalize", "--refs", "refs/", "--id", "bob"],
+            &["train-base", "--data", "d/"],
+        ];
+        for case in cases {
+            for (o, q) in [("-o", "-q"), ("--output", "--quiet")] {
+                let mut args = case.to_vec();
+                args.extend([o, "out.x", q]);
+                if let Err(e) = parse(&args) {
+                    panic!("{args:?}: {e}");
+                }
+            }
+        }
+        for (case, old) in [
+            (&["personalize", "--refs", "r", "--id", "b"][..], "--out"),
+            (&["train-base", "--data", "d/"][..], "--out"),
+            (&["degrade", "a.png", "--preset", "light"][..], "--out-dir"),
+        ] {
+            let mut args = case.to_vec();
+            args.extend([old, "x"]);
+            assert!(parse(&args).is_ok(), "{args:?}");
+        }
+    }
+
+    /// The short flags GFPGAN/CodeFormer users type: `-s`, `-i`, `--ext`.
+    #[test]
+    fn gfpgan_spellings_parse() {
+        let cli = parse(&["restore", "-i", "in/", "-s", "2", "--ext", "jpg"]).unwrap();
+        let Command::Restore(args) = cli.command else {
+            panic!("not restore")
+        };
+        assert_eq!(args.scale, 2.0);
+        assert_eq!(args.input_flag, vec![std::path::PathBuf::from("in/")]);
+        assert!(args.inputs.is_empty());
+        assert_eq!(args.ext.as_deref(), Some("jpg"));
+        // No input at all is still a usage error.
+        assert!(parse(&["restore", "-s", "2"]).is_err());
+    }
+
+    #[test]
+    fn personalize_checkpoints_by_default() {
+        let cli = parse(&["personalize", "--refs", "r/", "--id", "bob"]).unwrap();
+        let Command::Personalize(args) = cli.command else {
+            panic!("not personalize")
+        };
+        assert!(args.checkpoint_every > 0 && args.checkpoint_every <= args.steps);
+    }
+
+    #[test]
+    fn usage_errors_exit_with_two() {
+        let err = usage(anyhow::anyhow!("--scale 0: must be positive"));
+        assert_eq!(exit_code(&err), 2);
+        assert_eq!(error_line(&err), "--scale 0: must be positive");
+        assert_eq!(exit_code(&anyhow::anyhow!("a.png: corrupt")), 1);
+    }
 
     #[test]
     fn error_lines_are_single_escaped_and_not_doubled() {

@@ -2,8 +2,11 @@
 
 use super::batch::{self, ExistingPolicy, InputItem, Outcome, Summary};
 use super::model_args::ModelArgs;
+use super::usage;
 use crate::imaging::colorfix::ColorFix;
-use crate::imaging::io::{load_image_within, save_png, LoadedImage};
+use crate::imaging::io::{
+    load_image_within, save_output, LoadedImage, MetadataStorage, OutputFormat, OutputImage,
+};
 use crate::imaging::ImageF32;
 use crate::model::base::Residency;
 use crate::personalize::identity::{base_fingerprint_cached, Identity};
@@ -24,13 +27,24 @@ pub const MIN_INPUT_SIDE: usize = 8;
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// Image files, directories (their images, not recursive) or glob patterns.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "input_flag")]
     pub inputs: Vec<PathBuf>,
-    /// Output file (one input) or directory (default: next to each input).
+    /// More inputs, as GFPGAN/CodeFormer spell them (`-i photos/`); same as positional ones.
+    #[arg(short = 'i', long = "input", value_name = "PATH")]
+    pub input_flag: Vec<PathBuf>,
+    /// Output file (one input; its extension picks the format) or directory (default: next to
+    /// each input).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// Output format of files named by pfstorer: png (the default), jpg, webp (lossless), bmp,
+    /// tif, or auto (the input's own format where it can be written, else png).
+    #[arg(long, value_name = "EXT")]
+    pub ext: Option<String>,
+    /// JPEG quality (1-100) of .jpg outputs.
+    #[arg(long, default_value_t = crate::imaging::io::JPEG_QUALITY, value_name = "Q")]
+    pub quality: u8,
     /// Upscaling factor (fractional allowed).
-    #[arg(long, default_value_t = 4.0, conflicts_with_all = ["size", "long_side"])]
+    #[arg(short, long, default_value_t = 4.0, conflicts_with_all = ["size", "long_side"])]
     pub scale: f64,
     /// Exact output size, WIDTHxHEIGHT.
     #[arg(long, value_name = "WxH")]
@@ -99,9 +113,12 @@ pub struct RestoreArgs {
     /// Skip inputs whose output exists (resume a batch).
     #[arg(long)]
     pub skip_existing: bool,
-    /// No progress bars.
+    /// No progress bars and no per-file lines (errors and the summary still print).
     #[arg(short, long)]
     pub quiet: bool,
+    /// Also print the sampling details (patches, latent tiles, UNet calls) of each image.
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Identity (name or file) from `pfstorer personalize`.
     #[arg(long, value_name = "NAME|PATH")]
     pub id: Option<String>,
@@ -127,39 +144,113 @@ fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
     }
 }
 
+/// Largest `--scale` accepted: beyond it no photo gives a useful restoration, and the output
+/// size limit (`--max-megapixels`) would refuse nearly every input anyway.
+pub const MAX_SCALE: f64 = 64.0;
+
 impl RestoreArgs {
     fn target(&self) -> anyhow::Result<TargetSize> {
         Ok(if let Some(s) = &self.size {
             let (w, h) = parse_size(s)?;
             TargetSize::Size(w, h)
         } else if let Some(n) = self.long_side {
+            if n == 0 {
+                bail!("--long-side 0: must be a positive number of pixels");
+            }
             TargetSize::LongSide(n)
         } else {
-            TargetSize::Scale(self.scale)
+            let s = self.scale;
+            if !(s.is_finite() && s > 0.0 && s <= MAX_SCALE) {
+                bail!("--scale {s}: must be a number above 0 and at most {MAX_SCALE}");
+            }
+            TargetSize::Scale(s)
         })
+    }
+
+    /// Every input argument, positional and `-i`, in the order given.
+    fn all_inputs(&self) -> Vec<PathBuf> {
+        self.inputs
+            .iter()
+            .chain(&self.input_flag)
+            .cloned()
+            .collect()
     }
 }
 
-/// The output path of every input: `-o FILE` for a single input, else `DIR/<stem><suffix>.png`
-/// (DIR = `-o` or the input's own directory).
+/// How output files get their format: from `-o FILE`'s extension, else `--ext`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExtChoice {
+    Fixed(OutputFormat),
+    /// The input's own format where it can be written, else PNG.
+    Auto,
+}
+
+impl ExtChoice {
+    fn parse(ext: &str) -> anyhow::Result<Self> {
+        if ext.eq_ignore_ascii_case("auto") {
+            return Ok(ExtChoice::Auto);
+        }
+        OutputFormat::from_extension(ext.trim_start_matches('.'))
+            .map(ExtChoice::Fixed)
+            .with_context(|| {
+                format!("--ext {ext}: use png, jpg, webp, bmp, tif or auto (the input's format)")
+            })
+    }
+
+    fn for_input(self, input: &Path) -> OutputFormat {
+        match self {
+            ExtChoice::Fixed(f) => f,
+            ExtChoice::Auto => OutputFormat::from_path(input).unwrap_or(OutputFormat::Png),
+        }
+    }
+}
+
+/// The file-name extension written for `format`.
+fn extension_of(format: OutputFormat) -> &'static str {
+    match format {
+        OutputFormat::Png => "png",
+        OutputFormat::Jpeg => "jpg",
+        OutputFormat::Webp => "webp",
+        OutputFormat::Bmp => "bmp",
+        OutputFormat::Tiff => "tif",
+    }
+}
+
+/// The output path and format of every input: `-o FILE` for a single input (its extension
+/// gives the format), else `DIR/<stem><suffix>.<ext>` (DIR = `-o` or the input's own
+/// directory; the extension from `--ext`).
 fn output_paths(
     inputs: &[PathBuf],
     output: Option<&Path>,
     suffix: &str,
-) -> anyhow::Result<Vec<PathBuf>> {
+    ext: ExtChoice,
+) -> anyhow::Result<Vec<(PathBuf, OutputFormat)>> {
+    let with_format = |paths: Vec<PathBuf>, sources: &[PathBuf]| -> Vec<(PathBuf, OutputFormat)> {
+        paths
+            .into_iter()
+            .zip(sources)
+            .map(|(p, input)| {
+                let format = ext.for_input(input);
+                (p.with_extension(extension_of(format)), format)
+            })
+            .collect()
+    };
     if let Some(out) = output {
         let is_file = out.extension().is_some() && !out.is_dir();
         if is_file {
             if inputs.len() != 1 {
-                bail!(
+                return Err(usage(anyhow::anyhow!(
                     "-o {}: a file name takes exactly one input; give a directory for {} inputs",
                     out.display(),
                     inputs.len()
-                );
+                )));
             }
-            return Ok(vec![out.to_path_buf()]);
+            return Ok(vec![(out.to_path_buf(), output_file_format(out)?)]);
         }
-        return Ok(batch::output_paths(inputs, out, suffix, "png"));
+        return Ok(with_format(
+            batch::output_paths(inputs, out, suffix, "png"),
+            inputs,
+        ));
     }
     // Next to each input, grouped by directory so names stay collision-free.
     Ok(inputs
@@ -172,9 +263,20 @@ fn output_paths(
                 .cloned()
                 .collect();
             let idx = siblings.iter().position(|q| q == p).unwrap_or(0);
-            batch::output_paths(&siblings, &dir, suffix, "png")[idx].clone()
+            let name = batch::output_paths(&siblings, &dir, suffix, "png")[idx].clone();
+            with_format(vec![name], std::slice::from_ref(p))[0].clone()
         })
         .collect())
+}
+
+/// The format of an output file named with `-o`, from its extension.
+fn output_file_format(out: &Path) -> anyhow::Result<OutputFormat> {
+    OutputFormat::from_path(out).ok_or_else(|| {
+        usage(anyhow::anyhow!(
+            "-o {}: unknown image extension; use .png, .jpg, .webp, .bmp or .tif",
+            out.display()
+        ))
+    })
 }
 
 /// `--max-megapixels` as a pixel count.
@@ -185,10 +287,10 @@ fn max_pixels(mp: f64) -> anyhow::Result<usize> {
     Ok((mp * 1e6) as usize)
 }
 
-pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
-    // Every flag is checked before any file is touched.
+/// Every flag that does not depend on an input, checked before any input is read or any
+/// folder created; a failure is a usage error (exit status 2).
+fn check_flags(args: &RestoreArgs) -> anyhow::Result<(TargetSize, RestoreSettings, ExtChoice)> {
     let target = args.target()?;
-    let color_fix = args.color_fix;
     batch::check_suffix("--suffix", &args.suffix)?;
     if !(args.id_strength.is_finite() && (0.0..=10.0).contains(&args.id_strength)) {
         bail!(
@@ -196,12 +298,27 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             args.id_strength
         );
     }
+    if !(1..=100).contains(&args.quality) {
+        bail!("--quality {}: must be between 1 and 100", args.quality);
+    }
+    let ext = ExtChoice::parse(args.ext.as_deref().unwrap_or("png"))?;
+    if let (Some(out), Some(given)) = (&args.output, &args.ext) {
+        if out.extension().is_some() && !out.is_dir() {
+            let format = output_file_format(out)?;
+            if matches!(ext, ExtChoice::Fixed(f) if f != format) {
+                bail!(
+                    "-o {} and --ext {given}: the file name's extension already picks the format",
+                    out.display()
+                );
+            }
+        }
+    }
     let settings = RestoreSettings {
         steps: args.steps,
         guidance: args.cfg,
         seed: args.seed,
         dec_w: args.dec_w,
-        color_fix,
+        color_fix: args.color_fix,
         tile_overlap: args.tile_overlap,
         native_size: args.input_size,
         patch_size: args.patch_size,
@@ -210,6 +327,12 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         tile_batch: args.tile_batch,
     };
     settings.validate()?;
+    Ok((target, settings, ext))
+}
+
+pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    // Every flag is checked before any file is touched.
+    let (target, settings, ext) = check_flags(&args).map_err(usage)?;
     // Load the identity first: a wrong name fails before any model is read.
     let identity = match &args.id {
         Some(id) => Some(Identity::load(id)?),
@@ -217,23 +340,23 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     };
     let base_config = args.model.base_config()?;
     let native = args.input_size.unwrap_or(base_config.diffusion.image_size);
-    check_native_size(native)?;
+    check_native_size(native).map_err(usage)?;
     let mut summary = Summary::default();
     let mut files = Vec::new();
-    for item in batch::expand_inputs(&args.inputs) {
+    for item in batch::expand_inputs(&args.all_inputs()) {
         match item {
             InputItem::File(p) => files.push(p),
             InputItem::Invalid { arg, reason } => summary.record(&arg, Outcome::Failed(reason)),
         }
     }
-    let outputs = output_paths(&files, args.output.as_deref(), &args.suffix)?;
+    let outputs = output_paths(&files, args.output.as_deref(), &args.suffix, ext)?;
     let policy = ExistingPolicy::from_flags(args.force, args.skip_existing);
 
     // Decide what to do before loading the model: outputs that cannot be written and images
     // too large for the limit fail now, not after hours of sampling.
     let mut todo = Vec::new();
     let mut checks = batch::OutputChecks::new(&files, policy);
-    for (input, output) in files.iter().zip(&outputs) {
+    for (input, (output, format)) in files.iter().zip(&outputs) {
         if let Some(outcome) = checks.check(output) {
             summary.record(input, outcome);
             continue;
@@ -244,10 +367,25 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
                 continue;
             }
         }
-        todo.push((input.clone(), output.clone()));
+        todo.push((input.clone(), output.clone(), *format));
     }
     if todo.is_empty() {
         return summary.finish();
+    }
+    if !args.quiet {
+        let no_text: Vec<&str> = todo
+            .iter()
+            .filter(|(_, _, f)| f.metadata_storage() == MetadataStorage::NotStored)
+            .map(|(_, _, f)| extension_of(*f))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !no_text.is_empty() {
+            eprintln!(
+                "note: the settings (seed, steps, prompts, identity) are not stored in {} outputs; png and jpg carry them",
+                no_text.join(", ")
+            );
+        }
     }
 
     let base_path = args.model.base_path(!args.quiet)?;
@@ -298,6 +436,19 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--id-ref {}", args.id_ref))?;
         }
         identity_line = format!("{} (base {fingerprint})", prepared.name);
+        if !args.quiet {
+            let path = args
+                .id
+                .as_deref()
+                .and_then(|id| crate::personalize::identity::resolve(id).ok())
+                .map(|p| crate::fsutil::printable_path(&p))
+                .unwrap_or_default();
+            eprintln!(
+                "identity: {} from {path} (made for these base weights: fingerprint {}… matches)",
+                crate::fsutil::printable(&prepared.name),
+                fingerprint.get(..12).unwrap_or(fingerprint)
+            );
+        }
         personalization = Some(prepared);
     }
     drop(text_model);
@@ -381,26 +532,28 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         overwrite: policy.overwrite(),
         max_input_pixels,
         run_label: &run_label,
+        quality: args.quality,
+        verbose: args.verbose,
     };
     let bars = MultiProgress::new();
     let images = bars.add(batch::progress_bar(todo.len(), args.quiet));
     images.set_message("images");
-    for (input, output) in &todo {
+    for (input, output, format) in &todo {
         let steps = bars.add(step_bar(args.quiet));
         steps.set_message(crate::fsutil::printable(&file_name(input)));
         let started = Instant::now();
-        let outcome = match restore_one(&restorer, input, output, &job, &steps, &bars) {
+        let outcome = match restore_one(&restorer, input, (output, *format), &job, &steps, &bars) {
             Ok(()) => {
-                if args.quiet {
-                    // nothing
-                } else {
-                    bars.println(format!(
-                        "{} -> {} ({:.1} s)",
-                        crate::fsutil::printable_path(input),
-                        crate::fsutil::printable_path(output),
-                        started.elapsed().as_secs_f64()
-                    ))
-                    .ok();
+                // Scripts read this line: printed whether or not stderr is a terminal.
+                if !args.quiet {
+                    bars.suspend(|| {
+                        eprintln!(
+                            "{} -> {} ({:.1} s)",
+                            crate::fsutil::printable_path(input),
+                            crate::fsutil::printable_path(output),
+                            started.elapsed().as_secs_f64()
+                        )
+                    });
                 }
                 Outcome::Done
             }
@@ -438,13 +591,16 @@ struct BatchJob<'a> {
     max_input_pixels: usize,
     /// `device, dtype` for the work line.
     run_label: &'a str,
+    quality: u8,
+    /// Print the sampling details under the plan line.
+    verbose: bool,
 }
 
 /// Projected sampling times above this get a line on how to cut them.
 const LONG_RUN_S: f64 = 3600.0;
 
 /// A duration for people: seconds, minutes, hours or days.
-fn human_duration(seconds: f64) -> String {
+pub(crate) fn human_duration(seconds: f64) -> String {
     if seconds < 90.0 {
         format!("{seconds:.1} s")
     } else if seconds < 5400.0 {
@@ -456,12 +612,25 @@ fn human_duration(seconds: f64) -> String {
     }
 }
 
-/// The line after the first sampling step: its time and the whole image's projected sampling
-/// time, plus how to cut it when that exceeds [`LONG_RUN_S`].
-fn projection_lines(first_step_s: f64, total_steps: usize) -> Vec<String> {
-    let projected = first_step_s * total_steps as f64;
+/// `200 steps`, or `200 steps x 4 patches` when the image is processed in patches.
+fn steps_and_patches(steps: usize, patches: usize) -> String {
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let steps = plural(steps, "step", "steps");
+    if patches > 1 {
+        format!("{steps} x {patches} patches")
+    } else {
+        steps
+    }
+}
+
+/// The line after the first sampling step: its time and the image's projected sampling time,
+/// counted as users count it (steps x patches), plus how to cut it above [`LONG_RUN_S`].
+fn projection_lines(first_step_s: f64, steps: usize, patches: usize) -> Vec<String> {
+    let projected = first_step_s * (steps * patches) as f64;
+    let counted = steps_and_patches(steps, patches);
     let mut lines = vec![format!(
-        "first step {}: sampling will take about {} ({total_steps} steps)",
+        "first step {}: sampling will take about {} ({counted})",
         human_duration(first_step_s),
         human_duration(projected)
     )];
@@ -476,7 +645,7 @@ fn projection_lines(first_step_s: f64, total_steps: usize) -> Vec<String> {
 fn restore_one(
     restorer: &Restorer,
     input: &Path,
-    output: &Path,
+    (output, format): (&Path, OutputFormat),
     job: &BatchJob,
     steps: &ProgressBar,
     bars: &MultiProgress,
@@ -487,17 +656,23 @@ fn restore_one(
         overwrite,
         max_input_pixels,
         run_label,
+        quality,
+        verbose,
     } = *job;
     let loaded: LoadedImage = load_image_within(input, MIN_INPUT_SIDE, max_input_pixels)?;
     // Say the cost before spending it (stderr, also with --quiet: it is no progress bar).
     let say = |line: String| bars.suspend(|| eprintln!("{line}"));
     let (plan, work) = restorer.work(loaded.rgb.width, loaded.rgb.height, target)?;
     say(format!(
-        "{}: {}x{} output, work: {work}; {run_label}",
+        "{}: {}x{} output, {}; {run_label}",
         crate::fsutil::printable(&file_name(input)),
         plan.out_w,
         plan.out_h,
+        steps_and_patches(work.steps, work.patches),
     ));
+    if verbose {
+        say(format!("  work: {work}"));
+    }
     let mut sampling_started: Option<Instant> = None;
     let mut projected = false;
     let mut on_step = |done: usize, total: usize| {
@@ -508,7 +683,8 @@ fn restore_one(
         } else if done == 1 && !projected {
             projected = true;
             if let Some(start) = sampling_started {
-                for line in projection_lines(start.elapsed().as_secs_f64(), total) {
+                let seconds = start.elapsed().as_secs_f64();
+                for line in projection_lines(seconds, work.steps, work.patches) {
                     say(line);
                 }
             }
@@ -532,14 +708,14 @@ fn restore_one(
     };
     let mut meta = metadata.to_vec();
     meta.push(("pfstorer:input".to_string(), file_name(input)));
-    save_png(
-        output,
-        &rgb,
-        alpha.as_ref(),
-        loaded.bit_depth > 8,
-        &meta,
-        overwrite,
-    )
+    let image = OutputImage {
+        rgb: &rgb,
+        alpha: alpha.as_ref(),
+        sixteen_bit: loaded.bit_depth > 8,
+        text: &meta,
+        quality,
+    };
+    save_output(output, format, &image, overwrite).map(drop)
 }
 
 fn clamp01(mut img: ImageF32) -> ImageF32 {
@@ -560,6 +736,10 @@ fn to_gray(img: &ImageF32) -> ImageF32 {
 /// Width and height from the image header (cheap; `None` when unreadable, which the full
 /// decode then reports).
 fn probe_dimensions(path: &Path) -> Option<(usize, usize)> {
+    // Opening a FIFO would block: only regular files are probed.
+    if !path.is_file() {
+        return None;
+    }
     let (w, h) = image::ImageReader::open(path)
         .ok()?
         .with_guessed_format()
@@ -583,18 +763,18 @@ mod tests {
 
     #[test]
     fn projection_and_the_hint_above_an_hour() {
-        let short = projection_lines(2.0, 100);
+        let short = projection_lines(2.0, 100, 1);
         assert_eq!(
             short,
             vec!["first step 2.0 s: sampling will take about 3 min (100 steps)".to_string()]
         );
         // Exactly one hour is not above it.
-        assert_eq!(projection_lines(36.0, 100).len(), 1);
-        let long = projection_lines(12.0, 800);
+        assert_eq!(projection_lines(36.0, 100, 1).len(), 1);
+        let long = projection_lines(12.0, 200, 4);
         assert_eq!(long.len(), 2);
         assert_eq!(
             long[0],
-            "first step 12.0 s: sampling will take about 2.7 h (800 steps)"
+            "first step 12.0 s: sampling will take about 2.7 h (200 steps x 4 patches)"
         );
         for flag in ["--steps", "--scale", "GPU build"] {
             assert!(long[1].contains(flag), "{flag} in {}", long[1]);

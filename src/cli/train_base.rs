@@ -31,7 +31,7 @@ pub struct TrainBaseArgs {
     #[arg(long, required = true, num_args = 1.., value_name = "DIR")]
     pub data: Vec<PathBuf>,
     /// The trained base checkpoint to write (safetensors, every key of the init checkpoint).
-    #[arg(long, value_name = "FILE")]
+    #[arg(short, long = "output", alias = "out", value_name = "FILE")]
     pub out: PathBuf,
     /// Checkpoint to start from; default: stablesr_000117.ckpt from the hub (Iceclear/StableSR),
     /// the generic StableSR model StableSR's face training starts from.
@@ -80,7 +80,7 @@ pub struct TrainBaseArgs {
     #[arg(long)]
     pub force: bool,
     /// No progress bar.
-    #[arg(long)]
+    #[arg(short, long)]
     pub quiet: bool,
     /// Where the networks run; auto: CUDA device 0 when this build has CUDA and it opens, else
     /// the CPU. In a data-parallel launch each rank takes cuda:LOCAL_RANK.

@@ -49,6 +49,45 @@ pub fn has_image_extension(path: &Path) -> bool {
 /// so about 1 GB): `pfstorer restore --max-megapixels` changes it for restoring.
 pub const DEFAULT_MAX_INPUT_PIXELS: usize = 64_000_000;
 
+/// Largest input file read, in bytes (1 GiB): far above any photo (a 64-megapixel 16-bit RGBA
+/// TIFF without compression is 512 MB), and a bound on what `/dev/zero` or a huge file can take.
+pub const MAX_INPUT_FILE_BYTES: u64 = 1 << 30;
+
+/// The bytes of an input file: only a regular file (a FIFO would block, a device never ends),
+/// at most [`MAX_INPUT_FILE_BYTES`] and at most its size as it was when opened.
+pub fn read_input_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(input_error(
+            path,
+            "not a regular file (a directory, FIFO, device or socket)",
+        ));
+    }
+    if meta.len() > MAX_INPUT_FILE_BYTES {
+        return Err(input_error(
+            path,
+            &format!(
+                "file of {} bytes is larger than the {} bytes (1 GiB) an input may have",
+                meta.len(),
+                MAX_INPUT_FILE_BYTES
+            ),
+        ));
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Checked again on the open file: the name may have been swapped since.
+    let open_meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !open_meta.is_file() {
+        return Err(input_error(path, "not a regular file"));
+    }
+    let limit = open_meta.len().min(MAX_INPUT_FILE_BYTES);
+    let mut bytes = Vec::with_capacity(limit as usize);
+    file.take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
 /// Reads and decodes an image file; see [`LoadedImage`].
 pub fn load_image(path: impl AsRef<Path>) -> Result<LoadedImage> {
     load_image_with_min_size(path, 1)
@@ -68,7 +107,7 @@ pub fn load_image_within(
     max_pixels: usize,
 ) -> Result<LoadedImage> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_input_file(path)?;
     let loaded = decode_image_within(&bytes, max_pixels).map_err(|msg| input_error(path, &msg))?;
     if loaded.width() < min_side || loaded.height() < min_side {
         return Err(input_error(
@@ -356,11 +395,137 @@ pub fn encode_png(
     Ok(out)
 }
 
-/// JPEG quality used by [`save_image`].
+/// Default JPEG quality of saved outputs (`restore --quality`).
 pub const JPEG_QUALITY: u8 = 95;
 
-/// Saves by extension: `.png` (8 bit), `.jpg`/`.jpeg` (quality [`JPEG_QUALITY`], alpha dropped),
-/// `.webp` (lossless), `.bmp`, `.tif`/`.tiff`. Atomic; refuses to replace `path` unless `overwrite`.
+/// The file formats outputs are written in, chosen by the output's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    /// Lossless WebP (the image crate encodes no lossy WebP).
+    Webp,
+    Bmp,
+    Tiff,
+}
+
+/// Where an output's settings (seed, steps, prompts, identity) went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataStorage {
+    /// PNG text chunks.
+    PngText,
+    /// A JPEG comment (COM) segment, one `key: value` line each.
+    JpegComment,
+    /// The format (or its encoder here) carries no text: nothing stored.
+    NotStored,
+}
+
+impl OutputFormat {
+    /// The format of a file extension (case-insensitive), if outputs can be written in it.
+    pub fn from_extension(ext: &str) -> Option<Self> {
+        Some(match ext.to_ascii_lowercase().as_str() {
+            "png" => OutputFormat::Png,
+            "jpg" | "jpeg" => OutputFormat::Jpeg,
+            "webp" => OutputFormat::Webp,
+            "bmp" => OutputFormat::Bmp,
+            "tif" | "tiff" => OutputFormat::Tiff,
+            _ => return None,
+        })
+    }
+
+    /// The format of `path`'s extension.
+    pub fn from_path(path: &Path) -> Option<Self> {
+        Self::from_extension(path.extension()?.to_str()?)
+    }
+
+    /// Whether 16-bit samples survive (PNG and TIFF); the others are written in 8 bit.
+    pub fn keeps_16_bit(self) -> bool {
+        matches!(self, OutputFormat::Png | OutputFormat::Tiff)
+    }
+
+    /// Where text metadata goes in this format.
+    pub fn metadata_storage(self) -> MetadataStorage {
+        match self {
+            OutputFormat::Png => MetadataStorage::PngText,
+            OutputFormat::Jpeg => MetadataStorage::JpegComment,
+            _ => MetadataStorage::NotStored,
+        }
+    }
+
+    /// Whether an alpha plane survives (JPEG drops it).
+    pub fn keeps_alpha(self) -> bool {
+        self != OutputFormat::Jpeg
+    }
+}
+
+/// What [`save_output`] writes: colour (1 or 3 channels), optional alpha, and how.
+pub struct OutputImage<'a> {
+    pub rgb: &'a ImageF32,
+    pub alpha: Option<&'a ImageF32>,
+    /// Keep 16-bit samples where the format allows (a 16-bit input).
+    pub sixteen_bit: bool,
+    pub text: &'a [(String, String)],
+    /// JPEG quality, 1..=100.
+    pub quality: u8,
+}
+
+/// Encodes `image` in `format` into memory; see [`save_output`].
+pub fn encode_output(path: &Path, format: OutputFormat, image: &OutputImage) -> Result<Vec<u8>> {
+    let OutputImage {
+        rgb,
+        alpha,
+        sixteen_bit,
+        text,
+        quality,
+    } = *image;
+    let alpha = alpha.filter(|_| format.keeps_alpha());
+    let sixteen_bit = sixteen_bit && format.keeps_16_bit();
+    Ok(match format {
+        OutputFormat::Png => encode_png(path, rgb, alpha, sixteen_bit, text)?,
+        OutputFormat::Jpeg => {
+            let bytes = encode_with(path, rgb, None, |buf, data, w, h, color| {
+                image::codecs::jpeg::JpegEncoder::new_with_quality(buf, quality.clamp(1, 100))
+                    .encode(data, w, h, color)
+            })?;
+            insert_jpeg_comment(bytes, text)
+        }
+        OutputFormat::Webp => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
+            image::codecs::webp::WebPEncoder::new_lossless(buf).encode(data, w, h, color)
+        })?,
+        OutputFormat::Bmp => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
+            image::codecs::bmp::BmpEncoder::new(buf).encode(data, w, h, color)
+        })?,
+        OutputFormat::Tiff if sixteen_bit => encode_tiff16(path, rgb, alpha)?,
+        OutputFormat::Tiff => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
+            use image::ImageEncoder;
+            image::codecs::tiff::TiffEncoder::new(buf).write_image(data, w, h, color)
+        })?,
+    })
+}
+
+/// Writes `image` to `path` in `format`. Atomic; refuses to replace `path` unless `overwrite`.
+/// Returns where the text metadata went.
+pub fn save_output(
+    path: &Path,
+    format: OutputFormat,
+    image: &OutputImage,
+    overwrite: bool,
+) -> Result<MetadataStorage> {
+    let bytes = encode_output(path, format, image)?;
+    crate::fsutil::write_bytes(
+        path,
+        &bytes,
+        crate::fsutil::WriteMode::from_force(overwrite),
+    )?;
+    Ok(if image.text.is_empty() {
+        MetadataStorage::NotStored
+    } else {
+        format.metadata_storage()
+    })
+}
+
+/// Saves by extension (see [`OutputFormat`]), 8 bit, no metadata. Atomic; refuses to replace
+/// `path` unless `overwrite`.
 pub fn save_image(
     path: impl AsRef<Path>,
     rgb: &ImageF32,
@@ -368,39 +533,85 @@ pub fn save_image(
     overwrite: bool,
 ) -> Result<()> {
     let path = path.as_ref();
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .unwrap_or_default();
-    let bytes = match ext.as_str() {
-        "png" => encode_png(path, rgb, alpha, false, &[])?,
-        "jpg" | "jpeg" => encode_with(path, rgb, None, |buf, data, w, h, color| {
-            image::codecs::jpeg::JpegEncoder::new_with_quality(buf, JPEG_QUALITY)
-                .encode(data, w, h, color)
-        })?,
-        "webp" => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
-            image::codecs::webp::WebPEncoder::new_lossless(buf).encode(data, w, h, color)
-        })?,
-        "bmp" => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
-            image::codecs::bmp::BmpEncoder::new(buf).encode(data, w, h, color)
-        })?,
-        "tif" | "tiff" => encode_with(path, rgb, alpha, |buf, data, w, h, color| {
-            use image::ImageEncoder;
-            image::codecs::tiff::TiffEncoder::new(buf).write_image(data, w, h, color)
-        })?,
-        _ => {
-            return Err(input_error(
-                path,
-                "unknown output format (use .png, .jpg, .webp, .bmp or .tif)",
-            ))
-        }
+    let format = OutputFormat::from_path(path).ok_or_else(|| {
+        input_error(
+            path,
+            "unknown output format (use .png, .jpg, .webp, .bmp or .tif)",
+        )
+    })?;
+    let image = OutputImage {
+        rgb,
+        alpha,
+        sixteen_bit: false,
+        text: &[],
+        quality: JPEG_QUALITY,
     };
-    crate::fsutil::write_bytes(
-        path,
-        &bytes,
-        crate::fsutil::WriteMode::from_force(overwrite),
-    )
+    save_output(path, format, &image, overwrite).map(drop)
+}
+
+/// Largest payload of one JPEG segment (its 16-bit length counts its own two bytes).
+const MAX_JPEG_SEGMENT: usize = 65533;
+
+/// Puts `text` into a COM segment after the JFIF header (or after SOI when there is none), one
+/// `key: value` line each, cut at the segment limit.
+fn insert_jpeg_comment(mut bytes: Vec<u8>, text: &[(String, String)]) -> Vec<u8> {
+    if text.is_empty() || bytes.len() < 4 || bytes[..2] != [0xFF, 0xD8] {
+        return bytes;
+    }
+    let mut comment: Vec<u8> = text
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\n", v.replace('\n', " ")))
+        .collect::<String>()
+        .into_bytes();
+    comment.truncate(MAX_JPEG_SEGMENT);
+    let mut at = 2;
+    if bytes.len() >= 6 && bytes[2..4] == [0xFF, 0xE0] {
+        at = 4 + u16::from_be_bytes([bytes[4], bytes[5]]) as usize;
+    }
+    let mut segment = vec![0xFF, 0xFE];
+    segment.extend_from_slice(&((comment.len() + 2) as u16).to_be_bytes());
+    segment.extend_from_slice(&comment);
+    bytes.splice(at..at, segment);
+    bytes
+}
+
+/// The text of a JPEG's COM segments (for tests and `pfstorer` readers).
+pub fn jpeg_comments(bytes: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pos = 2;
+    while pos + 4 <= bytes.len() && bytes[pos] == 0xFF {
+        let marker = bytes[pos + 1];
+        let len = u16::from_be_bytes([bytes[pos + 2], bytes[pos + 3]]) as usize;
+        if marker == 0xDA || len < 2 || pos + 2 + len > bytes.len() {
+            break;
+        }
+        if marker == 0xFE {
+            out.push(String::from_utf8_lossy(&bytes[pos + 4..pos + 2 + len]).into_owned());
+        }
+        pos += 2 + len;
+    }
+    out
+}
+
+/// A 16-bit TIFF (RGB or gray, with optional alpha).
+fn encode_tiff16(path: &Path, rgb: &ImageF32, alpha: Option<&ImageF32>) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    let samples = interleave(rgb, alpha, path)?;
+    let data: Vec<u8> = samples
+        .iter()
+        .flat_map(|&v| quantize_u16(v).to_ne_bytes())
+        .collect();
+    let color = match (rgb.channels, alpha.is_some()) {
+        (1, false) => image::ExtendedColorType::L16,
+        (1, true) => image::ExtendedColorType::La16,
+        (_, false) => image::ExtendedColorType::Rgb16,
+        (_, true) => image::ExtendedColorType::Rgba16,
+    };
+    let mut buf = Cursor::new(Vec::new());
+    image::codecs::tiff::TiffEncoder::new(&mut buf)
+        .write_image(&data, rgb.width as u32, rgb.height as u32, color)
+        .map_err(|e| input_error(path, &format!("cannot encode TIFF ({e})")))?;
+    Ok(buf.into_inner())
 }
 
 fn encode_with(

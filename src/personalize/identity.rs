@@ -51,19 +51,72 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
-/// The file of an identity given by name (stored in [`identities_dir`]) or by path (anything
-/// with a path separator or the `.safetensors` extension, or an existing file).
-pub fn resolve(path_or_name: &str) -> Result<PathBuf> {
-    let as_path = Path::new(path_or_name);
-    if path_or_name.contains(std::path::MAIN_SEPARATOR)
+/// Whether an identity argument is a path (it has a path separator or ends in `.safetensors`)
+/// rather than a name.
+pub fn is_path_argument(path_or_name: &str) -> bool {
+    path_or_name.contains(std::path::MAIN_SEPARATOR)
         || path_or_name.contains('/')
         || path_or_name.ends_with(".safetensors")
-        || as_path.is_file()
-    {
-        return Ok(as_path.to_path_buf());
+}
+
+/// The file of an identity given by name or by path. A name (no path separator, no
+/// `.safetensors` ending) resolves only inside [`identities_dir`], never to a file of the
+/// current directory: `ids rm notes.txt` must not find `./notes.txt`. A path is taken as given;
+/// callers that act on it check its header with [`check_identity_file`] first.
+pub fn resolve(path_or_name: &str) -> Result<PathBuf> {
+    if is_path_argument(path_or_name) {
+        return Ok(PathBuf::from(path_or_name));
     }
     validate_name(path_or_name)?;
     Ok(identities_dir()?.join(format!("{path_or_name}{SUFFIX}")))
+}
+
+/// Largest safetensors header an identity may have: its JSON lists a few hundred tensors and
+/// the metadata (reference list, training record), far below this.
+const MAX_HEADER_BYTES: u64 = 16 << 20;
+
+/// Checks that `path` is a regular file whose safetensors header carries this program's
+/// identity `format` metadata, reading only the header. Anything else (a photo, a text file,
+/// another model's safetensors, a FIFO) is an error naming the file, and the file is left alone.
+pub fn check_identity_file(path: &Path) -> Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let not_identity = |why: &str| {
+        Error::Input(format!(
+            "{}: not a pfstorer identity ({why})",
+            crate::fsutil::printable_path(path)
+        ))
+    };
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_identity("not a regular file"));
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| not_identity("too short for a safetensors file"))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len == 0 || header_len > MAX_HEADER_BYTES || 8 + header_len > meta.len() {
+        return Err(not_identity("no safetensors header"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|_| not_identity("truncated safetensors header"))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|_| not_identity("no safetensors header"))?;
+    let metadata: BTreeMap<String, String> = json
+        .get("__metadata__")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    match metadata.get("format").map(String::as_str) {
+        Some(FORMAT) => Ok(metadata),
+        Some(other) if other.starts_with("pfstorer-identity/") => Err(Error::Input(format!(
+            "{}: identity format {other:?} is not supported (expected {FORMAT})",
+            crate::fsutil::printable_path(path)
+        ))),
+        _ => Err(not_identity(
+            "a safetensors file without pfstorer identity metadata",
+        )),
+    }
 }
 
 /// Identities stored by name: `(name, path)`, sorted.
@@ -192,7 +245,7 @@ impl Identity {
     /// Loads an identity by name or path (see [`resolve`]).
     pub fn load(path_or_name: &str) -> Result<Self> {
         let path = resolve(path_or_name)?;
-        if !path.is_file() {
+        if std::fs::symlink_metadata(&path).is_err() {
             return Err(Error::Input(format!(
                 "identity {path_or_name:?} not found ({}); `pfstorer ids list` shows stored identities",
                 path.display()
@@ -202,6 +255,8 @@ impl Identity {
     }
 
     pub fn load_file(path: &Path) -> Result<Self> {
+        // The header first: a file that is not an identity is refused without reading it all.
+        check_identity_file(path)?;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| corrupt(path, &e.to_string()))?;
