@@ -168,6 +168,21 @@ pub fn list_files(dir: &Path, keep: impl Fn(&Path) -> bool) -> std::io::Result<V
     Ok(files)
 }
 
+/// pfstorer's data directory (identities, the fingerprint cache): `$PFSTORER_HOME` if set,
+/// else `$XDG_DATA_HOME/pfstorer`, else `~/.local/share/pfstorer` (the platform's data
+/// directory elsewhere).
+pub fn data_home() -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("PFSTORER_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(home));
+    }
+    match dirs::data_dir() {
+        Some(data) => Ok(data.join("pfstorer")),
+        None => Err(Error::Input(
+            "cannot locate the data directory: set PFSTORER_HOME or HOME".into(),
+        )),
+    }
+}
+
 /// [`write_atomic`] of an in-memory buffer.
 pub fn write_bytes(path: &Path, bytes: &[u8], mode: WriteMode) -> Result<()> {
     write_atomic(path, mode, |tmp| {

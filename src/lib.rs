@@ -11,6 +11,7 @@
 
 pub mod allocator;
 pub mod base_training;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod degrade;

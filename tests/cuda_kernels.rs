@@ -200,7 +200,8 @@ fn attention_with_the_device_chunk_bound() {
         assert_eq!(bound, CPU_CHUNK_ELEMENTS, "the CPU bound is fixed");
         println!(
             "cuda_kernels: PFSTORER_TEST_DEVICE is not cuda; checked the CPU attention (fixed bound \
-             2^24) instead"
+             2^{}) instead",
+            CPU_CHUNK_ELEMENTS.trailing_zeros()
         );
         (2, 256, 16)
     };

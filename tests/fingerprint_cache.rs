@@ -4,7 +4,7 @@
 
 mod common;
 
-use pfstorer::personalize::identity::{base_fingerprint, base_fingerprint_cached};
+use pfstorer::weights::{base_fingerprint, base_fingerprint_cached};
 use pfstorer::weights::TensorStore;
 use std::time::{Duration, SystemTime};
 

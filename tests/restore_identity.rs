@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 use pfstorer::diffusion::sampler::{Branches, VDenoiser};
 use pfstorer::imaging::ImageF32;
 use pfstorer::model::base::BaseModel;
-use pfstorer::personalize::identity::{base_fingerprint, Identity, IdentityInfo};
+use pfstorer::personalize::identity::{Identity, IdentityInfo};
+use pfstorer::weights::base_fingerprint;
 use pfstorer::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
 use pfstorer::restore::{
     ModelDenoiser, Personalization, PersonalizedDenoiser, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,

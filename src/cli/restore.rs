@@ -9,7 +9,8 @@ use crate::imaging::io::{
 };
 use crate::imaging::ImageF32;
 use crate::model::base::Residency;
-use crate::personalize::identity::{base_fingerprint_cached, Identity};
+use crate::personalize::identity::Identity;
+use crate::weights::base_fingerprint_cached;
 use crate::restore::{
     check_native_size, Personalization, ResidencyPolicy, RestoreSettings, Restorer, StagedNetworks,
     TargetSize, WeightSource, BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,

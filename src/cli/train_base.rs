@@ -16,7 +16,7 @@ use crate::config::BaseModelConfig;
 use crate::device::{DeviceRequest, DtypeRequest, Workload};
 use crate::error::Error;
 use crate::fsutil::{printable_path, WriteMode};
-use crate::personalize::identity::base_fingerprint_cached;
+use crate::weights::base_fingerprint_cached;
 use crate::weights::{hub, CheckedWeights, TensorStore};
 use candle_core::DType;
 use clap::Args;
@@ -428,7 +428,7 @@ fn files_digest(data: &FaceDataset) -> String {
         let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
         text.push_str(&format!("{}\t{size}\n", f.display()));
     }
-    crate::personalize::digest::sha256_hex(text.as_bytes())
+    crate::weights::digest::sha256_hex(text.as_bytes())
 }
 
 /// The step a checkpoint resumes at, if it is this run's: same settings except the number of

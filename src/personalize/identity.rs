@@ -3,14 +3,12 @@
 //! architecture, training arguments, date, version). Stored by name under the user's data
 //! directory unless a path is given.
 
-use super::digest::{to_hex, Digest, Sha256};
 use super::token::PromptTokens;
 use super::trainer::block_prefix;
 use super::HostSpec;
 use crate::error::{Error, Result};
-use crate::model::base::{BaseModel, LQ_ENCODER_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use crate::model::base::BaseModel;
 use crate::personalize::block::PersonalizationBlock;
-use crate::weights::TensorStore;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -20,19 +18,10 @@ pub const FORMAT: &str = "pfstorer-identity/1";
 /// File name suffix of identities stored by name.
 pub const SUFFIX: &str = ".identity.safetensors";
 
-/// Where identities stored by name live: `$PFSTORER_HOME/identities` if set, else
-/// `$XDG_DATA_HOME/pfstorer/identities`, else `~/.local/share/pfstorer/identities`.
+/// Where identities stored by name live: `identities/` in [`crate::fsutil::data_home`]
+/// (`$PFSTORER_HOME`, else `$XDG_DATA_HOME/pfstorer`, else `~/.local/share/pfstorer`).
 pub fn identities_dir() -> Result<PathBuf> {
-    if let Some(home) = std::env::var_os("PFSTORER_HOME").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(home).join("identities"));
-    }
-    // `$XDG_DATA_HOME`, else `~/.local/share` on Linux (the platform's data directory elsewhere).
-    match dirs::data_dir() {
-        Some(data) => Ok(data.join("pfstorer").join("identities")),
-        None => Err(Error::Input(
-            "cannot locate the identity directory: set PFSTORER_HOME or HOME".into(),
-        )),
-    }
+    Ok(crate::fsutil::data_home()?.join("identities"))
 }
 
 /// Checks an identity name: letters, digits, `-`, `_`, `.`; not starting with `.`.
@@ -139,90 +128,6 @@ pub fn list_stored() -> Result<Vec<(String, PathBuf)>> {
     }
     out.sort();
     Ok(out)
-}
-
-/// SHA-256 over the sorted (name, stored dtype, shape, little-endian f32 values) of every UNet,
-/// time-aware encoder, text-encoder and VAE tensor of a diffusion checkpoint. Values are hashed
-/// as f32 (exact for f16/bf16 checkpoints too), so the fingerprint names the weights, not the
-/// container format.
-pub fn base_fingerprint(store: &TensorStore) -> Result<String> {
-    let prefixes =
-        [UNET_PREFIX, LQ_ENCODER_PREFIX, TEXT_PREFIX, VAE_PREFIX].map(|p| format!("{p}."));
-    let mut hasher = Sha256::new();
-    let mut count = 0usize;
-    for (name, (shape, dtype)) in store.shapes() {
-        if !prefixes.iter().any(|p| name.starts_with(p.as_str())) {
-            continue;
-        }
-        let tensor = store.load(name, DType::F32, &Device::Cpu)?;
-        hasher.update(name.as_bytes());
-        hasher.update([0]);
-        hasher.update(dtype.as_str().as_bytes());
-        hasher.update([0]);
-        for d in shape {
-            hasher.update((*d as u64).to_le_bytes());
-        }
-        let values: Vec<f32> = tensor.flatten_all()?.to_vec1()?;
-        let mut bytes = Vec::with_capacity(values.len() * 4);
-        for v in values {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
-        hasher.update(&bytes);
-        count += 1;
-    }
-    if count == 0 {
-        return Err(Error::Weights(format!(
-            "{}: no base-model tensors to fingerprint",
-            store.path().display()
-        )));
-    }
-    Ok(to_hex(&hasher.finalize()))
-}
-
-/// [`base_fingerprint`] of the checkpoint at `path`, remembered across runs: hashing a
-/// full-size checkpoint reads ~5 GB of values, so the result is cached in
-/// `<data dir>/fingerprints.json` keyed by the canonical path, size and modification time
-/// (a changed file is hashed again). The cache is best-effort: unreadable or unwritable is a miss.
-pub fn base_fingerprint_cached(path: &Path) -> Result<String> {
-    let key = fingerprint_cache_key(path);
-    let cache_file = identities_dir()
-        .ok()
-        .and_then(|d| d.parent().map(|p| p.join("fingerprints.json")));
-    let mut cache: BTreeMap<String, String> = cache_file
-        .as_ref()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
-    if let Some(hit) = key.as_ref().and_then(|k| cache.get(k)) {
-        return Ok(hit.clone());
-    }
-    let fingerprint = base_fingerprint(&TensorStore::open(path)?)?;
-    if let (Some(key), Some(file)) = (key, cache_file) {
-        cache.insert(key, fingerprint.clone());
-        if let Ok(text) = serde_json::to_string_pretty(&cache) {
-            let _ = crate::fsutil::write_atomic(&file, crate::fsutil::WriteMode::Replace, |tmp| {
-                std::fs::write(tmp, &text).map_err(|e| Error::io(tmp, e))
-            });
-        }
-    }
-    Ok(fingerprint)
-}
-
-fn fingerprint_cache_key(path: &Path) -> Option<String> {
-    let canonical = std::fs::canonicalize(path).ok()?;
-    let meta = std::fs::metadata(&canonical).ok()?;
-    let mtime = meta
-        .modified()
-        .ok()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?;
-    Some(format!(
-        "{}|{}|{}.{:09}",
-        canonical.display(),
-        meta.len(),
-        mtime.as_secs(),
-        mtime.subsec_nanos()
-    ))
 }
 
 /// A loaded (or freshly trained) identity.

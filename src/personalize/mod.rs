@@ -4,7 +4,6 @@
 //! ([`identity`]). The design follows `docs/personalization.md`.
 
 pub mod block;
-pub mod digest;
 pub mod dual_stream;
 pub mod identity;
 pub mod token;

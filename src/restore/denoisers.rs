@@ -96,7 +96,7 @@ pub struct Personalization {
 
 impl Personalization {
     /// Prepares `identity` for `base`, whose weights have `fingerprint` (see
-    /// [`crate::personalize::identity::base_fingerprint`]); an identity trained on another base
+    /// [`crate::weights::base_fingerprint`]); an identity trained on another base
     /// model is refused. `prompt` must hold the placeholder `*` once.
     pub fn new(
         identity: &Identity,
