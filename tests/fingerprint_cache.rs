@@ -4,8 +4,8 @@
 
 mod common;
 
-use pfstorer::weights::{base_fingerprint, base_fingerprint_cached};
 use pfstorer::weights::TensorStore;
+use pfstorer::weights::{base_fingerprint, base_fingerprint_cached};
 use std::time::{Duration, SystemTime};
 
 #[test]

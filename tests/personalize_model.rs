@@ -11,10 +11,10 @@ use pfstorer::model::base::BaseModel;
 use pfstorer::model::unet::UNetInputs;
 use pfstorer::personalize::dual_stream::PersonalizedUNet;
 use pfstorer::personalize::identity::{Identity, IdentityInfo};
-use pfstorer::weights::base_fingerprint;
 use pfstorer::personalize::token::PromptTokens;
 use pfstorer::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
 use pfstorer::personalize::{host_specs, HostSpec};
+use pfstorer::weights::base_fingerprint;
 use pfstorer::weights::TensorStore;
 use rand::{Rng, SeedableRng};
 

@@ -9,11 +9,11 @@ use pfstorer::diffusion::sampler::{Branches, VDenoiser};
 use pfstorer::imaging::ImageF32;
 use pfstorer::model::base::BaseModel;
 use pfstorer::personalize::identity::{Identity, IdentityInfo};
-use pfstorer::weights::base_fingerprint;
 use pfstorer::personalize::trainer::{TrainConfig, TrainableParams, Trainer};
 use pfstorer::restore::{
     ModelDenoiser, Personalization, PersonalizedDenoiser, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
 };
+use pfstorer::weights::base_fingerprint;
 use pfstorer::weights::TensorStore;
 use std::path::Path;
 use std::process::{Command, Output};

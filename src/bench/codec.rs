@@ -65,7 +65,8 @@ pub fn run(b: CodecBench) -> anyhow::Result<()> {
     let load_s = t_load.elapsed().as_secs_f64();
     let image = synthetic_face(b.size, 7);
     let lq = crate::imaging::tensor::image_to_tensor(&image, &device)?;
-    let (mut encode, mut features_s, mut decode): (Vec<f64>, Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut encode, mut features_s, mut decode): (Vec<f64>, Vec<f64>, Vec<f64>) =
+        (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=b.runs {
         let stages = time_codec_stages(&vae, dtype, &cfw, &lq, b.dec_w)?;
         if run > 0 {
@@ -137,4 +138,3 @@ fn time_codec_stages(
         cfw_decode_s,
     })
 }
-

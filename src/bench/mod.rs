@@ -9,7 +9,6 @@
 //! `bench restore` times a whole restore and `bench train` personalization iterations.
 //! Every subcommand prints one JSON line.
 
-
 pub mod codec;
 pub mod restore;
 pub mod train;
@@ -101,7 +100,6 @@ pub(crate) fn synthetic_face(size: usize, seed: u64) -> ImageF32 {
         .collect();
     ImageF32::new(size, size, 3, data)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -178,4 +178,3 @@ pub fn run(b: RestoreBench) -> anyhow::Result<()> {
 
 /// A restore stage and the peak RSS while it ran (bytes; `None` where peaks cannot be reset).
 type StagePeak = (Stage, Option<u64>);
-

@@ -96,4 +96,3 @@ pub fn run(b: UnetBench) -> anyhow::Result<()> {
     );
     Ok(())
 }
-

@@ -10,7 +10,6 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-
 #[derive(Debug, Args)]
 pub struct WeightsBench {
     /// Folder for stablesr_face_random.safetensors and cfw_random.safetensors.
@@ -122,4 +121,3 @@ fn write_random(
     })?;
     Ok(buffers.len())
 }
-

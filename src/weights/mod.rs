@@ -10,5 +10,5 @@ pub mod pickle_guard;
 pub mod store;
 
 pub use checked::{CheckedWeights, LoadReport, Source};
-pub use store::{detect_format, CheckpointFormat, TensorStore};
 pub use fingerprint::{base_fingerprint, base_fingerprint_cached};
+pub use store::{detect_format, CheckpointFormat, TensorStore};

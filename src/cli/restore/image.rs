@@ -1,0 +1,212 @@
+//! One image of a restore batch: load it, say the cost before spending it, restore it, and
+//! write it in its output's format with the settings as metadata.
+
+use crate::cli::batch;
+use crate::imaging::io::{load_image_within, save_output, LoadedImage, OutputFormat, OutputImage};
+use crate::imaging::ImageF32;
+use crate::restore::{Restorer, TargetSize};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::path::Path;
+use std::time::Instant;
+
+/// Inputs smaller than this on a side are refused: there is no face to restore in them.
+pub const MIN_INPUT_SIDE: usize = 8;
+
+pub fn step_bar(quiet: bool) -> ProgressBar {
+    let bar = batch::progress_bar(0, quiet);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} {bar:30} step {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+pub fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// What every image of a batch shares besides the restorer.
+pub struct ImageJob<'a> {
+    pub target: TargetSize,
+    pub metadata: &'a [(String, String)],
+    pub overwrite: bool,
+    pub max_input_pixels: usize,
+    /// `device, dtype` for the work line.
+    pub run_label: &'a str,
+    pub quality: u8,
+    /// Print the sampling details under the plan line.
+    pub verbose: bool,
+}
+
+/// Projected sampling times above this get a line on how to cut them.
+const LONG_RUN_S: f64 = 3600.0;
+
+/// A duration for people: seconds, minutes, hours or days.
+pub(crate) fn human_duration(seconds: f64) -> String {
+    if seconds < 90.0 {
+        format!("{seconds:.1} s")
+    } else if seconds < 5400.0 {
+        format!("{:.0} min", seconds / 60.0)
+    } else if seconds < 2.0 * 86400.0 {
+        format!("{:.1} h", seconds / 3600.0)
+    } else {
+        format!("{:.1} days", seconds / 86400.0)
+    }
+}
+
+/// `200 steps`, or `200 steps x 4 patches` when the image is processed in patches.
+fn steps_and_patches(steps: usize, patches: usize) -> String {
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let steps = plural(steps, "step", "steps");
+    if patches > 1 {
+        format!("{steps} x {patches} patches")
+    } else {
+        steps
+    }
+}
+
+/// The line after the first sampling step: its time and the image's projected sampling time,
+/// counted as users count it (steps x patches), plus how to cut it above [`LONG_RUN_S`].
+fn projection_lines(first_step_s: f64, steps: usize, patches: usize) -> Vec<String> {
+    let projected = first_step_s * (steps * patches) as f64;
+    let counted = steps_and_patches(steps, patches);
+    let mut lines = vec![format!(
+        "first step {}: sampling will take about {} ({counted})",
+        human_duration(first_step_s),
+        human_duration(projected)
+    )];
+    if projected > LONG_RUN_S {
+        lines.push(
+            "to cut it: fewer --steps (e.g. --steps 50), a smaller --scale (fewer patches and latent tiles), or a GPU build (scripts/build-cuda.sh)".into(),
+        );
+    }
+    lines
+}
+
+pub fn restore_one(
+    restorer: &Restorer,
+    input: &Path,
+    (output, format): (&Path, OutputFormat),
+    job: &ImageJob,
+    steps: &ProgressBar,
+    bars: &MultiProgress,
+) -> crate::Result<()> {
+    let ImageJob {
+        target,
+        metadata,
+        overwrite,
+        max_input_pixels,
+        run_label,
+        quality,
+        verbose,
+    } = *job;
+    let loaded: LoadedImage = load_image_within(input, MIN_INPUT_SIDE, max_input_pixels)?;
+    // Say the cost before spending it (stderr, also with --quiet: it is no progress bar).
+    let say = |line: String| bars.suspend(|| eprintln!("{line}"));
+    let (plan, work) = restorer.work(loaded.rgb.width, loaded.rgb.height, target)?;
+    say(format!(
+        "{}: {}x{} output, {}; {run_label}",
+        crate::fsutil::printable(&file_name(input)),
+        plan.out_w,
+        plan.out_h,
+        steps_and_patches(work.steps, work.patches),
+    ));
+    if verbose {
+        say(format!("  work: {work}"));
+    }
+    let mut sampling_started: Option<Instant> = None;
+    let mut projected = false;
+    let mut on_step = |done: usize, total: usize| {
+        steps.set_length(total as u64);
+        steps.set_position(done as u64);
+        if done == 0 && sampling_started.is_none() {
+            sampling_started = Some(Instant::now());
+        } else if done == 1 && !projected {
+            projected = true;
+            if let Some(start) = sampling_started {
+                let seconds = start.elapsed().as_secs_f64();
+                for line in projection_lines(seconds, work.steps, work.patches) {
+                    say(line);
+                }
+            }
+        }
+    };
+    let restored = restorer.restore(&loaded.rgb, target, &mut on_step)?;
+    let (w, h) = (restored.width, restored.height);
+    let alpha = match &loaded.alpha {
+        Some(a) => Some(clamp01(crate::imaging::resize::resize_torch(
+            a,
+            w,
+            h,
+            crate::imaging::resize::TorchInterp::Bicubic,
+        )?)),
+        None => None,
+    };
+    let rgb = if loaded.gray {
+        to_gray(&restored)
+    } else {
+        restored
+    };
+    let mut meta = metadata.to_vec();
+    meta.push(("pfstorer:input".to_string(), file_name(input)));
+    let image = OutputImage {
+        rgb: &rgb,
+        alpha: alpha.as_ref(),
+        sixteen_bit: loaded.bit_depth > 8,
+        text: &meta,
+        quality,
+    };
+    save_output(output, format, &image, overwrite).map(drop)
+}
+
+fn clamp01(mut img: ImageF32) -> ImageF32 {
+    img.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+    img
+}
+
+/// Gray sources stay gray: the BT.601 luma, saved as a one-channel (gray) PNG.
+fn to_gray(img: &ImageF32) -> ImageF32 {
+    let data = img
+        .data
+        .chunks_exact(3)
+        .map(|px| 0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2])
+        .collect();
+    ImageF32::new(img.width, img.height, 1, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(human_duration(11.34), "11.3 s");
+        assert_eq!(human_duration(600.0), "10 min");
+        assert_eq!(human_duration(9000.0), "2.5 h");
+        assert_eq!(human_duration(3.0 * 86400.0), "3.0 days");
+    }
+
+    #[test]
+    fn projection_and_the_hint_above_an_hour() {
+        let short = projection_lines(2.0, 100, 1);
+        assert_eq!(
+            short,
+            vec!["first step 2.0 s: sampling will take about 3 min (100 steps)".to_string()]
+        );
+        // Exactly one hour is not above it.
+        assert_eq!(projection_lines(36.0, 100, 1).len(), 1);
+        let long = projection_lines(12.0, 200, 4);
+        assert_eq!(long.len(), 2);
+        assert_eq!(
+            long[0],
+            "first step 12.0 s: sampling will take about 2.7 h (200 steps x 4 patches)"
+        );
+        for flag in ["--steps", "--scale", "GPU build"] {
+            assert!(long[1].contains(flag), "{flag} in {}", long[1]);
+        }
+    }
+}
