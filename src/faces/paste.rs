@@ -420,7 +420,8 @@ mod tests {
 
     #[test]
     fn pasting_the_unrestored_crop_changes_pixels_only_within_the_interpolation_bound() {
-        let photo = smooth_photo(120, 100);
+        // The whole crop lies inside the photo (no border colour is pasted back).
+        let photo = smooth_photo(150, 140);
         let t = Template::ffhq(96).unwrap();
         let face = align(&photo, &landmarks(&t, 0.8, 0.25, 30.0, 12.0), &t, &[0.0]).unwrap();
         let mut out = photo.clone();
@@ -432,19 +433,31 @@ mod tests {
             for x in 0..photo.width {
                 let inside =
                     x >= win.x0 && x < win.x0 + win.width && y >= win.y0 && y < win.y0 + win.height;
+                // facexlib weights the warped face by the eroded mask inside the soft mask, and
+                // there the warped face itself is diluted by the zero border (by its coverage),
+                // so the outer ring darkens by soft·(1 − eroded·coverage)·value.
+                let ring = if inside {
+                    let m = (y - win.y0) * win.width + x - win.x0;
+                    mask.soft[m] * (1.0 - mask.erosion[m] * mask.coverage[m])
+                } else {
+                    0.0
+                };
                 for k in 0..3 {
                     let d = (out.at(x, y, k) - photo.at(x, y, k)).abs();
                     if !inside {
                         assert_eq!(d, 0.0, "({x},{y}) is outside the face window");
                     }
-                    worst = worst.max(d);
+                    // Two bilinear resamplings of a signal with slope ≤ 0.034/px and curvature
+                    // ≤ 0.004/px² move it by well under 2e-3.
+                    assert!(
+                        d <= 2e-3 + ring * photo.at(x, y, k),
+                        "({x},{y}) changed by {d}"
+                    );
+                    worst = worst.max(d - ring * photo.at(x, y, k));
                 }
             }
         }
-        // Two bilinear resamplings of a signal with slope ≤ 0.034/px and curvature ≤ 0.004/px²
-        // stay well within 0.01; the eroded border (weight < 1) is blended away by the soft mask.
-        assert!(worst < 0.01, "max change {worst}");
-        assert!(worst > 0.0);
+        assert!(worst > 0.0, "the round trip must resample");
     }
 
     #[test]
