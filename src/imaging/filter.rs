@@ -87,7 +87,7 @@ fn box_range(i: usize, k: usize, n: usize) -> (usize, usize) {
 
 /// `cv2.getGaussianKernel(n, 0)` as f32 (computed in f64, as OpenCV does). `n` must be odd.
 pub fn gaussian_kernel(n: usize) -> Result<Vec<f32>> {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return Err(Error::Input(format!(
             "Gaussian kernel size must be odd, got {n}"
         )));
@@ -218,8 +218,8 @@ mod tests {
         let img = pattern();
         for (n, row0) in [(5, OPENCV_BLUR5_ROW0), (11, OPENCV_BLUR11_ROW0)] {
             let out = gaussian_blur(&img, n).unwrap();
-            for x in 0..7 {
-                assert!((out.at(x, 0, 0) - row0[x]).abs() < 1e-6, "n={n} x={x}");
+            for (x, want) in row0.iter().enumerate() {
+                assert!((out.at(x, 0, 0) - want).abs() < 1e-6, "n={n} x={x}");
             }
         }
         assert_eq!(gaussian_blur(&img, 1).unwrap(), img);
