@@ -1,10 +1,12 @@
 //! Image work before and after the model: loading/saving, resizing, colour correction.
 
 pub mod colorfix;
+pub mod filter;
 pub mod io;
 pub mod patches;
 pub mod resize;
 pub mod tensor;
+pub mod warp;
 
 /// An interleaved (HWC) float image, values nominally in [0, 1], channels in RGB order
 /// (1 = gray, 3 = RGB, 4 = RGBA).

@@ -1,5 +1,5 @@
 //! Resizing that matches OpenCV `cv2.resize` (float path: INTER_AREA, INTER_LINEAR,
-//! INTER_CUBIC) and PyTorch `F.interpolate` (area, bilinear, bicubic; align_corners=False,
+//! INTER_CUBIC, INTER_LANCZOS4) and PyTorch `F.interpolate` (area, bilinear, bicubic; align_corners=False,
 //! no antialiasing). Both cubics use the Keys kernel with a = -0.75.
 //!
 //! All resizes are separable: a per-axis table of taps is built once, then rows and columns
@@ -17,6 +17,9 @@ pub enum CvInterp {
     Area,
     Linear,
     Cubic,
+    /// 8-tap Lanczos (a = 4), weights normalised to sum 1; OpenCV's 8-bit path rounds them to
+    /// 1/2048 fixed point, so 8-bit results may differ by one level.
+    Lanczos4,
 }
 
 /// PyTorch `F.interpolate` modes.
@@ -48,6 +51,26 @@ fn cubic_weights(t: f64) -> [f64; 4] {
 
 fn clamp_idx(i: i64, n: usize) -> usize {
     i.clamp(0, n as i64 - 1) as usize
+}
+
+/// OpenCV's Lanczos-4 weights for the 8 source pixels `floor(x) - 3 ..= floor(x) + 4` at
+/// fraction `t` of a pixel: `sinc(d)·sinc(d/4)` at distance `d`, normalised to sum 1.
+fn lanczos4_weights(t: f64) -> [f64; 8] {
+    if t < f32::EPSILON as f64 {
+        // OpenCV's exact-hit case: the sample is the pixel itself.
+        let mut w = [0.0; 8];
+        w[3] = 1.0;
+        return w;
+    }
+    let quarter_pi = std::f64::consts::FRAC_PI_4;
+    let mut w = [0.0; 8];
+    for (k, wk) in w.iter_mut().enumerate() {
+        let d = t + 3.0 - k as f64;
+        let y = d * quarter_pi;
+        *wk = (y.sin() * (4.0 * y).sin()) / (4.0 * y * y);
+    }
+    let sum: f64 = w.iter().sum();
+    w.map(|v| v / sum)
 }
 
 /// OpenCV taps along one axis (`scale` = in/out).
@@ -92,6 +115,17 @@ fn cv_taps(n_in: usize, n_out: usize, interp: CvInterp) -> Taps {
                 let s = s as i64;
                 (0..4)
                     .map(|k| (clamp_idx(s - 1 + k as i64, n_in), w[k] as f32))
+                    .collect()
+            })
+            .collect(),
+        CvInterp::Lanczos4 => (0..n_out)
+            .map(|d| {
+                let sx = (d as f64 + 0.5) * scale - 0.5;
+                let s = sx.floor();
+                let w = lanczos4_weights(sx - s);
+                let s = s as i64;
+                (0..8)
+                    .map(|k| (clamp_idx(s - 3 + k as i64, n_in), w[k] as f32))
                     .collect()
             })
             .collect(),
@@ -325,6 +359,62 @@ pub fn resize_cv2(
     Ok(planar_to_hwc(&out, img.channels, out_h, out_w))
 }
 
+/// Fixed-point scale of OpenCV's 8-bit resize coefficients (`INTER_RESIZE_COEF_BITS` = 11).
+const CV_COEF_SCALE: f32 = 2048.0;
+/// Both passes' coefficient scales together: the 8-bit result is `(sum + 2^21) >> 22`.
+const CV_COEF_SHIFT: u32 = 22;
+
+/// `cv2.resize(img_u8, (out_w, out_h), interpolation=INTER_LANCZOS4)` bit-exactly for an 8-bit
+/// image (values are taken as `round(v·255)`): OpenCV's integer path rounds every tap weight to
+/// 1/2048, sums rows then columns in integers, rounds by the 22-bit shift and saturates. The
+/// float path ([`resize_cv2`] with [`CvInterp::Lanczos4`]) differs from it by one level on
+/// about 1% of the samples. Returns values `k/255`.
+pub fn resize_cv2_lanczos4_8bit(img: &ImageF32, out_w: usize, out_h: usize) -> Result<ImageF32> {
+    let (w, h, c) = (img.width, img.height, img.channels);
+    check_dims(c, h, w, img.data.len(), out_h, out_w)?;
+    let fixed = |taps: Taps| -> Vec<Vec<(usize, i64)>> {
+        taps.into_iter()
+            .map(|t| {
+                t.into_iter()
+                    .map(|(s, wgt)| (s, (wgt * CV_COEF_SCALE).round_ties_even() as i64))
+                    .collect()
+            })
+            .collect()
+    };
+    let xtaps = fixed(cv_taps(w, out_w, CvInterp::Lanczos4));
+    let ytaps = fixed(cv_taps(h, out_h, CvInterp::Lanczos4));
+    let levels: Vec<i64> = img
+        .data
+        .iter()
+        .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round_ties_even() as i64)
+        .collect();
+    let mut rows = vec![0i64; h * out_w * c];
+    for y in 0..h {
+        for (x, taps) in xtaps.iter().enumerate() {
+            for ch in 0..c {
+                rows[(y * out_w + x) * c + ch] = taps
+                    .iter()
+                    .map(|&(s, wgt)| levels[(y * w + s) * c + ch] * wgt)
+                    .sum();
+            }
+        }
+    }
+    let mut out = vec![0f32; out_h * out_w * c];
+    for (y, taps) in ytaps.iter().enumerate() {
+        for x in 0..out_w {
+            for ch in 0..c {
+                let sum: i64 = taps
+                    .iter()
+                    .map(|&(s, wgt)| rows[(s * out_w + x) * c + ch] * wgt)
+                    .sum();
+                let level = ((sum + (1 << (CV_COEF_SHIFT - 1))) >> CV_COEF_SHIFT).clamp(0, 255);
+                out[(y * out_w + x) * c + ch] = level as f32 / 255.0;
+            }
+        }
+    }
+    Ok(ImageF32::new(out_w, out_h, c, out))
+}
+
 /// `F.interpolate(size=...)` of an HWC image to `out_w x out_h`.
 pub fn resize_torch(
     img: &ImageF32,
@@ -343,4 +433,46 @@ pub fn resize_torch(
         mode,
     )?;
     Ok(planar_to_hwc(&out, img.channels, out_h, out_w))
+}
+
+#[cfg(test)]
+mod lanczos_tests {
+    use super::*;
+
+    #[test]
+    fn lanczos4_matches_opencv_and_keeps_same_size_images() {
+        // cv2.resize(p, (8, 6), interpolation=cv2.INTER_LANCZOS4) rows 0 and 3, for the 4x3
+        // float32 pattern p = ((x·7 + y·13) mod 10) / 10 (opencv 5.1.0).
+        let data: Vec<f32> = (0..12)
+            .map(|i| (((i % 4) * 7 + (i / 4) * 13) % 10) as f32 / 10.0)
+            .collect();
+        let img = ImageF32::new(4, 3, 1, data);
+        let out = resize_cv2(&img, 8, 6, CvInterp::Lanczos4).unwrap();
+        for x in 0..8 {
+            assert!(
+                (out.at(x, 0, 0) - OPENCV_LANCZOS_ROW0[x]).abs() < 2e-6,
+                "row 0, x={x}"
+            );
+            assert!(
+                (out.at(x, 3, 0) - OPENCV_LANCZOS_ROW3[x]).abs() < 2e-6,
+                "row 3, x={x}"
+            );
+        }
+        let same = resize_cv2(&img, 4, 3, CvInterp::Lanczos4).unwrap();
+        assert_eq!(same, img);
+    }
+
+    const OPENCV_LANCZOS_ROW0: [f32; 8] = [
+        -0.1266769, 0.17784747, 0.6531663, 0.7991342, 0.51813555, 0.198008, 0.08392822, 0.07998689,
+    ];
+    const OPENCV_LANCZOS_ROW3: [f32; 8] = [
+        0.4704217,
+        0.26880398,
+        0.007533435,
+        0.07601898,
+        0.43362963,
+        0.64584804,
+        0.566334,
+        0.45983985,
+    ];
 }
