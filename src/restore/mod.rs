@@ -29,7 +29,7 @@ pub use crate::imaging::tensor::{
 pub use crate::prompts::{BASE_SUBJECT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT};
 pub use denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
 pub use networks::{Networks, ResidencyPolicy, StagedNetworks, WeightSource};
-pub use pipeline::{Restorer, Stage, StageSeconds};
+pub use pipeline::{Conditioning, FaceCrop, Restorer, Stage, StageSeconds};
 pub use settings::{
     auto_tile_batch, bytes_per_unet_row, check_native_size, RestorePlan, RestoreSettings,
     SamplingWork, TargetSize, BYTES_PER_PROCESSED_PIXEL, DEFAULT_MAX_PIXELS, MAX_NATIVE_SIZE,

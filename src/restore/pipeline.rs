@@ -21,6 +21,46 @@ use candle_core::{DType, Device, Tensor};
 use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
+/// Which text and image conditioning a crop is sampled with.
+#[derive(Clone, Copy)]
+pub enum Conditioning<'p> {
+    /// The restorer's own: its identity when it has one, else the base model.
+    Configured,
+    /// The base model's prompt, whatever identity the restorer has.
+    Base,
+    /// This identity.
+    Identity(&'p Personalization),
+}
+
+/// One face crop for [`Restorer::restore_crops`].
+pub struct FaceCrop<'p> {
+    /// The aligned crop, RGB in [0, 1]; restored at its own size.
+    pub image: &'p ImageF32,
+    pub conditioning: Conditioning<'p>,
+    /// The crop's random sequence starts from this seed.
+    pub seed: u64,
+}
+
+/// A restored `[1, 3, H, W]` tensor in [-1, 1] at the processing size to an image in [0, 1] at
+/// the output size. Non-finite values are checked before the clamp, which would turn NaN into a
+/// black picture reported as done: a poisoned weight, identity or flag ends here with an error.
+fn finish_image(sr: &Tensor, proc: (usize, usize), out: (usize, usize)) -> Result<ImageF32> {
+    let values: Vec<f32> = sr.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Input(
+            "the restoration produced non-finite values (NaN or infinity); the weights, the identity or a setting is corrupt, nothing was written".into(),
+        ));
+    }
+    drop(values);
+    let sr = ((sr + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
+    let sr = if proc != out {
+        resize_bicubic_nchw(&sr, out.1, out.0)?.clamp(0f32, 1f32)?
+    } else {
+        sr
+    };
+    tensor_to_image(&sr)
+}
+
 /// Everything set up once per batch.
 pub struct Restorer<'a> {
     networks: Networks<'a>,
@@ -191,10 +231,9 @@ impl<'a> Restorer<'a> {
         matches!(self.networks, Networks::Staged(_))
     }
 
-    /// Restores with `personalization`: its contexts replace `cond` / `uncond`.
+    /// Restores with `personalization` by default (its own contexts; the base contexts stay
+    /// for crops restored with [`Conditioning::Base`]).
     pub fn with_personalization(mut self, personalization: Personalization) -> Result<Self> {
-        self.cond = personalization.cond_context();
-        self.uncond = personalization.uncond_context();
         self.personalization = Some(personalization);
         Ok(self)
     }
@@ -296,22 +335,93 @@ impl<'a> Restorer<'a> {
         let seed = self.settings.seed;
         let mut seeded = || -> Box<dyn NoiseSource> { Box::new(SeededNoise::new(seed)) };
         let sr = self.restore_upscaled(&lq, &mut seeded, on_step)?;
-        // Checked before the clamp, which would turn NaN into a black picture reported as
-        // done: a poisoned weight, identity or flag ends here with an error instead.
-        let values: Vec<f32> = sr.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(Error::Input(
-                "the restoration produced non-finite values (NaN or infinity); the weights, the identity or a setting is corrupt, nothing was written".into(),
-            ));
+        finish_image(&sr, (proc_w, proc_h), (out_w, out_h))
+    }
+
+    /// Restores face crops (RGB, each at its own output size = its input size), each with its
+    /// own conditioning and seed. Crops that fit one pixel patch go through the networks stage
+    /// by stage together (every crop encoded, then every crop sampled, then every crop
+    /// decoded), so staged networks load once per photo, not once per face; larger crops
+    /// (`--face-size` above the patch size) take the tiled path one by one. `on_step(done,
+    /// total)` counts steps over all crops.
+    pub fn restore_crops(
+        &self,
+        crops: &[FaceCrop],
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<ImageF32>> {
+        let native = self.config.diffusion.image_size;
+        let steps = self.settings.steps;
+        let total = crops.len() * steps;
+        let mut prepared = Vec::with_capacity(crops.len());
+        for crop in crops {
+            let (w, h) = (crop.image.width, crop.image.height);
+            let plan = self.settings.plan(native, w, h, TargetSize::Scale(1.0))?;
+            let lq = image_to_tensor(crop.image, &self.device)?;
+            let lq = resize_bicubic_nchw(&lq, plan.proc_h, plan.proc_w)?.clamp(-1f32, 1f32)?;
+            let padded = pad_reflect_to_multiple(&lq, 32)?;
+            prepared.push((plan, padded));
         }
-        drop(values);
-        let sr = ((sr + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
-        let sr = if (proc_w, proc_h) != (out_w, out_h) {
-            resize_bicubic_nchw(&sr, out_h, out_w)?.clamp(0f32, 1f32)?
+        let s = &self.settings;
+        let all_whole = prepared.iter().all(|(_, lq)| {
+            let (_, _, h, w) = lq.dims4().unwrap_or((0, 0, usize::MAX, usize::MAX));
+            h <= s.patch_size && w <= s.patch_size
+        });
+        let mut restored = Vec::with_capacity(crops.len());
+        if all_whole {
+            let mut started = Vec::with_capacity(crops.len());
+            {
+                let encoder = self.loaded(Stage::Encode, |n| n.vae_encoder())?;
+                let t = Instant::now();
+                for (crop, (_, lq)) in crops.iter().zip(&prepared) {
+                    let mut noise: Box<dyn NoiseSource> = Box::new(SeededNoise::new(crop.seed));
+                    started.push((Self::encode_piece(&encoder, lq, noise.as_mut())?, noise));
+                }
+                self.count(t, |s| &mut s.encode);
+            }
+            let mut latents = Vec::with_capacity(crops.len());
+            {
+                let sampling = self.loaded(Stage::Sample, |n| n.sampling())?;
+                let t = Instant::now();
+                for (k, ((init, mut noise), crop)) in started.into_iter().zip(crops).enumerate() {
+                    latents.push(self.sample_piece(
+                        &sampling,
+                        &init,
+                        noise.as_mut(),
+                        crop.conditioning,
+                        &mut |d| on_step(k * steps + d, total),
+                    )?);
+                }
+                self.count(t, |s| &mut s.sample);
+            }
+            let cfw = self.loaded(Stage::Decode, |n| n.cfw())?;
+            let t = Instant::now();
+            for (latent, (plan, lq)) in latents.iter().zip(&prepared) {
+                let (_, _, h, w) = lq.dims4()?;
+                let sr = self.decode_piece(&cfw, latent, lq)?;
+                let sr = sr.narrow(2, 0, h.min(plan.proc_h))?.narrow(3, 0, w.min(plan.proc_w))?;
+                restored.push(finish_image(
+                    &sr,
+                    (plan.proc_w, plan.proc_h),
+                    (plan.out_w, plan.out_h),
+                )?);
+            }
+            self.count(t, |s| &mut s.decode);
         } else {
-            sr
-        };
-        tensor_to_image(&sr)
+            for (k, (crop, (plan, lq))) in crops.iter().zip(&prepared).enumerate() {
+                let seed = crop.seed;
+                let mut seeded = || -> Box<dyn NoiseSource> { Box::new(SeededNoise::new(seed)) };
+                let sr = self.restore_padded(lq, &mut seeded, crop.conditioning, &mut |d, n| {
+                    on_step(k * n + d, crops.len() * n)
+                })?;
+                let sr = sr.narrow(2, 0, plan.proc_h)?.narrow(3, 0, plan.proc_w)?;
+                restored.push(finish_image(
+                    &sr,
+                    (plan.proc_w, plan.proc_h),
+                    (plan.out_w, plan.out_h),
+                )?);
+            }
+        }
+        Ok(restored)
     }
 
     /// The tile script from its upscaled LQ `[1, 3, H, W]` in [-1, 1]: reflect-pads the bottom
@@ -326,7 +436,7 @@ impl<'a> Restorer<'a> {
     ) -> Result<Tensor> {
         let (_, _, h, w) = lq.dims4()?;
         let padded = pad_reflect_to_multiple(lq, 32)?;
-        let sr = self.restore_padded(&padded, new_noise, on_step)?;
+        let sr = self.restore_padded(&padded, new_noise, Conditioning::Configured, on_step)?;
         Ok(sr.narrow(2, 0, h)?.narrow(3, 0, w)?)
     }
 
@@ -338,6 +448,7 @@ impl<'a> Restorer<'a> {
         &self,
         lq: &Tensor,
         new_noise: &mut dyn FnMut() -> Box<dyn NoiseSource>,
+        who: Conditioning,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let (b, c, h, w) = lq.dims4()?;
@@ -378,6 +489,7 @@ impl<'a> Restorer<'a> {
                     &sampling,
                     &init_latent,
                     noise.as_mut(),
+                    who,
                     &mut |d| on_step(k * s.steps + d, total),
                 )?);
             }
@@ -419,12 +531,18 @@ impl<'a> Restorer<'a> {
         base: &BaseModel,
         init_latent: &Tensor,
         noise: &mut dyn NoiseSource,
+        who: Conditioning,
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Tensor> {
         base.require(Network::Sampling)?;
         let mut base_denoiser;
         let mut personalized;
-        let denoiser: &mut dyn VDenoiser = match &self.personalization {
+        let identity = match who {
+            Conditioning::Configured => self.personalization.as_ref(),
+            Conditioning::Base => None,
+            Conditioning::Identity(p) => Some(p),
+        };
+        let denoiser: &mut dyn VDenoiser = match identity {
             None => {
                 base_denoiser = ModelDenoiser {
                     model: base,
