@@ -30,9 +30,18 @@ fn main() -> Result<()> {
         None => bail!("size must be WIDTHxHEIGHT, got {size}"),
     };
     let source = args.get(1).cloned().unwrap_or_else(|| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/faces/detect/astronaut.png").into()
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/faces/detect/astronaut.png"
+        )
+        .into()
     });
-    let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(5).max(1);
+    let runs: usize = args
+        .get(2)
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(5)
+        .max(1);
     let image = load_image(&source).with_context(|| source.clone())?.rgb;
     let image = resize_cv2(&image, w, h, CvInterp::Linear)?;
 

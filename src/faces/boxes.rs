@@ -164,7 +164,10 @@ mod tests {
                 ..SEL
             },
         );
-        assert_eq!(capped.iter().map(|d| d.score).collect::<Vec<_>>(), vec![0.95, 0.6]);
+        assert_eq!(
+            capped.iter().map(|d| d.score).collect::<Vec<_>>(),
+            vec![0.95, 0.6]
+        );
         // top-k before NMS: only the best two candidates (0.95, 0.9) enter, and 0.95 drops 0.9.
         let top2 = select(
             candidates,

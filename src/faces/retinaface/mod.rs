@@ -10,6 +10,7 @@
 //! the pixel count, so images whose long side exceeds [`DetectOptions::max_side`] are first
 //! downscaled (OpenCV INTER_AREA) and the results mapped back to the original pixels.
 
+pub mod conv;
 pub mod depthwise;
 pub mod net;
 pub mod priors;

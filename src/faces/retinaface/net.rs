@@ -22,7 +22,8 @@
 //!
 //! Input `[B, 3, H, W]` f32: BGR, 0..255, minus the mean (104, 117, 123) (see `mod.rs`).
 
-use super::depthwise::{depthwise_conv2d, leaky_relu, DepthwiseConfig};
+use super::conv::{add_bias_act, im2col_conv2d, pointwise_conv2d};
+use super::depthwise::{depthwise_conv2d, DepthwiseConfig};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -33,39 +34,87 @@ const ANCHORS: usize = 2;
 /// Channels of the FPN and SSH outputs.
 const FEATURES: usize = 64;
 
-/// A full (non-grouped) convolution with bias and an optional LeakyReLU.
+/// A full (non-grouped) convolution with bias and a per-output-channel activation
+/// `max(v, slope·v)` (slope 1 = none, 0 = ReLU, 0.1 = LeakyReLU; see `conv.rs`).
 #[derive(Debug, Clone)]
 struct Conv {
-    conv: crate::model::nn::Conv2d,
-    leaky: bool,
+    weight: Tensor,
+    bias: Tensor,
+    /// 3x3 convolutions with many input channels: the project's CPU convolution (Winograd /
+    /// shifted gemm) without bias, the bias and activation added in place after it.
+    conv3x3: Option<crate::model::nn::Conv2d>,
+    stride: usize,
+    padding: usize,
+    slopes: Vec<f32>,
+}
+
+/// Up to this many input channels a convolution runs as one im2col product (the RGB stem).
+const IM2COL_MAX_INPUT_CHANNELS: usize = 4;
+
+/// `weight` and `bias` of one stored convolution `(c_in, c_out, kernel)`.
+fn conv_params(
+    vb: &VarBuilder,
+    (c_in, c_out, kernel): (usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    Ok((
+        vb.get((c_out, c_in, kernel, kernel), "weight")?,
+        vb.get(c_out, "bias")?,
+    ))
 }
 
 impl Conv {
+    /// One stored convolution, padding `kernel / 2`, with LeakyReLU 0.1 (`leaky`) or nothing.
     fn new(
         vb: VarBuilder,
-        (c_in, c_out, kernel): (usize, usize, usize),
+        dims: (usize, usize, usize),
         stride: usize,
         leaky: bool,
     ) -> Result<Self> {
-        let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
-        let bias = vb.get(c_out, "bias")?;
-        let cfg = candle_nn::Conv2dConfig {
-            padding: kernel / 2,
-            stride,
-            ..Default::default()
+        let (weight, bias) = conv_params(&vb, dims)?;
+        let slope = if leaky { LEAKY_SLOPE } else { 1.0 };
+        Self::from_parts(weight, bias, stride, vec![slope; dims.1])
+    }
+
+    fn from_parts(weight: Tensor, bias: Tensor, stride: usize, slopes: Vec<f32>) -> Result<Self> {
+        let (_, c_in, kernel, _) = weight.dims4()?;
+        let padding = kernel / 2;
+        let conv3x3 = (kernel > 1 && c_in > IM2COL_MAX_INPUT_CHANNELS).then(|| {
+            let cfg = candle_nn::Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            crate::model::nn::Conv2d::new(weight.clone(), None, cfg)
+        });
+        // all-identity slopes: skip the activation
+        let slopes = if slopes.iter().all(|&s| s == 1.0) {
+            Vec::new()
+        } else {
+            slopes
         };
         Ok(Conv {
-            conv: crate::model::nn::Conv2d::new(weight, Some(bias), cfg),
-            leaky,
+            weight,
+            bias,
+            conv3x3,
+            stride,
+            padding,
+            slopes,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv.forward(x)?;
-        if self.leaky {
-            leaky_relu(&y, LEAKY_SLOPE)
-        } else {
-            Ok(y)
+        match &self.conv3x3 {
+            Some(conv) => add_bias_act(conv.forward(x)?, &self.bias, &self.slopes),
+            None if self.weight.dim(2)? == 1 && self.stride == 1 => {
+                pointwise_conv2d(x, &self.weight, &self.bias, &self.slopes)
+            }
+            None => im2col_conv2d(
+                x,
+                &self.weight,
+                &self.bias,
+                (self.stride, self.padding),
+                &self.slopes,
+            ),
         }
     }
 }
@@ -107,8 +156,13 @@ impl SeparableBlock {
 
 /// (in, out, stride) of the separable blocks of each stage; stage1 starts at block 1 (block 0
 /// is the full stem convolution).
-const STAGE1: [(usize, usize, usize); 5] =
-    [(8, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1)];
+const STAGE1: [(usize, usize, usize); 5] = [
+    (8, 16, 1),
+    (16, 32, 2),
+    (32, 32, 1),
+    (32, 64, 2),
+    (64, 64, 1),
+];
 const STAGE2: [(usize, usize, usize); 6] = [
     (64, 128, 2),
     (128, 128, 1),
@@ -121,36 +175,63 @@ const STAGE3: [(usize, usize, usize); 2] = [(128, 256, 2), (256, 256, 1)];
 /// Output channels of stage1..3 (the FPN's inputs).
 const STAGE_CHANNELS: [usize; 3] = [64, 128, 256];
 
-/// SSH context module of one level.
+/// SSH context module of one level. The convolutions reading the same input are run as one
+/// (output channels stacked): `conv3X3` with `conv5X5_1`, and `conv5X5_2` with `conv7X7_2`.
+/// The final ReLU after the concatenation is applied per branch (ReLU is elementwise), as the
+/// activation of the branch's last convolution.
 #[derive(Debug, Clone)]
 struct Ssh {
-    conv3x3: Conv,
-    conv5x5_1: Conv,
-    conv5x5_2: Conv,
-    conv7x7_2: Conv,
-    conv7x7_3: Conv,
+    /// conv3X3 (ReLU) and conv5X5_1 (LeakyReLU), 64 -> 32 + 16.
+    entry: Conv,
+    /// conv5X5_2 (ReLU) and conv7X7_2 (LeakyReLU), 16 -> 16 + 16.
+    middle: Conv,
+    /// conv7x7_3 (ReLU), 16 -> 16.
+    last: Conv,
 }
 
 impl Ssh {
     fn new(vb: VarBuilder) -> Result<Self> {
         let (half, quarter) = (FEATURES / 2, FEATURES / 4);
+        let stacked = |a: (Tensor, Tensor), b: (Tensor, Tensor), slopes: Vec<f32>| {
+            let weight = Tensor::cat(&[a.0, b.0], 0)?;
+            let bias = Tensor::cat(&[a.1, b.1], 0)?;
+            Conv::from_parts(weight, bias, 1, slopes)
+        };
+        let relu_then_leaky = |relu: usize, leaky: usize| {
+            let mut s = vec![0.0; relu];
+            s.extend(std::iter::repeat_n(LEAKY_SLOPE, leaky));
+            s
+        };
+        let params = |name: &str, dims| conv_params(&vb.pp(name), dims);
         Ok(Ssh {
-            conv3x3: Conv::new(vb.pp("conv3X3.0"), (FEATURES, half, 3), 1, false)?,
-            conv5x5_1: Conv::new(vb.pp("conv5X5_1.0"), (FEATURES, quarter, 3), 1, true)?,
-            conv5x5_2: Conv::new(vb.pp("conv5X5_2.0"), (quarter, quarter, 3), 1, false)?,
-            conv7x7_2: Conv::new(vb.pp("conv7X7_2.0"), (quarter, quarter, 3), 1, true)?,
-            conv7x7_3: Conv::new(vb.pp("conv7x7_3.0"), (quarter, quarter, 3), 1, false)?,
+            entry: stacked(
+                params("conv3X3.0", (FEATURES, half, 3))?,
+                params("conv5X5_1.0", (FEATURES, quarter, 3))?,
+                relu_then_leaky(half, quarter),
+            )?,
+            middle: stacked(
+                params("conv5X5_2.0", (quarter, quarter, 3))?,
+                params("conv7X7_2.0", (quarter, quarter, 3))?,
+                relu_then_leaky(quarter, quarter),
+            )?,
+            last: {
+                let (weight, bias) = params("conv7x7_3.0", (quarter, quarter, 3))?;
+                Conv::from_parts(weight, bias, 1, vec![0.0; quarter])?
+            },
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let branch3 = self.conv3x3.forward(x)?;
-        let shared = self.conv5x5_1.forward(x)?;
-        let branch5 = self.conv5x5_2.forward(&shared)?;
+        let (half, quarter) = (FEATURES / 2, FEATURES / 4);
+        let entry = self.entry.forward(x)?;
+        let branch3 = entry.narrow(1, 0, half)?;
+        let shared = entry.narrow(1, half, quarter)?.contiguous()?;
+        let middle = self.middle.forward(&shared)?;
+        let branch5 = middle.narrow(1, 0, quarter)?;
         let branch7 = self
-            .conv7x7_3
-            .forward(&self.conv7x7_2.forward(&shared)?)?;
-        Tensor::cat(&[branch3, branch5, branch7], 1)?.relu()
+            .last
+            .forward(&middle.narrow(1, quarter, quarter)?.contiguous()?)?;
+        Tensor::cat(&[branch3, branch5, branch7], 1)
     }
 }
 
@@ -159,7 +240,9 @@ impl Ssh {
 pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let index = |out_len: usize, in_len: usize| -> Result<Tensor> {
-        let idx: Vec<u32> = (0..out_len).map(|i| (i * in_len / out_len) as u32).collect();
+        let idx: Vec<u32> = (0..out_len)
+            .map(|i| (i * in_len / out_len) as u32)
+            .collect();
         Tensor::from_vec(idx, out_len, x.device())
     };
     x.index_select(&index(out_h, h)?, 2)?
@@ -285,9 +368,8 @@ pub fn from_tensors(
 ) -> crate::Result<RetinaFaceNet> {
     let names: std::collections::BTreeSet<String> = tensors.keys().cloned().collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let net = RetinaFaceNet::new(vb.clone()).map_err(|e| {
-        crate::Error::Weights(format!("RetinaFace checkpoint: {}", first_line(&e)))
-    })?;
+    let net = RetinaFaceNet::new(vb.clone())
+        .map_err(|e| crate::Error::Weights(format!("RetinaFace checkpoint: {}", first_line(&e))))?;
     // Every stored tensor must belong to the network: a checkpoint of another variant
     // (e.g. ResNet-50) would otherwise fail only on its first foreign key.
     let unused: Vec<&String> = names.iter().filter(|n| !net_keys().contains(*n)).collect();
@@ -321,7 +403,13 @@ pub fn net_keys() -> std::collections::BTreeSet<String> {
     }
     for i in 1..=3 {
         convs.push(format!("fpn.output{i}.0"));
-        for branch in ["conv3X3", "conv5X5_1", "conv5X5_2", "conv7X7_2", "conv7x7_3"] {
+        for branch in [
+            "conv3X3",
+            "conv5X5_1",
+            "conv5X5_2",
+            "conv7X7_2",
+            "conv7x7_3",
+        ] {
             convs.push(format!("ssh{i}.{branch}.0"));
         }
         for head in ["ClassHead", "BboxHead", "LandmarkHead"] {

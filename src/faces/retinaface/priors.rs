@@ -116,7 +116,10 @@ mod tests {
         // level 1, cell (1, 0), size 128
         expect(p[15], [8.0 / 12.0, 24.0 / 20.0, 128.0 / 12.0, 128.0 / 20.0]);
         // level 2, its single cell, size 512
-        expect(p[17], [16.0 / 12.0, 16.0 / 20.0, 512.0 / 12.0, 512.0 / 20.0]);
+        expect(
+            p[17],
+            [16.0 / 12.0, 16.0 / 20.0, 512.0 / 12.0, 512.0 / 20.0],
+        );
         assert!(priors(0, 0).is_empty());
         assert_eq!(prior_count(1, 1), 6);
     }
@@ -134,9 +137,18 @@ mod tests {
         }
         let lm = [0.0, 0.0, 2.0, 0.0, 0.0, 2.0, -4.0, 0.0, 0.0, -4.0];
         let pts = decode_landmarks(&lm, &prior, 100, 40);
-        let want = [[50.0, 10.0], [55.0, 10.0], [50.0, 14.0], [40.0, 10.0], [50.0, 2.0]];
+        let want = [
+            [50.0, 10.0],
+            [55.0, 10.0],
+            [50.0, 14.0],
+            [40.0, 10.0],
+            [50.0, 2.0],
+        ];
         for (g, w) in pts.iter().zip(want) {
-            assert!(close(g[0], w[0]) && close(g[1], w[1]), "{pts:?} vs {want:?}");
+            assert!(
+                close(g[0], w[0]) && close(g[1], w[1]),
+                "{pts:?} vs {want:?}"
+            );
         }
     }
 }
