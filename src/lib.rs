@@ -17,6 +17,7 @@ pub mod degrade;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod faces;
 pub mod fsutil;
 pub mod imaging;
 pub mod metrics;
