@@ -20,8 +20,8 @@ const F32_TOLERANCE: f32 = 1e-4;
 
 /// Tolerance of the network run on the weights rounded to f16 (the storage not chosen, as it
 /// misses the 1e-4 above). Measured on the visible set: worst component 2.26e-4, worst |Δ
-/// distance| 1.54e-4 (the converter's numpy forward agrees); the bounds leave a 2.7x and 2.6x
-/// margin.
+/// distance| 1.54e-4 (the converter's numpy forward gives the same component errors); the
+/// bounds leave a 2.7x and 2.6x margin.
 const F16_COMPONENT_TOLERANCE: f32 = 6e-4;
 const F16_DISTANCE_TOLERANCE: f32 = 4e-4;
 
@@ -171,6 +171,9 @@ fn descriptors_match_dlib() {
     assert!(batch_vs_single <= 1e-5);
 }
 
+/// Pairs of the same person (identity.json's labels) fall under dlib's 0.6, other pairs above.
+/// Where dlib's own descriptors put a pair on the wrong side of the threshold (a property of the
+/// model, not of the port), the port must make dlib's decision instead; such pairs are printed.
 #[test]
 fn same_person_pairs_fall_under_the_threshold() {
     let json = identity_json();
@@ -179,21 +182,33 @@ fn same_person_pairs_fall_under_the_threshold() {
     let embedder = Embedder::load_embedded(&test_device()).unwrap();
     let images: Vec<ImageF32> = chips.iter().map(|c| c.image.clone()).collect();
     let descriptors = embedder.embed(&images).unwrap();
+    let as_descriptor = |v: &[f32]| -> Descriptor { v.try_into().expect("descriptor length") };
     let mut pairs = 0;
     for i in 0..chips.len() {
         for j in i + 1..chips.len() {
             let distance = descriptor_distance(&descriptors[i], &descriptors[j]);
+            let dlib_distance = descriptor_distance(
+                &as_descriptor(&chips[i].expected),
+                &as_descriptor(&chips[j].expected),
+            );
             let same = chips[i].person == chips[j].person;
+            let dlib_agrees = (dlib_distance < SAME_PERSON_THRESHOLD) == same;
             println!(
-                "{} vs {}: {distance:.4} ({})",
+                "{} vs {}: {distance:.4} (dlib {dlib_distance:.4}, {}){}",
                 chips[i].key,
                 chips[j].key,
-                if same { "same person" } else { "other person" }
+                if same { "same person" } else { "other person" },
+                if dlib_agrees {
+                    ""
+                } else {
+                    " -- dlib itself misjudges this pair"
+                }
             );
+            let expected_same = if dlib_agrees { same } else { !same };
             assert_eq!(
                 distance < SAME_PERSON_THRESHOLD,
-                same,
-                "{} vs {}: distance {distance} against threshold {SAME_PERSON_THRESHOLD}",
+                expected_same,
+                "{} vs {}: distance {distance} (dlib {dlib_distance}) against {SAME_PERSON_THRESHOLD}",
                 chips[i].key,
                 chips[j].key
             );

@@ -514,6 +514,8 @@ def main():
     parser.add_argument("--out", default="assets/dlib_face_recognition_resnet_v1.safetensors")
     parser.add_argument("--dtype", choices=["f16", "f32"], default="f16")
     parser.add_argument("--check", help="identity fixture folder: compare a numpy forward with dlib")
+    parser.add_argument("--identity-json", default="tests/fixtures/faces/identity/identity.json",
+                        help="fixture json whose model.sha256 must match too (skipped if absent)")
     args = parser.parse_args()
 
     if args.dat:
@@ -522,8 +524,13 @@ def main():
         with tempfile.TemporaryDirectory() as workdir:
             data = fetch_dat(workdir)
     sha = hashlib.sha256(data).hexdigest()
-    if sha != EXPECTED_SHA256:
-        raise SystemExit(f"sha256 mismatch: {sha} != {EXPECTED_SHA256}")
+    expected = [EXPECTED_SHA256]
+    if os.path.isfile(args.identity_json):
+        expected.append(json.load(open(args.identity_json))["model"]["sha256"])
+    for want in expected:
+        if sha != want:
+            raise SystemExit(f"sha256 mismatch: {sha} != {want}")
+    print(f"source sha256 {sha} (checked against {len(expected)} reference(s))")
 
     decoded, input_layer, loss = parse_network(data)
     for layer in decoded:
