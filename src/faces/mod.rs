@@ -1,6 +1,7 @@
 //! Faces in photos, apart from the restorer (as facexlib is from GFPGAN): detection
 //! (RetinaFace), numbering and selection, alignment to the model's crop, paste-back into the
-//! upscaled photo, and the picture of numbered faces. The restorer sees only aligned crops.
+//! upscaled photo, the picture of numbered faces, and the identity embedding (dlib's ResNet) that
+//! tells whose face is whose. The restorer sees only aligned crops.
 //!
 //! The flow of a whole-photo restore: [`retinaface::RetinaFace::detect`] ->
 //! [`select::select`] -> [`align::align`] (crop at the model's size, taken from the original
@@ -20,6 +21,7 @@
 pub mod align;
 pub mod boxes;
 pub mod draw;
+pub mod embed;
 pub mod paste;
 pub mod retinaface;
 pub mod select;
