@@ -392,7 +392,7 @@ fn personalize_reads_folders_checkpoints_and_ids_show_summarises() {
     }
     let id_file = dir.join("bob.identity.safetensors");
     let args = [
-        strings(&["personalize", "--refs"]),
+        strings(&["personalize", "--refs-aligned", "--refs"]),
         vec![refs.display().to_string()],
         strings(&[
             "--id",

@@ -314,6 +314,8 @@ fn large_output_goes_through_pixel_patches_and_latent_tiles() {
             "--tile-batch",
             "4",
             "-v",
+            "--faces",
+            "whole",
         ]
         .iter()
         .map(|s| s.to_string()),

@@ -335,7 +335,15 @@ fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
         "{err}"
     );
     // personalize --size.
-    let mut args = strings(&["personalize", "--id", "x", "--size", "102400", "--refs"]);
+    let mut args = strings(&[
+        "personalize",
+        "--refs-aligned",
+        "--id",
+        "x",
+        "--size",
+        "102400",
+        "--refs",
+    ]);
     for k in 0..3 {
         let r = dir.join(format!("r{k}.png"));
         small_png(&r, 64 + k, 64);
@@ -499,7 +507,15 @@ fn non_finite_or_zero_config_scalars_are_refused() {
 /// Trains a 1-iteration identity through the CLI; returns its path.
 fn trained_identity(dir: &Path, refs: &[PathBuf], name: &str, extra: &[&str]) -> PathBuf {
     let out = dir.join(format!("{name}.identity.safetensors"));
-    let mut args = strings(&["personalize", "--id", name, "--size", "64", "--quiet"]);
+    let mut args = strings(&[
+        "personalize",
+        "--refs-aligned",
+        "--id",
+        name,
+        "--size",
+        "64",
+        "--quiet",
+    ]);
     args.extend(strings(extra));
     args.extend(strings(&["--out", &p(&out), "--refs"]));
     args.extend(refs.iter().map(|r| p(r)));
@@ -613,6 +629,7 @@ fn resume_refuses_a_checkpoint_of_another_run() {
     let resume = |refs: &[PathBuf], extra: &[&str]| {
         let mut args = strings(&[
             "personalize",
+            "--refs-aligned",
             "--id",
             "bob",
             "--quiet",

@@ -32,7 +32,11 @@ fn model_flags() -> Vec<String> {
 }
 
 fn personalize(home: &Path, refs: &[PathBuf], extra: &[&str]) -> Output {
-    let mut args: Vec<String> = vec!["personalize".into(), "--refs".into()];
+    let mut args: Vec<String> = vec![
+        "personalize".into(),
+        "--refs-aligned".into(),
+        "--refs".into(),
+    ];
     args.extend(refs.iter().map(|p| p.to_string_lossy().into_owned()));
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(model_flags());

@@ -128,7 +128,11 @@ fn write_refs(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn personalize_args(refs: &[PathBuf], out: &Path, steps: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = vec!["personalize".into(), "--refs".into()];
+    let mut args: Vec<String> = vec![
+        "personalize".into(),
+        "--refs-aligned".into(),
+        "--refs".into(),
+    ];
     args.extend(refs.iter().map(|p| p.to_string_lossy().into_owned()));
     for s in [
         "--id", "bob", "--size", "64", "--quiet", "--steps", steps, "--out",

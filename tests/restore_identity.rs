@@ -290,7 +290,7 @@ fn restore_with_an_identity_from_the_command_line() {
         refs.push(path.display().to_string());
     }
     let id_file = dir.join("bob.identity.safetensors");
-    let mut args = strings(&["personalize", "--refs"]);
+    let mut args = strings(&["personalize", "--refs-aligned", "--refs"]);
     args.extend(refs);
     args.extend(strings(&["--id", "bob", "--steps", "2", "--size", "64"]));
     args.extend(["--out".to_string(), id_file.display().to_string()]);

@@ -159,7 +159,11 @@ fn trained_checkpoint_is_complete_and_loads_in_restore_and_personalize() {
     assert_eq!(produced, 1, "one restored image");
 
     let refs = write_faces(&root.join("refs"), 3);
-    let mut args: Vec<String> = vec!["personalize".into(), "--refs".into()];
+    let mut args: Vec<String> = vec![
+        "personalize".into(),
+        "--refs-aligned".into(),
+        "--refs".into(),
+    ];
     args.extend(refs.iter().map(|p| p.to_string_lossy().into_owned()));
     args.extend(
         [

@@ -274,6 +274,8 @@ pub fn check_existing(output: &Path, policy: ExistingPolicy) -> Option<Outcome> 
 #[derive(Debug, Default)]
 pub struct Summary {
     pub done: usize,
+    /// Faces restored over the batch (whole-photo restores count none).
+    pub faces: usize,
     pub skipped: Vec<(PathBuf, String)>,
     pub failed: Vec<(PathBuf, String)>,
 }
@@ -287,10 +289,19 @@ impl Summary {
         }
     }
 
-    /// `N done, M skipped, K failed`.
+    /// `N done, M skipped, K failed` (and `; F faces restored` when faces were).
     pub fn line(&self) -> String {
+        let faces = if self.faces > 0 {
+            format!(
+                "; {} face{} restored",
+                self.faces,
+                if self.faces == 1 { "" } else { "s" }
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "{} done, {} skipped, {} failed",
+            "{} done, {} skipped, {} failed{faces}",
             self.done,
             self.skipped.len(),
             self.failed.len()

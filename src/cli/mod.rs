@@ -5,6 +5,8 @@ pub mod bench;
 pub mod convert;
 pub mod degrade;
 pub mod eval;
+pub mod face_args;
+pub mod faces;
 pub mod ids;
 pub mod model_args;
 pub mod personalize;
@@ -36,6 +38,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Time the networks (seconds and peak memory) for the performance notes.
     Bench(bench::BenchArgs),
+    /// List the faces found in photos (numbered as `restore --face` takes them), or draw them.
+    Faces(faces::FacesArgs),
     /// Learn an identity from 3-20 reference photos of one person.
     Personalize(personalize::PersonalizeArgs),
     /// List, show or remove stored identities.
@@ -51,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Degrade(args) => degrade::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Faces(args) => faces::run(args),
         Command::Personalize(args) => personalize::run(args),
         Command::Ids(args) => ids::run(args),
         Command::TrainBase(args) => train_base::run(*args),

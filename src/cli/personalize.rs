@@ -3,6 +3,7 @@
 use super::batch::progress_bar;
 use super::model_args::ModelArgs;
 use crate::error::Error;
+use crate::faces::retinaface::RetinaFace;
 use crate::imaging::io::load_image_with_min_size;
 use crate::model::base::BaseModel;
 use crate::personalize::identity::{self, Identity, IdentityInfo};
@@ -50,11 +51,74 @@ pub struct PersonalizeArgs {
     /// Training resolution in pixels (default: the model's native size).
     #[arg(long)]
     pub size: Option<usize>,
+    /// The references are already aligned face crops (e.g. FFHQ-style): centre-cropped as they
+    /// are, without face detection.
+    #[arg(long)]
+    pub refs_aligned: bool,
+    #[command(flatten)]
+    pub detection: super::face_args::DetectionArgs,
     /// No progress bar and no progress lines.
     #[arg(short, long)]
     pub quiet: bool,
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+/// Side of the aligned reference crops: the FFHQ-512 template restore's crops use (the trainer
+/// resizes them to its resolution).
+pub const ALIGN_SIZE: usize = 512;
+/// Faces narrower than this in a reference are upsampled a lot by the alignment: warned about.
+pub const SMALL_REFERENCE_FACE: f32 = 128.0;
+
+/// The aligned face crop of one reference photo and its record: the largest face (noted when
+/// there are several), refused when there is none, warned about when small.
+fn reference_face(
+    detector: &RetinaFace,
+    rgb: &crate::imaging::ImageF32,
+    path: &std::path::Path,
+    args: &PersonalizeArgs,
+) -> anyhow::Result<(crate::imaging::ImageF32, serde_json::Value)> {
+    let detections = detector.detect(rgb, &args.detection.detect_options())?;
+    let (faces, _) = crate::faces::select::number_faces(&detections, 0.0);
+    let shown = crate::fsutil::printable_path(path);
+    let Some(face) = faces
+        .iter()
+        .max_by(|a, b| a.area().total_cmp(&b.area()))
+        .copied()
+    else {
+        return Err(Error::Input(format!(
+            "{shown}: no face found in this reference photo (give photos where the face is visible, lower --face-threshold, or pass --refs-aligned for crops that are already aligned)"
+        ))
+        .into());
+    };
+    if !args.quiet && faces.len() > 1 {
+        eprintln!(
+            "note: {shown}: {} faces; using the largest (face {}, {:.0} px wide)",
+            faces.len(),
+            face.index,
+            face.width()
+        );
+    }
+    if face.width() < SMALL_REFERENCE_FACE {
+        eprintln!(
+            "warning: {shown}: the face is only {:.0} px wide; it will be upsampled to the {ALIGN_SIZE} px crop (sharper, larger faces teach the identity more)",
+            face.width()
+        );
+    }
+    let template = crate::faces::align::Template::ffhq(ALIGN_SIZE)?;
+    let aligned = crate::faces::align::align(
+        rgb,
+        &face.detection.landmarks,
+        &template,
+        &crate::faces::align::FACEXLIB_BORDER_RGB,
+    )?;
+    let record = serde_json::json!({
+        "aligned": format!("ffhq-{ALIGN_SIZE}"),
+        "box": face.detection.bbox,
+        "landmarks": face.detection.landmarks,
+        "faces_in_photo": faces.len(),
+    });
+    Ok((aligned.crop, record))
 }
 
 /// Iterations between checkpoints by default: a run killed at 103/500 resumes from 100, and a
@@ -191,6 +255,14 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    args.detection.check().map_err(super::usage)?;
+    // References go through the detector and the alignment restore uses, so the identity
+    // learns the framing it will see; the detector runs on the CPU (a second per photo).
+    let detector = if args.refs_aligned {
+        None
+    } else {
+        Some(RetinaFace::load_embedded(&candle_core::Device::Cpu)?)
+    };
     let mut images = Vec::with_capacity(refs.len());
     let mut sources = Vec::with_capacity(refs.len());
     let mut seen: HashMap<String, PathBuf> = HashMap::new();
@@ -209,12 +281,22 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         let loaded = load_image_with_min_size(path, MIN_REF_SIDE)?;
         let (w, h) = (loaded.width(), loaded.height());
         let side = w.min(h);
+        let (image, crop) = match &detector {
+            None => (
+                loaded.rgb,
+                serde_json::json!([(w - side) / 2, (h - side) / 2, side]),
+            ),
+            Some(detector) => {
+                let (crop, face) = reference_face(detector, &loaded.rgb, path, &args)?;
+                (crop, face)
+            }
+        };
         sources.push(serde_json::json!({
             "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
             "sha256": digest,
-            "crop": [(w - side) / 2, (h - side) / 2, side],
+            "crop": crop,
         }));
-        images.push(loaded.rgb);
+        images.push(image);
     }
 
     let cfg = args.model.base_config()?;
@@ -244,6 +326,11 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
             "degradation": "heavy",
             "target": "v",
             "references": refs.len(),
+            "preprocessing": if args.refs_aligned {
+                "centre crop (--refs-aligned)".to_string()
+            } else {
+                format!("RetinaFace (threshold {}) + FFHQ-{ALIGN_SIZE} similarity alignment", args.detection.face_threshold)
+            },
         }),
     };
 

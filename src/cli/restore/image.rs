@@ -1,10 +1,11 @@
 //! One image of a restore batch: load it, say the cost before spending it, restore it, and
 //! write it in its output's format with the settings as metadata.
 
+use super::faces::{magnification, plan_photo, restore_faces, show_faces, FaceJob, PhotoPlan};
 use crate::cli::batch;
 use crate::imaging::io::{load_image_within, save_output, LoadedImage, OutputFormat, OutputImage};
 use crate::imaging::ImageF32;
-use crate::restore::{Restorer, TargetSize};
+use crate::restore::{Conditioning, Restorer, TargetSize};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::time::Instant;
@@ -30,6 +31,10 @@ pub fn file_name(p: &Path) -> String {
 
 /// What every image of a batch shares besides the restorer.
 pub struct ImageJob<'a> {
+    /// Face detection and paste-back; `None` with `--faces whole`.
+    pub faces: Option<&'a FaceJob<'a>>,
+    /// The identity's name, when `--id` is given.
+    pub identity_name: Option<String>,
     pub target: TargetSize,
     pub metadata: &'a [(String, String)],
     pub overwrite: bool,
@@ -94,8 +99,10 @@ pub fn restore_one(
     job: &ImageJob,
     steps: &ProgressBar,
     bars: &MultiProgress,
-) -> crate::Result<()> {
+) -> crate::Result<Option<usize>> {
     let ImageJob {
+        faces: face_job,
+        ref identity_name,
         target,
         metadata,
         overwrite,
@@ -107,6 +114,104 @@ pub fn restore_one(
     let loaded: LoadedImage = load_image_within(input, MIN_INPUT_SIDE, max_input_pixels)?;
     // Say the cost before spending it (stderr, also with --quiet: it is no progress bar).
     let say = |line: String| bars.suspend(|| eprintln!("{line}"));
+    let name = crate::fsutil::printable(&file_name(input));
+    let photo_plan = match face_job {
+        Some(job) => {
+            let (plan, notes) = plan_photo(job, &loaded.rgb)?;
+            for note in notes {
+                say(format!("{name}: {note}"));
+            }
+            plan
+        }
+        None => PhotoPlan::Whole,
+    };
+    if let (PhotoPlan::Faces(selected), Some(job)) = (&photo_plan, face_job) {
+        let (out_w, out_h) = target.output_size(loaded.rgb.width, loaded.rgb.height)?;
+        let n = selected.chosen.len();
+        let k = super::faces::paste_factor((loaded.rgb.width, loaded.rgb.height), (out_w, out_h));
+        say(format!(
+            "{name}: {out_w}x{out_h} output, {n} face{} x {} steps at {} px, {} background; {run_label}",
+            if n == 1 { "" } else { "s" },
+            restorer.settings.steps,
+            job.native,
+            match job.background {
+                super::faces::Background::Lanczos => "lanczos",
+                super::faces::Background::Model => "model (whole photo through the diffusion)",
+            }
+        ));
+        if let Some(id) = identity_name {
+            if n > 1 && job.selection.only.is_empty() {
+                say(format!(
+                    "{name}: every one of the {n} faces will be pushed toward identity {id}; choose faces with --face (numbers from `pfstorer faces`)"
+                ));
+            }
+        }
+        let enlarged: Vec<(usize, f64)> = selected
+            .chosen
+            .iter()
+            .map(|f| (f.index, magnification(f, job.native, k)))
+            .filter(|&(_, m)| m > 1.05)
+            .collect();
+        if !enlarged.is_empty() && job.face_size.is_none() {
+            let most = enlarged.iter().map(|e| e.1).fold(0.0, f64::max);
+            let list: Vec<String> = enlarged
+                .iter()
+                .map(|(i, m)| format!("{i} ({m:.1}x)"))
+                .collect();
+            say(format!(
+                "{name}: face{} {} will be larger in the output than the {} px crop (upsampled); --face-size {} restores such faces at their output size",
+                if enlarged.len() == 1 { "" } else { "s" },
+                list.join(", "),
+                job.native,
+                ((job.native as f64 * most / 64.0).ceil() * 64.0) as usize
+            ));
+        }
+        let mut first_step: Option<Instant> = None;
+        let mut projected = false;
+        let mut on_step = |done: usize, total: usize| {
+            steps.set_length(total as u64);
+            steps.set_position(done as u64);
+            if done == 0 && first_step.is_none() {
+                first_step = Some(Instant::now());
+            } else if done == 1 && !projected {
+                projected = true;
+                if let Some(start) = first_step {
+                    let s = start.elapsed().as_secs_f64();
+                    say(format!(
+                        "first step {}: the faces will take about {} ({} steps x {n} face{})",
+                        human_duration(s),
+                        human_duration(s * total as f64),
+                        total / n.max(1),
+                        if n == 1 { "" } else { "s" }
+                    ));
+                }
+            }
+        };
+        let conditioning = |_: &crate::faces::select::NumberedFace| -> Conditioning<'static> {
+            Conditioning::Configured
+        };
+        let restored = restore_faces(
+            restorer,
+            job,
+            &loaded.rgb,
+            selected,
+            target,
+            input,
+            &conditioning,
+            &mut on_step,
+        )?;
+        show_faces(job, input, &loaded.rgb, &selected.chosen)?;
+        write_restored(
+            restored,
+            &loaded,
+            input,
+            (output, format),
+            metadata,
+            quality,
+            overwrite,
+        )?;
+        return Ok(Some(n));
+    }
     let (plan, work) = restorer.work(loaded.rgb.width, loaded.rgb.height, target)?;
     say(format!(
         "{}: {}x{} output, {}; {run_label}",
@@ -136,6 +241,28 @@ pub fn restore_one(
         }
     };
     let restored = restorer.restore(&loaded.rgb, target, &mut on_step)?;
+    write_restored(
+        restored,
+        &loaded,
+        input,
+        (output, format),
+        metadata,
+        quality,
+        overwrite,
+    )?;
+    Ok(None)
+}
+
+/// Writes a restored RGB image with the input's alpha (resized), gray-ness and bit depth.
+fn write_restored(
+    restored: ImageF32,
+    loaded: &LoadedImage,
+    input: &Path,
+    (output, format): (&Path, OutputFormat),
+    metadata: &[(String, String)],
+    quality: u8,
+    overwrite: bool,
+) -> crate::Result<()> {
     let (w, h) = (restored.width, restored.height);
     let alpha = match &loaded.alpha {
         Some(a) => Some(clamp01(crate::imaging::resize::resize_torch(

@@ -4,6 +4,7 @@
 //! inputs, outputs), [`run`] loads the networks once and hands each planned item to
 //! [`image`], which restores and writes it.
 
+mod faces;
 mod image;
 mod plan;
 
@@ -23,6 +24,7 @@ use crate::weights::base_fingerprint_cached;
 use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
+use faces::{Background, FaceJob, FacesMode};
 use image::{file_name, restore_one, step_bar, ImageJob};
 use indicatif::MultiProgress;
 use plan::RestoreJob;
@@ -124,6 +126,38 @@ pub struct RestoreArgs {
     /// Also print the sampling details (patches, latent tiles, UNet calls) of each image.
     #[arg(short, long)]
     pub verbose: bool,
+    /// How faces are handled: auto (the photo whole when it is a face crop, else each face),
+    /// each (detect, restore every face on an aligned crop, paste back), whole (the whole photo
+    /// is one face; GFPGAN's --aligned).
+    #[arg(long, value_enum, default_value_t = FacesMode::Auto)]
+    pub faces: FacesMode,
+    /// Same as --faces whole (GFPGAN/CodeFormer's spelling).
+    #[arg(long, conflicts_with = "faces")]
+    pub aligned: bool,
+    /// Under the pasted faces: lanczos (the photo upscaled, seconds) or model (the whole photo
+    /// through the diffusion first; hours on a CPU for a large photo).
+    #[arg(long, alias = "bg-upsampler", value_enum, default_value_t = Background::Lanczos)]
+    pub background: Background,
+    /// Restore only these faces, by the numbers `pfstorer faces` prints (e.g. --face 1,3).
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub face: Vec<usize>,
+    /// Restore only the face nearest the photo's centre.
+    #[arg(long)]
+    pub only_center_face: bool,
+    /// Restore faces that would be enlarged when pasted (larger in the output than the
+    /// model's crop) on an N-pixel crop with the tiled path instead.
+    #[arg(long, value_name = "N")]
+    pub face_size: Option<usize>,
+    /// Write each face's aligned input crop and its restoration into DIR/cropped_faces and
+    /// DIR/restored_faces.
+    #[arg(long, value_name = "DIR")]
+    pub save_faces: Option<PathBuf>,
+    /// Write the photo with the restored faces' numbered boxes to FILE (a folder for several
+    /// inputs).
+    #[arg(long, value_name = "FILE")]
+    pub show_faces: Option<PathBuf>,
+    #[command(flatten)]
+    pub detection: crate::cli::face_args::DetectionArgs,
     /// Identity (name or file) from `pfstorer personalize`.
     #[arg(long, value_name = "NAME|PATH")]
     pub id: Option<String>,
@@ -165,6 +199,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         return summary.finish();
     }
 
+    let native_size = base_config.diffusion.image_size;
     let base_path = args.model.base_path(!args.quiet)?;
     let fingerprint = match &identity {
         Some(identity) => {
@@ -193,7 +228,8 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         Some(_) => args.prompt.clone(),
         None => args.prompt.replace('*', BASE_SUBJECT),
     };
-    let cond = Restorer::text_context(&text_model, &prompt)?;
+    // The base contexts serve every face restored without an identity.
+    let cond = Restorer::text_context(&text_model, &args.prompt.replace('*', BASE_SUBJECT))?;
     let uncond = Restorer::text_context(&text_model, &args.negative_prompt)?;
     let max_input_pixels = settings.max_pixels;
     let mut identity_line = "none (base model)".to_string();
@@ -303,7 +339,32 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         metadata_common.push(("pfstorer:id_ref".to_string(), args.id_ref.to_string()));
     }
 
+    let faces_mode = if args.aligned {
+        FacesMode::Whole
+    } else {
+        args.faces
+    };
+    let detector = match faces_mode {
+        FacesMode::Whole => None,
+        _ => Some(crate::faces::retinaface::RetinaFace::load_embedded(
+            &device,
+        )?),
+    };
+    let face_job = detector.as_ref().map(|detector| FaceJob {
+        detector,
+        detect: args.detection.detect_options(),
+        selection: args.detection.selection(&args.face, args.only_center_face),
+        mode: faces_mode,
+        background: args.background,
+        face_size: args.face_size,
+        native: args.input_size.unwrap_or(native_size),
+        save_faces: args.save_faces.clone(),
+        show_faces: args.show_faces.clone(),
+        many_inputs: items.len() > 1,
+    });
     let job = ImageJob {
+        faces: face_job.as_ref(),
+        identity_name: identity.as_ref().map(|i| i.name().to_string()),
         target,
         metadata: &metadata_common,
         overwrite: policy.overwrite(),
@@ -322,12 +383,17 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let outcome =
             match restore_one(&restorer, input, (output, item.format), &job, &steps, &bars) {
-                Ok(()) => {
+                Ok(faces) => {
+                    summary.faces += faces.unwrap_or(0);
+                    let faces = match faces {
+                        Some(n) => format!(", {n} face{}", if n == 1 { "" } else { "s" }),
+                        None => String::new(),
+                    };
                     // Scripts read this line: printed whether or not stderr is a terminal.
                     if !args.quiet {
                         bars.suspend(|| {
                             eprintln!(
-                                "{} -> {} ({:.1} s)",
+                                "{} -> {} ({:.1} s{faces})",
                                 crate::fsutil::printable_path(input),
                                 crate::fsutil::printable_path(output),
                                 started.elapsed().as_secs_f64()

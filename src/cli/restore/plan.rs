@@ -267,6 +267,15 @@ pub(super) fn check_flags(
     if !(1..=100).contains(&args.quality) {
         bail!("--quality {}: must be between 1 and 100", args.quality);
     }
+    args.detection.check()?;
+    if let Some(n) = args.face_size {
+        if !(64..=4096).contains(&n) {
+            bail!("--face-size {n}: must be between 64 and 4096 pixels");
+        }
+    }
+    if args.face.contains(&0) {
+        bail!("--face 0: faces are numbered from 1 (`pfstorer faces` lists them)");
+    }
     let ext = ExtChoice::parse(args.ext.as_deref().unwrap_or("png"))?;
     if let (Some(out), Some(given)) = (&args.output, &args.ext) {
         if out.extension().is_some() && !out.is_dir() {

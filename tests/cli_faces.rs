@@ -1,0 +1,286 @@
+//! Whole photos end to end on the tiny model: `restore --faces each` finds every face, restores
+//! each on an aligned crop and pastes it back over the Lanczos background; `--face` restricts;
+//! a face-free photo is the background upscale with a note; `faces --json` lists what restore
+//! numbers; a face-free reference is refused by `personalize`. The photo is the fixture's
+//! image with the most faces (detect/detect.json), so another fixture set runs other photos.
+
+mod common;
+
+use pfstorer::faces::align::{align, Template, FACEXLIB_BORDER_RGB};
+use pfstorer::faces::paste::{paste_mask, upscale_background};
+use pfstorer::faces::retinaface::{DetectOptions, RetinaFace};
+use pfstorer::faces::select::number_faces;
+use pfstorer::imaging::io::{load_image, quantize_u8};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const THRESHOLD: f32 = 0.9;
+
+fn pfstorer(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pfstorer"))
+        .args(args)
+        .output()
+        .expect("run pfstorer")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The detect/ image with the most faces at threshold 0.9, and that count.
+fn group_photo() -> (PathBuf, usize) {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("faces/detect/detect.json")).unwrap(),
+    )
+    .unwrap();
+    json["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|im| {
+            let name = im["image"].as_str().unwrap();
+            let count = im["thr_0.9"]["count"].as_u64().unwrap() as usize;
+            (common::fixture(&format!("faces/detect/{name}")), count)
+        })
+        .max_by_key(|(_, n)| *n)
+        .unwrap()
+}
+
+fn face_flags() -> Vec<String> {
+    [
+        "--face-threshold",
+        &THRESHOLD.to_string(),
+        "--min-face",
+        "0",
+        "--max-faces",
+        "1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn restore_args(input: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "restore".to_string(),
+        input.display().to_string(),
+        "-o".into(),
+        output.display().to_string(),
+        "-s".into(),
+        "2".into(),
+        "--faces".into(),
+        "each".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(face_flags());
+    args.extend(common::fast_sampling_flags());
+    args.extend(common::model_flags());
+    args
+}
+
+/// The 8-bit samples of an RGB image.
+fn quantized(img: &pfstorer::imaging::ImageF32) -> Vec<u8> {
+    img.data.iter().map(|&v| quantize_u8(v)).collect()
+}
+
+#[test]
+fn every_face_is_restored_and_pasted_over_the_lanczos_background() {
+    let (photo, expected_faces) = group_photo();
+    assert!(expected_faces >= 2, "the fixture photo needs faces");
+    let dir = common::scratch("faces-each");
+    let out = dir.join("out.png");
+    let o = pfstorer(&restore_args(&photo, &out, &[]));
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+
+    // The library's own detection, numbering and masks, as the CLI uses them.
+    let rgb = load_image(&photo).unwrap().rgb;
+    let detector = RetinaFace::load_embedded(&candle_core::Device::Cpu).unwrap();
+    let opts = DetectOptions {
+        score_threshold: THRESHOLD,
+        ..DetectOptions::default()
+    };
+    let (faces, _) = number_faces(&detector.detect(&rgb, &opts).unwrap(), 0.0);
+    assert_eq!(
+        faces.len(),
+        expected_faces,
+        "the fixture's count at {THRESHOLD}"
+    );
+    assert!(
+        err.contains(&format!("{} faces restored", faces.len())),
+        "summary: {err}"
+    );
+    let result = load_image(&out).unwrap().rgb;
+    assert_eq!(
+        (result.width, result.height),
+        (2 * rgb.width, 2 * rgb.height)
+    );
+    let background = quantized(&upscale_background(&rgb, 2).unwrap());
+    let got = quantized(&result);
+    let native = common::FAST_INPUT_SIZE;
+    let template = Template::ffhq(native).unwrap();
+    let mut covered = vec![false; result.width * result.height];
+    let mut changed_faces = 0;
+    for face in &faces {
+        let aligned = align(
+            &rgb,
+            &face.detection.landmarks,
+            &template,
+            &FACEXLIB_BORDER_RGB,
+        )
+        .unwrap();
+        let mask = paste_mask(&aligned, 2).unwrap();
+        let w = mask.window;
+        let (mut diff, mut n) = (0f64, 0usize);
+        for j in 0..w.height {
+            for i in 0..w.width {
+                let soft = mask.soft[j * w.width + i];
+                let p = (w.y0 + j) * result.width + w.x0 + i;
+                if soft > 0.0 {
+                    covered[p] = true;
+                }
+                if soft > 0.99 {
+                    for c in 0..3 {
+                        diff += (got[p * 3 + c] as f64 - background[p * 3 + c] as f64).abs();
+                    }
+                    n += 3;
+                }
+            }
+        }
+        if n > 0 && diff / n as f64 > 1.0 {
+            changed_faces += 1;
+        }
+    }
+    assert_eq!(changed_faces, faces.len(), "every face region changed");
+    let mut outside = 0usize;
+    for (p, &c) in covered.iter().enumerate() {
+        if !c {
+            outside += 1;
+            assert_eq!(
+                &got[p * 3..p * 3 + 3],
+                &background[p * 3..p * 3 + 3],
+                "pixel {p} outside every face mask differs from the Lanczos background"
+            );
+        }
+    }
+    assert!(outside > 0);
+
+    // --face restricts: only face 1 differs from the background.
+    let one = dir.join("one.png");
+    let o = pfstorer(&restore_args(&photo, &one, &["--face", "1"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("1 face restored"), "{}", stderr(&o));
+    let single = quantized(&load_image(&one).unwrap().rgb);
+    let other = &faces[faces.len() - 1];
+    let aligned = align(
+        &rgb,
+        &other.detection.landmarks,
+        &template,
+        &FACEXLIB_BORDER_RGB,
+    )
+    .unwrap();
+    let mask = paste_mask(&aligned, 2).unwrap();
+    let first = align(
+        &rgb,
+        &faces[0].detection.landmarks,
+        &template,
+        &FACEXLIB_BORDER_RGB,
+    )
+    .unwrap();
+    let first_mask = paste_mask(&first, 2).unwrap();
+    let w = mask.window;
+    for j in 0..w.height {
+        for i in 0..w.width {
+            let (x, y) = (w.x0 + i, w.y0 + j);
+            let in_first = x >= first_mask.window.x0
+                && y >= first_mask.window.y0
+                && x < first_mask.window.x0 + first_mask.window.width
+                && y < first_mask.window.y0 + first_mask.window.height;
+            if !in_first {
+                let p = y * result.width + x;
+                assert_eq!(&single[p * 3..p * 3 + 3], &background[p * 3..p * 3 + 3]);
+            }
+        }
+    }
+    // A face number the photo does not have is one line.
+    let o = pfstorer(&restore_args(
+        &photo,
+        &dir.join("x.png"),
+        &["--face", "999"],
+    ));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--face 999"), "{}", stderr(&o));
+
+    // `faces --json` numbers the same faces.
+    let mut args = vec![
+        "faces".to_string(),
+        photo.display().to_string(),
+        "--json".into(),
+    ];
+    args.extend(face_flags());
+    let o = pfstorer(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed = json[0]["faces"].as_array().unwrap();
+    assert_eq!(listed.len(), faces.len());
+    for (f, l) in faces.iter().zip(listed) {
+        assert_eq!(l["index"].as_u64().unwrap() as usize, f.index);
+        let b: Vec<f32> = serde_json::from_value(l["box"].clone()).unwrap();
+        assert_eq!(b, f.detection.bbox.to_vec());
+        assert_eq!(l["landmarks"].as_array().unwrap().len(), 5);
+    }
+}
+
+#[test]
+fn a_photo_without_faces_is_the_background_upscale_with_a_note() {
+    let dir = common::scratch("faces-none");
+    let input = dir.join("wall.png");
+    image::RgbImage::from_fn(150, 100, |x, y| {
+        image::Rgb([(x * 3 % 256) as u8, (y * 5 % 256) as u8, 120])
+    })
+    .save(&input)
+    .unwrap();
+    let out = dir.join("wall_out.png");
+    let o = pfstorer(&restore_args(&input, &out, &[]));
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("no face found"), "{err}");
+    let rgb = load_image(&input).unwrap().rgb;
+    let want = quantized(&upscale_background(&rgb, 2).unwrap());
+    assert_eq!(quantized(&load_image(&out).unwrap().rgb), want);
+}
+
+#[test]
+fn a_reference_without_a_face_is_refused() {
+    let dir = common::scratch("faces-ref");
+    let (photo, _) = group_photo();
+    let mut refs = Vec::new();
+    for k in 0..3u32 {
+        let path = dir.join(format!("r{k}.png"));
+        if k == 1 {
+            image::RgbImage::from_fn(96, 96, |x, y| image::Rgb([(x + k) as u8, y as u8, 90]))
+                .save(&path)
+                .unwrap();
+        } else {
+            std::fs::copy(&photo, &path).unwrap();
+            // Distinct contents: a changed pixel.
+            let mut img = image::open(&path).unwrap().to_rgb8();
+            img.put_pixel(0, 0, image::Rgb([k as u8, 0, 0]));
+            img.save(&path).unwrap();
+        }
+        refs.push(path.display().to_string());
+    }
+    let mut args = vec!["personalize".to_string(), "--refs".into()];
+    args.extend(refs);
+    args.extend(["--id".into(), "x".into(), "--steps".into(), "1".into()]);
+    args.extend([
+        "-o".into(),
+        dir.join("x.identity.safetensors").display().to_string(),
+    ]);
+    args.extend(common::model_flags());
+    let o = pfstorer(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("r1.png: no face found"), "{err}");
+    assert!(!dir.join("x.identity.safetensors").exists());
+}
