@@ -65,10 +65,19 @@ fn personalize_then_list_show_and_remove() {
     let list = pfstorer(&home, &["ids", "list"]);
     assert!(list.status.success(), "{}", stderr(&list));
     assert!(String::from_utf8_lossy(&list.stdout).starts_with("alice\t"));
-    let show = pfstorer(&home, &["ids", "show", "alice"]);
-    let shown = String::from_utf8_lossy(&show.stdout).into_owned();
-    assert!(shown.contains("format: pfstorer-identity/1"), "{shown}");
-    assert!(shown.contains("base_fingerprint: "), "{shown}");
+    let show = pfstorer(&home, &["ids", "show", "alice", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["format"], "pfstorer-identity/1", "{shown}");
+    assert!(
+        shown["base_fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.len() == 64),
+        "{shown}"
+    );
+    // The references' dlib-ID descriptors are stored, and `ids show` summarises them.
+    let summary = pfstorer(&home, &["ids", "show", "alice"]);
+    let summary = String::from_utf8_lossy(&summary.stdout).into_owned();
+    assert!(summary.contains("dlib-ID:"), "{summary}");
 
     // Resume from a checkpoint (here: the 2-iteration identity) to 3 iterations.
     let carol = root.join("carol.identity.safetensors");
@@ -87,9 +96,9 @@ fn personalize_then_list_show_and_remove() {
         "resume failed: {}",
         stderr(&resumed)
     );
-    let show = pfstorer(&home, &["ids", "show", &carol_s]);
-    let shown = String::from_utf8_lossy(&show.stdout).into_owned();
-    assert!(shown.contains("iterations_done: 3"), "{shown}");
+    let show = pfstorer(&home, &["ids", "show", "--json", &carol_s]);
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["iterations_done"], "3", "{shown}");
     assert!(!root.join("carol.identity.safetensors.checkpoint").exists());
 
     // An existing identity is refused without --force and left untouched.
@@ -110,7 +119,10 @@ fn personalize_then_list_show_and_remove() {
         "{}",
         stderr(&too_few)
     );
-    let dup = vec![refs[0].clone(), refs[1].clone(), refs[0].clone()];
+    // The same photo under another name (the same path twice is one reference).
+    let copy = root.join("copy_of_first.png");
+    std::fs::copy(&refs[0], &copy).unwrap();
+    let dup = vec![refs[0].clone(), refs[1].clone(), copy];
     let dup_out = personalize(&home, &dup, &["--id", "bob", "--size", "64"]);
     assert!(
         stderr(&dup_out).contains("duplicate"),

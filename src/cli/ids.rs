@@ -152,6 +152,30 @@ fn show_summary(identity: &Identity, path: &std::path::Path) -> anyhow::Result<S
     if let Some(size) = training.get("size") {
         line("size (px):", size.to_string());
     }
+    match identity.reference_embeddings()? {
+        Some(e) if !e.is_empty() => {
+            let mean = identity.embedding_mean()?.unwrap_or_default();
+            let spread: Vec<f32> = e
+                .iter()
+                .map(|v| crate::faces::embed::descriptor_distance_slices(v, &mean))
+                .collect();
+            let max = spread.iter().copied().fold(0.0f32, f32::max);
+            line(
+                "dlib-ID:",
+                format!(
+                    "{} reference descriptors, distance to their mean {:.2}-{max:.2} (same person under {})",
+                    e.len(),
+                    spread.iter().copied().fold(f32::INFINITY, f32::min),
+                    crate::faces::embed::SAME_PERSON_THRESHOLD
+                ),
+            );
+        }
+        _ => line(
+            "dlib-ID:",
+            "none (made before face embeddings: restore cannot match it to faces automatically)"
+                .into(),
+        ),
+    }
     line(
         "strength:",
         "1.0 by default (restore --id-strength changes it)".into(),

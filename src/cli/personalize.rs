@@ -77,7 +77,11 @@ fn reference_face(
     rgb: &crate::imaging::ImageF32,
     path: &std::path::Path,
     args: &PersonalizeArgs,
-) -> anyhow::Result<(crate::imaging::ImageF32, serde_json::Value)> {
+) -> anyhow::Result<(
+    crate::imaging::ImageF32,
+    serde_json::Value,
+    crate::imaging::ImageF32,
+)> {
     let detections = detector.detect(rgb, &args.detection.detect_options())?;
     let (faces, _) = crate::faces::select::number_faces(&detections, 0.0);
     let shown = crate::fsutil::printable_path(path);
@@ -112,13 +116,59 @@ fn reference_face(
         &template,
         &crate::faces::align::FACEXLIB_BORDER_RGB,
     )?;
+    let chip = crate::faces::align::align(
+        rgb,
+        &face.detection.landmarks,
+        &crate::faces::align::Template::dlib_chip(),
+        &[0.0],
+    )?
+    .crop;
     let record = serde_json::json!({
         "aligned": format!("ffhq-{ALIGN_SIZE}"),
         "box": face.detection.bbox,
         "landmarks": face.detection.landmarks,
         "faces_in_photo": faces.len(),
     });
-    Ok((aligned.crop, record))
+    Ok((aligned.crop, record, chip))
+}
+
+/// The dlib chip of a reference that is already an FFHQ-aligned crop (`--refs-aligned`): its
+/// landmarks are the template's, scaled to the centre square.
+fn aligned_reference_chip(
+    rgb: &crate::imaging::ImageF32,
+) -> crate::Result<crate::imaging::ImageF32> {
+    use crate::faces::align::{align, Template, FFHQ_512_POINTS, FFHQ_REFERENCE_SIZE};
+    let side = rgb.width.min(rgb.height);
+    let (x0, y0) = ((rgb.width - side) / 2, (rgb.height - side) / 2);
+    let f = side as f64 / FFHQ_REFERENCE_SIZE as f64;
+    let landmarks =
+        FFHQ_512_POINTS.map(|[x, y]| [(x0 as f64 + x * f) as f32, (y0 as f64 + y * f) as f32]);
+    Ok(align(rgb, &landmarks, &Template::dlib_chip(), &[0.0])?.crop)
+}
+
+/// Names the references whose descriptor lies farther than dlib's same-person distance from the
+/// median of the others' distances (another person among the photos, or a bad crop).
+fn odd_references(embeddings: &[Vec<f32>], refs: &[PathBuf]) -> Vec<(PathBuf, f32)> {
+    use crate::faces::embed::descriptor_distance_slices as dist;
+    let mut odd = Vec::new();
+    for (i, e) in embeddings.iter().enumerate() {
+        let mut d: Vec<f32> = embeddings
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, o)| dist(e, o))
+            .collect();
+        d.sort_by(f32::total_cmp);
+        let median = match d.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => d[n / 2],
+            n => 0.5 * (d[n / 2 - 1] + d[n / 2]),
+        };
+        if median > crate::faces::embed::SAME_PERSON_THRESHOLD {
+            odd.push((refs[i].clone(), median));
+        }
+    }
+    odd
 }
 
 /// Iterations between checkpoints by default: a run killed at 103/500 resumes from 100, and a
@@ -264,6 +314,7 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         Some(RetinaFace::load_embedded(&candle_core::Device::Cpu)?)
     };
     let mut images = Vec::with_capacity(refs.len());
+    let mut chips = Vec::with_capacity(refs.len());
     let mut sources = Vec::with_capacity(refs.len());
     let mut seen: HashMap<String, PathBuf> = HashMap::new();
     for path in &refs {
@@ -287,10 +338,14 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
                 serde_json::json!([(w - side) / 2, (h - side) / 2, side]),
             ),
             Some(detector) => {
-                let (crop, face) = reference_face(detector, &loaded.rgb, path, &args)?;
+                let (crop, face, chip) = reference_face(detector, &loaded.rgb, path, &args)?;
+                chips.push(chip);
                 (crop, face)
             }
         };
+        if detector.is_none() {
+            chips.push(aligned_reference_chip(&image)?);
+        }
         sources.push(serde_json::json!({
             "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
             "sha256": digest,
@@ -299,6 +354,31 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         images.push(image);
     }
 
+    // Who the references show: their dlib-ID descriptors, stored with the identity so restore
+    // can tell this person's faces from others'.
+    let embedder = crate::faces::embed::Embedder::load_embedded(&candle_core::Device::Cpu)?;
+    let embeddings: Vec<Vec<f32>> = embedder
+        .embed(&chips)?
+        .into_iter()
+        .map(|d| d.to_vec())
+        .collect();
+    let odd = odd_references(&embeddings, &refs);
+    for (path, median) in &odd {
+        eprintln!(
+            "warning: {} looks like another person: its dlib-ID distance to the other references is {median:.2} (median), above the same-person {}",
+            crate::fsutil::printable_path(path),
+            crate::faces::embed::SAME_PERSON_THRESHOLD
+        );
+    }
+    if !odd.is_empty() && !args.force {
+        return Err(Error::Input(format!(
+            "{} reference photo{} of another person? remove {} or pass --force to train on them anyway",
+            odd.len(),
+            if odd.len() == 1 { "" } else { "s" },
+            if odd.len() == 1 { "it" } else { "them" }
+        ))
+        .into());
+    }
     let cfg = args.model.base_config()?;
     let base_path = args.model.base_path(!args.quiet)?;
     let size = args.size.unwrap_or(cfg.diffusion.image_size);
@@ -391,7 +471,9 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
             && trainer.iteration % args.checkpoint_every == 0
             && trainer.iteration < args.steps
         {
-            Identity::checkpoint_from_trainer(&trainer, &info)?.save(&checkpoint, true)?;
+            let mut saved = Identity::checkpoint_from_trainer(&trainer, &info)?;
+            saved.set_embeddings(&embeddings)?;
+            saved.save(&checkpoint, true)?;
             say(format!(
                 "iteration {}/{}: loss {s:.4}; checkpoint {} (resume with --resume)",
                 trainer.iteration,
@@ -401,7 +483,9 @@ pub fn run(args: PersonalizeArgs) -> anyhow::Result<()> {
         }
     }
     bar.finish_and_clear();
-    Identity::from_trainer(&trainer, &info)?.save(&out, args.force)?;
+    let mut identity = Identity::from_trainer(&trainer, &info)?;
+    identity.set_embeddings(&embeddings)?;
+    identity.save(&out, args.force)?;
     if checkpoint.is_file() {
         let _ = std::fs::remove_file(&checkpoint);
     }

@@ -22,6 +22,7 @@ pub mod align;
 pub mod boxes;
 pub mod draw;
 pub mod embed;
+pub mod matching;
 pub mod paste;
 pub mod retinaface;
 pub mod select;

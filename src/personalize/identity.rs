@@ -15,6 +15,10 @@ use std::path::{Path, PathBuf};
 
 /// `format` metadata value of this layout.
 pub const FORMAT: &str = "pfstorer-identity/1";
+/// The references' dlib-ID descriptors, `[references, 128]`, and their mean, `[128]`.
+pub const EMBEDDINGS_KEY: &str = "id.embeddings";
+pub const EMBEDDING_MEAN_KEY: &str = "id.embedding_mean";
+
 /// File name suffix of identities stored by name.
 pub const SUFFIX: &str = ".identity.safetensors";
 
@@ -271,6 +275,45 @@ impl Identity {
         crate::fsutil::write_atomic(path, crate::fsutil::WriteMode::from_force(force), |tmp| {
             std::fs::write(tmp, &data).map_err(|e| Error::io(tmp, e))
         })
+    }
+
+    /// The dlib-ID descriptors of the reference photos (`[references, 128]`), when the identity
+    /// was made with them (pfstorer after the faces work); `None` for older identities.
+    pub fn reference_embeddings(&self) -> Result<Option<Vec<Vec<f32>>>> {
+        match self.tensors.get(EMBEDDINGS_KEY) {
+            Some(t) => Ok(Some(t.to_dtype(DType::F32)?.to_vec2()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The mean of [`Identity::reference_embeddings`]: what faces are matched against.
+    pub fn embedding_mean(&self) -> Result<Option<Vec<f32>>> {
+        match self.tensors.get(EMBEDDING_MEAN_KEY) {
+            Some(t) => Ok(Some(t.to_dtype(DType::F32)?.to_vec1()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores the references' descriptors and their mean.
+    pub fn set_embeddings(&mut self, embeddings: &[Vec<f32>]) -> Result<()> {
+        let n = embeddings.len();
+        let dim = embeddings.first().map(Vec::len).unwrap_or(0);
+        if n == 0 || dim == 0 || embeddings.iter().any(|e| e.len() != dim) {
+            return Err(Error::Input("identity embeddings: empty or ragged".into()));
+        }
+        let flat: Vec<f32> = embeddings.iter().flatten().copied().collect();
+        let mean: Vec<f32> = (0..dim)
+            .map(|k| embeddings.iter().map(|e| e[k]).sum::<f32>() / n as f32)
+            .collect();
+        self.tensors.insert(
+            EMBEDDINGS_KEY.into(),
+            Tensor::from_vec(flat, (n, dim), &Device::Cpu)?,
+        );
+        self.tensors.insert(
+            EMBEDDING_MEAN_KEY.into(),
+            Tensor::from_vec(mean, dim, &Device::Cpu)?,
+        );
+        Ok(())
     }
 
     pub fn tensor(&self, key: &str) -> Result<&Tensor> {

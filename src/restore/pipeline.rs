@@ -320,6 +320,18 @@ impl<'a> Restorer<'a> {
         target: TargetSize,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<ImageF32> {
+        self.restore_as(rgb, target, Conditioning::Configured, on_step)
+    }
+
+    /// [`Restorer::restore`] with the given conditioning (a whole face crop matched to one of
+    /// several identities).
+    pub fn restore_as(
+        &self,
+        rgb: &ImageF32,
+        target: TargetSize,
+        who: Conditioning,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<ImageF32> {
         // Process at the output size, or larger so the short side reaches the model's native
         // size (as the reference), and resize back at the end.
         let plan = self.settings.plan(
@@ -334,7 +346,10 @@ impl<'a> Restorer<'a> {
         let lq = resize_bicubic_nchw(&lq, proc_h, proc_w)?.clamp(-1f32, 1f32)?;
         let seed = self.settings.seed;
         let mut seeded = || -> Box<dyn NoiseSource> { Box::new(SeededNoise::new(seed)) };
-        let sr = self.restore_upscaled(&lq, &mut seeded, on_step)?;
+        let (_, _, h, w) = lq.dims4()?;
+        let padded = pad_reflect_to_multiple(&lq, 32)?;
+        let sr = self.restore_padded(&padded, &mut seeded, who, on_step)?;
+        let sr = sr.narrow(2, 0, h)?.narrow(3, 0, w)?;
         finish_image(&sr, (proc_w, proc_h), (out_w, out_h))
     }
 

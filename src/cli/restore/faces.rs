@@ -56,8 +56,8 @@ pub struct FaceJob<'a> {
 
 /// What happens to one photo.
 pub enum PhotoPlan {
-    /// The diffusion over the whole photo, as one face.
-    Whole,
+    /// The diffusion over the whole photo, as one face (with the faces found, if detection ran).
+    Whole(Option<Selected>),
     /// The chosen faces, each on its own crop (possibly none: background only).
     Faces(Selected),
 }
@@ -66,7 +66,7 @@ pub enum PhotoPlan {
 pub fn plan_photo(job: &FaceJob, rgb: &ImageF32) -> crate::Result<(PhotoPlan, Vec<String>)> {
     let mut notes = Vec::new();
     if job.mode == FacesMode::Whole {
-        return Ok((PhotoPlan::Whole, notes));
+        return Ok((PhotoPlan::Whole(None), notes));
     }
     let detections = job.detector.detect(rgb, &job.detect)?;
     let selected = select(&detections, rgb.width, rgb.height, &job.selection)?;
@@ -81,7 +81,7 @@ pub fn plan_photo(job: &FaceJob, rgb: &ImageF32) -> crate::Result<(PhotoPlan, Ve
                     rgb.width, rgb.height
                 ));
             }
-            return Ok((PhotoPlan::Whole, notes));
+            return Ok((PhotoPlan::Whole(Some(selected)), notes));
         }
     }
     if selected.too_small > 0 {
@@ -152,7 +152,7 @@ pub fn restore_faces<'p>(
     input: &Path,
     conditioning: &dyn Fn(&NumberedFace) -> Conditioning<'p>,
     on_step: &mut dyn FnMut(usize, usize),
-) -> crate::Result<ImageF32> {
+) -> crate::Result<(ImageF32, Vec<ImageF32>)> {
     let (out_w, out_h) = target.output_size(rgb.width, rgb.height)?;
     let k = paste_factor((rgb.width, rgb.height), (out_w, out_h));
     let mut aligned: Vec<AlignedFace> = Vec::with_capacity(selected.chosen.len());
@@ -192,6 +192,7 @@ pub fn restore_faces<'p>(
             restorer.restore(rgb, TargetSize::Size(big_w, big_h), &mut |_, _| {})?
         }
     };
+    let mut faces_out = Vec::with_capacity(restored.len());
     for ((face, a), out) in selected.chosen.iter().zip(&aligned).zip(&restored) {
         // The diffusion may shift a face's colour: bring it back to the photo's.
         let matched = match_color(out, &a.crop)?;
@@ -199,12 +200,13 @@ pub fn restore_faces<'p>(
         if let Some(dir) = &job.save_faces {
             save_face_pair(dir, input, face.index, &a.crop, &matched)?;
         }
+        faces_out.push(matched);
     }
     if (big_w, big_h) != (out_w, out_h) {
         canvas = resize_cv2(&canvas, out_w, out_h, CvInterp::Lanczos4)?;
         canvas.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
     }
-    Ok(canvas)
+    Ok((canvas, faces_out))
 }
 
 /// `--save-faces DIR`: `DIR/cropped_faces/<stem>_<NN>.png` and `DIR/restored_faces/<stem>_<NN>.png`

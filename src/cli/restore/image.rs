@@ -3,6 +3,7 @@
 
 use super::faces::{magnification, plan_photo, restore_faces, show_faces, FaceJob, PhotoPlan};
 use crate::cli::batch;
+use crate::faces::select::NumberedFace;
 use crate::imaging::io::{load_image_within, save_output, LoadedImage, OutputFormat, OutputImage};
 use crate::imaging::ImageF32;
 use crate::restore::{Conditioning, Restorer, TargetSize};
@@ -29,12 +30,144 @@ pub fn file_name(p: &Path) -> String {
         .unwrap_or_else(|| p.display().to_string())
 }
 
+/// An identity faces can be matched to.
+pub struct IdentityChoice<'a> {
+    pub name: String,
+    /// The mean dlib-ID descriptor of its references (`None` for identities made before them).
+    pub mean: Option<Vec<f32>>,
+    pub who: Conditioning<'a>,
+}
+
+/// Which identity each face gets (position in `job.identities`, or `None` for the base model),
+/// with one line per face saying why, and each face's input descriptor.
+#[allow(clippy::type_complexity)]
+fn assign_faces(
+    job: &ImageJob,
+    rgb: &ImageF32,
+    faces: &[NumberedFace],
+) -> crate::Result<(Vec<Option<usize>>, Vec<String>, Vec<Option<Vec<f32>>>)> {
+    use crate::faces::embed::descriptor_distance_slices as dist;
+    let ids = job.identities;
+    if ids.is_empty() || faces.is_empty() {
+        return Ok((vec![None; faces.len()], Vec::new(), vec![None; faces.len()]));
+    }
+    let descriptors = match job.embedder {
+        Some(e) => crate::cli::faces::embed_faces(e, rgb, faces)?,
+        None => vec![None; faces.len()],
+    };
+    let distances: Vec<Vec<Option<f32>>> = descriptors
+        .iter()
+        .map(|d| {
+            ids.iter()
+                .map(|id| match (d, &id.mean) {
+                    (Some(d), Some(m)) => Some(dist(d, m)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    let threshold = crate::faces::matching::ASSIGN_THRESHOLD;
+    let only_pair = ids.len() == 1 && faces.len() == 1;
+    let mut assigned = if only_pair {
+        vec![Some(0)]
+    } else {
+        crate::faces::matching::assign(&distances, threshold)
+    };
+    let mut lines = Vec::with_capacity(faces.len());
+    for (f, face) in faces.iter().enumerate() {
+        let by_hand = job.id_faces.iter().find(|(n, _)| *n == face.index);
+        if let Some((_, pick)) = by_hand {
+            assigned[f] = *pick;
+        }
+        let name = |i: usize| crate::fsutil::printable(&ids[i].name);
+        let d = |i: usize| {
+            distances[f][i]
+                .map(|d| format!("{d:.2}"))
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let line = match (assigned[f], by_hand) {
+            (Some(i), Some(_)) => format!(
+                "face {} -> {} (--id-face; distance {})",
+                face.index,
+                name(i),
+                d(i)
+            ),
+            (None, Some(_)) => format!("face {} -> base (--id-face)", face.index),
+            (Some(i), None) if only_pair => {
+                format!(
+                    "face {} -> {} (the only face and identity; distance {})",
+                    face.index,
+                    name(i),
+                    d(i)
+                )
+            }
+            (Some(i), None) => format!("face {} -> {} ({})", face.index, name(i), d(i)),
+            (None, None) => {
+                let nearest = (0..ids.len())
+                    .filter_map(|i| distances[f][i].map(|d| (i, d)))
+                    .min_by(|a, b| a.1.total_cmp(&b.1));
+                match nearest {
+                    Some((i, dd)) => format!(
+                        "face {} -> base (nearest {} {dd:.2}{})",
+                        face.index,
+                        name(i),
+                        if dd < threshold {
+                            ", taken by a closer face"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None => format!(
+                        "face {} -> base (no identity has face descriptors; use --id-face)",
+                        face.index
+                    ),
+                }
+            }
+        };
+        lines.push(line);
+    }
+    Ok((assigned, lines, descriptors))
+}
+
+/// The dlib-ID distance of each restored face crop (FFHQ-aligned) to its identity's mean.
+fn restored_distances(
+    job: &ImageJob,
+    crops: &[ImageF32],
+    assigned: &[Option<usize>],
+) -> crate::Result<Vec<Option<f32>>> {
+    use crate::faces::align::{align, Template};
+    let Some(embedder) = job.embedder else {
+        return Ok(vec![None; crops.len()]);
+    };
+    let mut out = Vec::with_capacity(crops.len());
+    for (crop, pick) in crops.iter().zip(assigned) {
+        let mean = pick.and_then(|i| job.identities[i].mean.as_ref());
+        let Some(mean) = mean else {
+            out.push(None);
+            continue;
+        };
+        // The crop's landmarks are the template's.
+        let t = Template::ffhq(crop.width)?;
+        let lm = t.points.map(|[x, y]| [x as f32, y as f32]);
+        let chip = align(crop, &lm, &Template::dlib_chip(), &[0.0])?.crop;
+        let d = embedder.embed(&[chip])?;
+        out.push(Some(crate::faces::embed::descriptor_distance_slices(
+            &d[0], mean,
+        )));
+    }
+    Ok(out)
+}
+
 /// What every image of a batch shares besides the restorer.
 pub struct ImageJob<'a> {
     /// Face detection and paste-back; `None` with `--faces whole`.
     pub faces: Option<&'a FaceJob<'a>>,
-    /// The identity's name, when `--id` is given.
-    pub identity_name: Option<String>,
+    /// The `--id` identities, in order.
+    pub identities: &'a [IdentityChoice<'a>],
+    /// `--id-face` overrides: face number to an identity's position, or the base model.
+    pub id_faces: &'a [(usize, Option<usize>)],
+    /// The dlib-ID embedder, when identities are matched to faces.
+    pub embedder: Option<&'a crate::faces::embed::Embedder>,
     pub target: TargetSize,
     pub metadata: &'a [(String, String)],
     pub overwrite: bool,
@@ -100,9 +233,9 @@ pub fn restore_one(
     steps: &ProgressBar,
     bars: &MultiProgress,
 ) -> crate::Result<Option<usize>> {
+    let job_all = job;
     let ImageJob {
         faces: face_job,
-        ref identity_name,
         target,
         metadata,
         overwrite,
@@ -110,6 +243,7 @@ pub fn restore_one(
         run_label,
         quality,
         verbose,
+        ..
     } = *job;
     let loaded: LoadedImage = load_image_within(input, MIN_INPUT_SIDE, max_input_pixels)?;
     // Say the cost before spending it (stderr, also with --quiet: it is no progress bar).
@@ -123,7 +257,7 @@ pub fn restore_one(
             }
             plan
         }
-        None => PhotoPlan::Whole,
+        None => PhotoPlan::Whole(None),
     };
     if let (PhotoPlan::Faces(selected), Some(job)) = (&photo_plan, face_job) {
         let (out_w, out_h) = target.output_size(loaded.rgb.width, loaded.rgb.height)?;
@@ -139,12 +273,9 @@ pub fn restore_one(
                 super::faces::Background::Model => "model (whole photo through the diffusion)",
             }
         ));
-        if let Some(id) = identity_name {
-            if n > 1 && job.selection.only.is_empty() {
-                say(format!(
-                    "{name}: every one of the {n} faces will be pushed toward identity {id}; choose faces with --face (numbers from `pfstorer faces`)"
-                ));
-            }
+        let (assigned, lines, _) = assign_faces(job_all, &loaded.rgb, &selected.chosen)?;
+        for line in &lines {
+            say(format!("{name}: {line}"));
         }
         let enlarged: Vec<(usize, f64)> = selected
             .chosen
@@ -187,10 +318,15 @@ pub fn restore_one(
                 }
             }
         };
-        let conditioning = |_: &crate::faces::select::NumberedFace| -> Conditioning<'static> {
-            Conditioning::Configured
+        let identities = job_all.identities;
+        let conditioning = |face: &NumberedFace| -> Conditioning<'_> {
+            let pos = selected.chosen.iter().position(|f| f.index == face.index);
+            match pos.and_then(|p| assigned[p]) {
+                Some(i) => identities[i].who,
+                None => Conditioning::Base,
+            }
         };
-        let restored = restore_faces(
+        let (restored, crops) = restore_faces(
             restorer,
             job,
             &loaded.rgb,
@@ -201,6 +337,20 @@ pub fn restore_one(
             &mut on_step,
         )?;
         show_faces(job, input, &loaded.rgb, &selected.chosen)?;
+        for ((face, pick), d) in selected
+            .chosen
+            .iter()
+            .zip(&assigned)
+            .zip(restored_distances(job_all, &crops, &assigned)?)
+        {
+            if let (Some(i), Some(d)) = (pick, d) {
+                say(format!(
+                    "{name}: face {} restored: dlib-ID distance {d:.2} to {}",
+                    face.index,
+                    crate::fsutil::printable(&identities[*i].name)
+                ));
+            }
+        }
         write_restored(
             restored,
             &loaded,
@@ -240,7 +390,29 @@ pub fn restore_one(
             }
         }
     };
-    let restored = restorer.restore(&loaded.rgb, target, &mut on_step)?;
+    // A whole face crop with identities: its one face is matched like any other.
+    let who = match &photo_plan {
+        PhotoPlan::Whole(Some(sel))
+            if !job_all.identities.is_empty() && sel.numbered.len() == 1 =>
+        {
+            let (assigned, lines, _) = assign_faces(job_all, &loaded.rgb, &sel.numbered)?;
+            for line in &lines {
+                say(format!("{name}: {line}"));
+            }
+            match assigned[0] {
+                Some(i) => job_all.identities[i].who,
+                None => Conditioning::Base,
+            }
+        }
+        _ if job_all.identities.len() > 1 => {
+            say(format!(
+                "{name}: no single face to match to the identities: restored with the base model"
+            ));
+            Conditioning::Base
+        }
+        _ => Conditioning::Configured,
+    };
+    let restored = restorer.restore_as(&loaded.rgb, target, who, &mut on_step)?;
     write_restored(
         restored,
         &loaded,

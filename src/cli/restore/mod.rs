@@ -16,6 +16,7 @@ use super::model_args::ModelArgs;
 use crate::imaging::colorfix::ColorFix;
 use crate::model::base::Residency;
 use crate::personalize::identity::Identity;
+use crate::restore::Conditioning;
 use crate::restore::{
     Personalization, ResidencyPolicy, Restorer, StagedNetworks, WeightSource, BASE_SUBJECT,
     DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT,
@@ -25,7 +26,7 @@ use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
 use faces::{Background, FaceJob, FacesMode};
-use image::{file_name, restore_one, step_bar, ImageJob};
+use image::{file_name, restore_one, step_bar, IdentityChoice, ImageJob};
 use indicatif::MultiProgress;
 use plan::RestoreJob;
 use std::path::PathBuf;
@@ -158,9 +159,15 @@ pub struct RestoreArgs {
     pub show_faces: Option<PathBuf>,
     #[command(flatten)]
     pub detection: crate::cli::face_args::DetectionArgs,
-    /// Identity (name or file) from `pfstorer personalize`.
-    #[arg(long, value_name = "NAME|PATH")]
-    pub id: Option<String>,
+    /// Identity (name or file) from `pfstorer personalize`; repeat for several people
+    /// (`--id anna --id ben`): each face goes to the identity its dlib-ID descriptor matches
+    /// (one-to-one, under the acceptance distance), the others to the base model.
+    #[arg(long = "id", value_name = "NAME|PATH")]
+    pub ids: Vec<String>,
+    /// Give face N an identity by hand, overriding the matching (`--id-face 2=anna`; `base`
+    /// for the base model). Repeatable.
+    #[arg(long, value_name = "N=NAME")]
+    pub id_face: Vec<String>,
     /// Weight of the identity's image cross-attention (the paper's lambda_att); 0 keeps only the learned token.
     #[arg(long, default_value_t = 1.0)]
     pub id_strength: f64,
@@ -191,23 +198,45 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         }
         job
     };
-    let identity = match &args.id {
-        Some(id) => Some(Identity::load(id)?),
-        None => None,
-    };
+    let identities = args
+        .ids
+        .iter()
+        .map(|id| Identity::load(id))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let identity = identities.first().cloned();
     if items.is_empty() {
         return summary.finish();
     }
 
+    let faces_mode = if args.aligned {
+        FacesMode::Whole
+    } else {
+        args.faces
+    };
+    if identities.len() > 1 && faces_mode == FacesMode::Whole {
+        return Err(super::usage(anyhow::anyhow!(
+            "{} identities with --faces whole: several --id match faces, so they need face detection (--faces auto or each)",
+            identities.len()
+        )));
+    }
+    if identities.len() > crate::faces::matching::MAX_IDENTITIES {
+        return Err(super::usage(anyhow::anyhow!(
+            "{} identities: at most {} per restore",
+            identities.len(),
+            crate::faces::matching::MAX_IDENTITIES
+        )));
+    }
+    let id_faces = parse_id_faces(&args.id_face, &identities).map_err(super::usage)?;
     let native_size = base_config.diffusion.image_size;
     let base_path = args.model.base_path(!args.quiet)?;
-    let fingerprint = match &identity {
-        Some(identity) => {
-            let fingerprint = base_fingerprint_cached(&base_path)?;
+    let fingerprint = if identities.is_empty() {
+        None
+    } else {
+        let fingerprint = base_fingerprint_cached(&base_path)?;
+        for identity in &identities {
             identity.check_base(&fingerprint)?;
-            Some(fingerprint)
         }
-        None => None,
+        Some(fingerprint)
     };
     let cfw_path = args.model.cfw_path(!args.quiet)?;
     // After the files are found: a missing checkpoint stays a one-line error.
@@ -233,36 +262,40 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let uncond = Restorer::text_context(&text_model, &args.negative_prompt)?;
     let max_input_pixels = settings.max_pixels;
     let mut identity_line = "none (base model)".to_string();
-    let mut personalization = None;
-    if let (Some(identity), Some(fingerprint)) = (&identity, &fingerprint) {
-        let mut prepared = Personalization::new(
-            identity,
-            &text_model,
-            fingerprint,
-            &prompt,
-            &args.negative_prompt,
-            args.id_strength,
-        )?;
-        if args.id_ref != 0 {
-            prepared
-                .use_reference(identity, &text_model, args.id_ref)
-                .with_context(|| format!("--id-ref {}", args.id_ref))?;
+    let mut prepared_ids = Vec::with_capacity(identities.len());
+    if let Some(fingerprint) = &fingerprint {
+        for (identity, given) in identities.iter().zip(&args.ids) {
+            let mut prepared = Personalization::new(
+                identity,
+                &text_model,
+                fingerprint,
+                &prompt,
+                &args.negative_prompt,
+                args.id_strength,
+            )?;
+            if args.id_ref != 0 {
+                prepared
+                    .use_reference(identity, &text_model, args.id_ref)
+                    .with_context(|| format!("--id-ref {}", args.id_ref))?;
+            }
+            if !args.quiet {
+                let path = crate::personalize::identity::resolve(given)
+                    .map(|p| crate::fsutil::printable_path(&p))
+                    .unwrap_or_default();
+                let embeddings = match identity.reference_embeddings()? {
+                    Some(e) => format!("{} reference descriptors", e.len()),
+                    None => "no face descriptors: matched to faces only by --id-face or as the only face".into(),
+                };
+                eprintln!(
+                    "identity: {} from {path} (made for these base weights: fingerprint {}… matches; {embeddings})",
+                    crate::fsutil::printable(&prepared.name),
+                    fingerprint.get(..12).unwrap_or(fingerprint)
+                );
+            }
+            prepared_ids.push(prepared);
         }
-        identity_line = format!("{} (base {fingerprint})", prepared.name);
-        if !args.quiet {
-            let path = args
-                .id
-                .as_deref()
-                .and_then(|id| crate::personalize::identity::resolve(id).ok())
-                .map(|p| crate::fsutil::printable_path(&p))
-                .unwrap_or_default();
-            eprintln!(
-                "identity: {} from {path} (made for these base weights: fingerprint {}… matches)",
-                crate::fsutil::printable(&prepared.name),
-                fingerprint.get(..12).unwrap_or(fingerprint)
-            );
-        }
-        personalization = Some(prepared);
+        let names: Vec<&str> = prepared_ids.iter().map(|p| p.name.as_str()).collect();
+        identity_line = format!("{} (base {fingerprint})", names.join(", "));
     }
     drop(text_model);
     let cfw_config = args.model.cfw_config()?;
@@ -309,9 +342,38 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         cfw = loaded;
         Restorer::new(&base, &cfw, settings, cond, uncond)?
     };
-    if let Some(personalization) = personalization {
-        restorer = restorer.with_personalization(personalization)?;
-    }
+    // One identity is the restorer's own (whole photos and single faces use it); with several,
+    // each face picks its own from `prepared_ids`.
+    let single = if prepared_ids.len() == 1 {
+        restorer = restorer.with_personalization(prepared_ids.remove(0))?;
+        true
+    } else {
+        false
+    };
+    let choices: Vec<IdentityChoice> = if single {
+        vec![IdentityChoice {
+            name: identities[0].name().to_string(),
+            mean: identities[0].embedding_mean()?,
+            who: Conditioning::Configured,
+        }]
+    } else {
+        identities
+            .iter()
+            .zip(&prepared_ids)
+            .map(|(identity, p)| {
+                Ok(IdentityChoice {
+                    name: identity.name().to_string(),
+                    mean: identity.embedding_mean()?,
+                    who: Conditioning::Identity(p),
+                })
+            })
+            .collect::<crate::Result<Vec<_>>>()?
+    };
+    let embedder = if !choices.is_empty() && faces_mode != FacesMode::Whole {
+        Some(crate::faces::embed::Embedder::load_embedded(&device)?)
+    } else {
+        None
+    };
     let mut metadata_common = vec![
         (
             "Software".to_string(),
@@ -339,11 +401,6 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         metadata_common.push(("pfstorer:id_ref".to_string(), args.id_ref.to_string()));
     }
 
-    let faces_mode = if args.aligned {
-        FacesMode::Whole
-    } else {
-        args.faces
-    };
     let detector = match faces_mode {
         FacesMode::Whole => None,
         _ => Some(crate::faces::retinaface::RetinaFace::load_embedded(
@@ -364,7 +421,9 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     });
     let job = ImageJob {
         faces: face_job.as_ref(),
-        identity_name: identity.as_ref().map(|i| i.name().to_string()),
+        identities: &choices,
+        id_faces: &id_faces,
+        embedder: embedder.as_ref(),
         target,
         metadata: &metadata_common,
         overwrite: policy.overwrite(),
@@ -410,4 +469,39 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     }
     images.finish_and_clear();
     summary.finish()
+}
+
+/// `--id-face N=NAME` overrides: face number to an identity's position in `--id` order, or
+/// `None` for `base`.
+fn parse_id_faces(
+    given: &[String],
+    identities: &[Identity],
+) -> anyhow::Result<Vec<(usize, Option<usize>)>> {
+    given
+        .iter()
+        .map(|spec| {
+            let (n, name) = spec
+                .split_once('=')
+                .with_context(|| format!("--id-face {spec}: expected FACE=NAME, e.g. 2=anna"))?;
+            let face: usize = n
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&f| f > 0)
+                .with_context(|| format!("--id-face {spec}: the face is a number from 1"))?;
+            let name = name.trim();
+            if name == "base" {
+                return Ok((face, None));
+            }
+            let pos = identities
+                .iter()
+                .position(|i| i.name() == name)
+                .with_context(|| {
+                    format!(
+                        "--id-face {spec}: {name:?} is not one of the --id identities (or base)"
+                    )
+                })?;
+            Ok((face, Some(pos)))
+        })
+        .collect()
 }

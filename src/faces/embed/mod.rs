@@ -129,6 +129,11 @@ pub fn chips_to_input(chips: &[ImageF32], device: &Device) -> Result<Tensor> {
 
 /// Euclidean distance between two descriptors (accumulated in f64, as dlib's `length`).
 pub fn descriptor_distance(a: &Descriptor, b: &Descriptor) -> f32 {
+    descriptor_distance_slices(a, b)
+}
+
+/// [`descriptor_distance`] of descriptors held as slices (stored identities, JSON).
+pub fn descriptor_distance_slices(a: &[f32], b: &[f32]) -> f32 {
     let squared: f64 = a
         .iter()
         .zip(b)
