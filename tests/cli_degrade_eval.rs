@@ -243,11 +243,16 @@ fn degrade_then_eval() {
     assert!(eval.status.success());
     let csv = String::from_utf8(read(&report)).unwrap();
     let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
-    assert_eq!(rows[0], ["restored", "gt", "psnr", "ssim"]);
+    assert_eq!(
+        rows[0],
+        ["restored", "gt", "psnr", "ssim", "dlib-id-distance"]
+    );
     assert_eq!(rows.len(), good.len() + 2, "{csv}");
     let mut psnrs = Vec::new();
     for row in &rows[1..=good.len()] {
-        assert_eq!(row.len(), 4);
+        assert_eq!(row.len(), 5);
+        // Synthetic pictures have no face: no identity distance.
+        assert_eq!(row[4], "nan", "{row:?}");
         let psnr: f64 = row[2].parse().unwrap_or_else(|_| panic!("psnr {row:?}"));
         let ssim: f64 = row[3].parse().unwrap_or_else(|_| panic!("ssim {row:?}"));
         assert!(psnr.is_finite() && psnr > 5.0, "{row:?}");

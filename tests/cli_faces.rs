@@ -231,6 +231,47 @@ fn every_face_is_restored_and_pasted_over_the_lanczos_background() {
     }
 }
 
+/// `eval` of a whole-photo restore against its photo: PSNR, SSIM and the dlib-ID distance.
+#[test]
+fn eval_reports_the_dlib_id_distance_of_restored_faces() {
+    let (photo, _) = group_photo();
+    let dir = common::scratch("faces-eval");
+    let (restored, gt) = (dir.join("restored"), dir.join("gt"));
+    std::fs::create_dir_all(&restored).unwrap();
+    std::fs::create_dir_all(&gt).unwrap();
+    std::fs::copy(&photo, gt.join("group.png")).unwrap();
+    let mut args = restore_args(&photo, &restored.join("group.png"), &[]);
+    let s = args.iter().position(|a| a == "-s").unwrap();
+    args[s + 1] = "1".into();
+    let o = pfstorer(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = pfstorer(&[
+        "eval".to_string(),
+        "--restored".into(),
+        restored.display().to_string(),
+        "--gt".into(),
+        gt.display().to_string(),
+        "--format".into(),
+        "json".into(),
+        "-q".into(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = json.to_string();
+    for metric in ["psnr", "ssim", "dlib-id-distance"] {
+        assert!(text.contains(metric), "{metric} in {text}");
+    }
+    let err = stderr(&o);
+    let mean = err
+        .split("mean dlib-id-distance ")
+        .nth(1)
+        .and_then(|t| t.split([',', '\n']).next())
+        .and_then(|t| t.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no dlib-ID mean in: {err}"));
+    // Random tiny weights paint noise over the faces: a distance, finite and positive.
+    assert!(mean.is_finite() && mean > 0.0, "{mean}");
+}
+
 #[test]
 fn a_photo_without_faces_is_the_background_upscale_with_a_note() {
     let dir = common::scratch("faces-none");

@@ -37,8 +37,14 @@ pub struct EvalArgs {
     /// Measure the luma (BT.601 Y) only, as BasicSR's `test_y_channel`.
     #[arg(long)]
     pub y_channel: bool,
-    /// Metrics, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "psnr,ssim")]
+    /// Metrics, comma-separated: psnr, ssim (BasicSR's), dlib-id-distance (the dlib-ID distance
+    /// between the restored and the ground-truth faces, mean over the ground truth's faces;
+    /// lower is better, same person under about 0.6; NaN for a photo without a face).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "psnr,ssim,dlib-id-distance"
+    )]
     pub metrics: Vec<String>,
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Csv)]
@@ -181,13 +187,22 @@ fn evaluate_pair(
         .collect()
 }
 
+/// The mean of column `k` over the rows where it is defined (the dlib-ID distance is NaN for a
+/// photo without a face; NaN when no row has a value).
 fn mean(rows: &[Row], k: usize) -> f64 {
-    rows.iter().map(|r| r.values[k]).sum::<f64>() / rows.len() as f64
+    let values: Vec<f64> = rows
+        .iter()
+        .map(|r| r.values[k])
+        .filter(|v| !v.is_nan())
+        .collect();
+    values.iter().sum::<f64>() / values.len() as f64
 }
 
 fn format_value(v: f64) -> String {
     if v.is_finite() {
         format!("{v:.6}")
+    } else if v.is_nan() {
+        "nan".to_string()
     } else {
         "inf".to_string()
     }
@@ -224,8 +239,11 @@ pub fn render_csv(names: &[&str], rows: &[Row]) -> String {
 
 fn json_value(v: f64) -> serde_json::Value {
     // JSON has no infinity; identical images (PSNR = inf) are written as the string "inf".
+    // A photo without a face has no dlib-ID distance: null.
     if v.is_finite() {
         serde_json::json!(v)
+    } else if v.is_nan() {
+        serde_json::Value::Null
     } else {
         serde_json::json!("inf")
     }

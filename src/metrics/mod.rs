@@ -1,8 +1,10 @@
 //! Image quality metrics (PSNR, SSIM as BasicSR computes them).
 //!
 //! Every metric implements [`Metric`]; [`metric_by_name`] is the registry the `eval` subcommand
-//! reads, so later metrics (LPIPS, identity similarity, landmark distance) only add an entry.
+//! reads, so later metrics (LPIPS, landmark distance) only add an entry. [`identity`] holds the
+//! dlib-ID distance (face identity, lower is better).
 
+pub mod identity;
 pub mod psnr_ssim;
 
 pub use psnr_ssim::{psnr, ssim, Image255};
@@ -68,13 +70,14 @@ impl Metric for Ssim {
 }
 
 /// Names [`metric_by_name`] knows.
-pub const METRIC_NAMES: &[&str] = &["psnr", "ssim"];
+pub const METRIC_NAMES: &[&str] = &["psnr", "ssim", "dlib-id-distance"];
 
 /// The registry: a metric from its name.
 pub fn metric_by_name(name: &str, options: MetricOptions) -> Result<Box<dyn Metric>> {
     match name.to_ascii_lowercase().as_str() {
         "psnr" => Ok(Box::new(Psnr(options))),
         "ssim" => Ok(Box::new(Ssim(options))),
+        "dlib-id-distance" | "dlib-id" => Ok(Box::new(identity::DlibIdDistance::new()?)),
         _ => Err(Error::Input(format!(
             "unknown metric `{name}` (known: {})",
             METRIC_NAMES.join(", ")
