@@ -2,8 +2,9 @@
 //! snapshots of folders to show that a command changed nothing it was not asked to.
 //!
 //! A child that outlives its limit is killed and the test fails (a hang fails instead of hanging
-//! the suite). Peak memory is the child's own maximum resident set size from `wait4` (Linux:
-//! KiB), so other tests running in parallel threads do not count.
+//! the suite). Peak memory (Linux) is the child's own high-water mark `VmHWM`, sampled every 2 ms
+//! while it runs: memory a hostile input makes it fill takes far longer than that to grow, and
+//! an allocation it survives stays in the high-water mark until it exits.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -69,25 +70,35 @@ fn wait_bounded(
     start: Instant,
     limit: Duration,
 ) -> (std::process::ExitStatus, Option<u64>) {
-    use std::os::unix::process::ExitStatusExt;
-    let pid = child.id() as libc::pid_t;
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = None;
     loop {
-        let mut status = 0;
-        // SAFETY: a zeroed rusage is a valid value; wait4 only writes into the two out-params.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        assert!(reaped >= 0, "wait4: {}", std::io::Error::last_os_error());
-        if reaped == pid {
-            let peak = usage.ru_maxrss as u64 * 1024;
-            return (std::process::ExitStatus::from_raw(status), Some(peak));
+        // VmHWM of the running child: its own image's high-water mark (fresh at exec). The
+        // resource usage `wait4` reports would also count the test process, whose memory the
+        // child shared until its exec.
+        if let Some(hwm) = std::fs::read_to_string(&status_file)
+            .ok()
+            .and_then(|text| vm_hwm_bytes(&text))
+        {
+            peak = Some(peak.unwrap_or(0).max(hwm));
+        }
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            return (status, peak);
         }
         if start.elapsed() > limit {
             let _ = child.kill();
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            let _ = child.wait();
             panic!("the child did not finish within {limit:?} (killed)");
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// `VmHWM:   1234 kB` of a `/proc/<pid>/status` text, in bytes.
+fn vm_hwm_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(not(target_os = "linux"))]
