@@ -1,5 +1,6 @@
 //! The comparison helpers of `tests/common` must fail on a NaN or an infinity in either tensor:
-//! candle's reductions skip NaN, so a max-error helper built on them passes a NaN output.
+//! candle's reductions skip NaN, so a max-error helper built on them passes a NaN output. Also
+//! the child-process harness of the CLI tests: a child past its time limit is killed and fails.
 
 mod common;
 
@@ -109,4 +110,22 @@ fn adam_direction_spread_opens_only_near_zero_gradients() {
     assert!(training::adam_direction_spread(&[1e-3, -2e-3], &[1e-9, 1e-9], &p) < 1e-5);
     // A gradient within its tolerance of zero: the sign is open, the spread is about 1.
     assert!(training::adam_direction_spread(&[1e-10], &[1e-8], &p) > 0.4);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_child_past_its_time_limit_is_killed_and_fails() {
+    let mut sleeper = std::process::Command::new("sleep");
+    sleeper.arg("30");
+    let start = std::time::Instant::now();
+    fails_with("sleep 30 within 0.5 s", "did not finish within", || {
+        common::child::run_within(sleeper, std::time::Duration::from_millis(500));
+    });
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    // A quick child passes, with its exit status and (Linux) its peak memory.
+    let done = common::child::run_within(
+        std::process::Command::new("true"),
+        std::time::Duration::from_secs(10),
+    );
+    assert!(done.output.status.success());
 }
