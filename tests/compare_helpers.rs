@@ -56,10 +56,19 @@ fn every_comparison_fails_on_nan_or_infinity() {
         });
         let names = vec!["w".to_string()];
         fails_with(&format!("gradients, {bad}"), "not finite", || {
-            training::assert_gradients_close("g", &names, &[planted.clone()], &[good.clone()]);
+            training::assert_gradients_close(
+                "g",
+                &names,
+                std::slice::from_ref(&planted),
+                std::slice::from_ref(&good),
+            );
         });
-        let bounds =
-            training::assert_gradients_close("g", &names, &[good.clone()], &[good.clone()]);
+        let bounds = training::assert_gradients_close(
+            "g",
+            &names,
+            std::slice::from_ref(&good),
+            std::slice::from_ref(&good),
+        );
         fails_with(&format!("updates, {bad}"), "not finite", || {
             let step = TensorStep {
                 name: "w",
