@@ -272,22 +272,6 @@ fn hostile_checkpoints_are_refused_without_running_out_of_memory_or_stack() {
     }
 }
 
-/// The fixture checkpoint with one tensor's stored dtype relabelled (same byte size).
-fn relabelled(dir: &Path, tensor: &str, dtype: &str) -> PathBuf {
-    let bytes = std::fs::read(common::fixture("stablesr/model.safetensors")).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    assert_eq!(header[tensor]["dtype"], "F32");
-    header[tensor]["dtype"] = dtype.into();
-    let text = serde_json::to_vec(&header).unwrap();
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&text);
-    out.extend_from_slice(&bytes[8 + n..]);
-    let path = dir.join("relabelled.safetensors");
-    std::fs::write(&path, out).unwrap();
-    path
-}
-
 #[test]
 fn a_float_tensor_relabelled_as_integer_is_refused() {
     let dir = scratch("dtype");

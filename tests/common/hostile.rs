@@ -221,3 +221,19 @@ pub fn torch_zip(path: &Path, pickle: &[u8]) {
     zip.write_all(pickle).unwrap();
     zip.finish().unwrap();
 }
+
+/// The fixture checkpoint with one tensor's stored dtype relabelled (same byte size).
+pub fn relabelled(dir: &Path, tensor: &str, dtype: &str) -> PathBuf {
+    let bytes = std::fs::read(super::fixture("stablesr/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header[tensor]["dtype"], "F32");
+    header[tensor]["dtype"] = dtype.into();
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    let path = dir.join("relabelled.safetensors");
+    std::fs::write(&path, out).unwrap();
+    path
+}
