@@ -45,7 +45,7 @@ fn scratch_file(data: &[u8], ext: &str) -> ScratchFile {
 
 /// Pixels of the image harness: small enough that one execution stays fast; the limit logic is
 /// what is under test.
-const MAX_PIXELS: usize = 1 << 20;
+pub const MAX_PIXELS: usize = 1 << 20;
 
 /// Image decoding and the restore pre-processing of one image: decode with a pixel limit, plan
 /// the sizes, convert to a tensor, upscale (bicubic, as the reference) and reflect-pad. The

@@ -5,112 +5,13 @@
 
 mod common;
 
+use common::hostile::*;
 use pfstorer::personalize::identity::Identity;
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::time::Duration;
 
 fn scratch(name: &str) -> common::Scratch {
     common::scratch(&format!("hostile-{name}"))
-}
-
-fn run(home: &Path, args: &[String]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_pfstorer"))
-        .args(args)
-        .env("PFSTORER_HOME", home)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run pfstorer");
-    println!(
-        "$ pfstorer {}\n-- status {:?}\n-- stderr\n{}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-fn p(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A failed command: exit status 1, and its error is one line.
-fn assert_one_line_failure(o: &Output) -> String {
-    assert_one_line_failure_with(o, 1)
-}
-
-/// A flag no input can satisfy: exit status 2 (a usage error), and its error is one line.
-fn assert_usage_failure(o: &Output) -> String {
-    assert_one_line_failure_with(o, 2)
-}
-
-fn assert_one_line_failure_with(o: &Output, code: i32) -> String {
-    let err = stderr(o);
-    assert!(!o.status.success(), "must fail: {err}");
-    assert_eq!(o.status.code(), Some(code), "an error, not an abort: {err}");
-    let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(error_lines.len(), 1, "one error line: {err}");
-    // No doubled message ("X: X").
-    let parts: Vec<&str> = error_lines[0].split(": ").collect();
-    for w in parts.windows(2) {
-        assert_ne!(w[0], w[1], "doubled message: {err}");
-    }
-    err
-}
-
-fn model_flags() -> Vec<String> {
-    common::model_flags()
-}
-
-fn restore_args(inputs: &[&Path], extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["restore".to_string()];
-    args.extend(inputs.iter().map(|i| p(i)));
-    args.extend(strings(extra));
-    args.extend(common::fast_sampling_flags());
-    args.extend(model_flags());
-    args.push("--quiet".into());
-    args
-}
-
-/// Replaces the value of `flag` in `args`.
-fn set_flag(args: &mut [String], flag: &str, value: &str) {
-    let i = args.iter().position(|a| a == flag).expect("flag present");
-    args[i + 1] = value.to_string();
-}
-
-fn small_png(path: &Path, w: u32, h: u32) {
-    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 9) as u8, (y * 7) as u8, 90]))
-        .save(path)
-        .unwrap();
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            let meta = std::fs::symlink_metadata(&path).unwrap();
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file() {
-                out.insert(path.clone(), std::fs::read(&path).unwrap());
-            } else {
-                out.insert(path.clone(), Vec::new());
-            }
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,7 +36,7 @@ fn eval_report_never_replaces_an_existing_file_or_an_input() {
         if force {
             args.push("--force".into());
         }
-        run(&dir, &args)
+        run_refused(&dir, &args)
     };
     // An input photo as the report, with and without --force.
     for force in [false, true] {
@@ -146,14 +47,17 @@ fn eval_report_never_replaces_an_existing_file_or_an_input() {
     // An existing report: refused without --force, replaced with it.
     let report = dir.join("report.csv");
     std::fs::write(&report, "keep me").unwrap();
+    let before = snapshot(&dir);
     let err = assert_one_line_failure(&eval(&report, false));
     assert!(
         err.contains("report.csv") && err.contains("--force"),
         "{err}"
     );
-    assert_eq!(std::fs::read_to_string(&report).unwrap(), "keep me");
-    assert!(eval(&report, true).status.success());
+    assert_unchanged(&dir, &before, &[]);
+    let replaced = eval(&report, true);
+    assert!(replaced.status.success(), "{}", stderr(&replaced));
     assert!(std::fs::read_to_string(&report).unwrap().contains("psnr"));
+    assert_unchanged(&dir, &before, &[&report]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -163,12 +67,11 @@ fn restore_never_writes_over_its_input_even_with_force() {
     let input = dir.join("p.png");
     small_png(&input, 16, 16);
     let before = snapshot(&dir);
-    let o = run(
+    let o = run_refused(
         &dir,
         &restore_args(&[&input], &["--suffix", "", "--force", "-o", &p(&dir)]),
     );
-    assert!(!o.status.success());
-    let err = stderr(&o);
+    let err = assert_batch_failure(&o, &["p.png"]);
     assert!(err.contains("0 done, 0 skipped, 1 failed"), "{err}");
     assert!(err.contains("is an input"), "{err}");
     assert_eq!(snapshot(&dir), before, "the input is untouched");
@@ -186,7 +89,10 @@ fn suffix_with_path_separators_is_refused_before_anything_is_written() {
     small_png(&input, 16, 16);
     let before = snapshot(&dir);
     for suffix in ["/../../../../escaped", "x/y", "..\\up"] {
-        let err = assert_usage_failure(&run(&dir, &restore_args(&[&input], &["--suffix", suffix])));
+        let err = assert_usage_failure(&run_refused(
+            &dir,
+            &restore_args(&[&input], &["--suffix", suffix]),
+        ));
         assert!(err.contains("--suffix"), "{err}");
         assert_eq!(snapshot(&dir), before, "no file and no directory created");
     }
@@ -194,44 +100,6 @@ fn suffix_with_path_separators_is_refused_before_anything_is_written() {
 
 // ---------------------------------------------------------------------------------------------
 // 3. Allocation bounds
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A PNG whose header claims `w x h` RGB pixels, with a few bytes of data.
-fn lying_png(path: &Path, w: u32, h: u32) {
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        png.extend_from_slice(&body);
-        png.extend_from_slice(&crc32(&body).to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(
-        b"IDAT",
-        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
-    );
-    chunk(b"IEND", &[]);
-    std::fs::write(path, png).unwrap();
-}
 
 #[test]
 fn oversized_images_fail_per_file_and_the_batch_goes_on() {
@@ -244,17 +112,21 @@ fn oversized_images_fail_per_file_and_the_batch_goes_on() {
     let good = dir.join("good.png");
     small_png(&good, 16, 12);
     let out = dir.join("out");
+    let before = snapshot(&dir);
     // The fast test flags process at 64 px (the default is 512, which alone puts the strip
-    // past the default 64 MP); a 16 MP limit keeps the same case.
-    let o = run(
+    // past the default 64 MP); a 16 MP limit keeps the same case. The good file runs the model:
+    // a full run's time, and the peak of one small restore.
+    let done = run_within(
         &dir,
         &restore_args(
             &[&liar, &strip, &good],
             &["-o", &p(&out), "--max-megapixels", "16"],
         ),
+        FULL_RUN,
     );
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "an error, not an abort: {err}");
+    assert_peak_within(&done);
+    let o = done.output;
+    let err = assert_batch_failure(&o, &["liar.png", "strip.png"]);
     assert!(err.contains("1 done, 0 skipped, 2 failed"), "{err}");
     assert!(err.contains("liar.png") && err.contains("limit"), "{err}");
     assert!(
@@ -263,6 +135,8 @@ fn oversized_images_fail_per_file_and_the_batch_goes_on() {
     );
     assert!(out.join("good_restored.png").is_file());
     assert!(!out.join("liar_restored.png").exists() && !out.join("strip_restored.png").exists());
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "one output");
+    assert_unchanged(&dir, &before, &[&out]);
 }
 
 #[test]
@@ -272,6 +146,7 @@ fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
     small_png(&input, 256, 256);
     // Output sizes: per file, before the model is read (the base path does not exist).
     let missing_base = dir.join("no-such-model.safetensors");
+    let before = snapshot(&dir);
     // A scale no photo can use is a usage error before anything else.
     let mut args = vec!["restore".to_string(), p(&input)];
     args.extend(strings(&[
@@ -281,7 +156,7 @@ fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
         "--base",
         &p(&missing_base),
     ]));
-    let err = assert_usage_failure(&run(&dir, &args));
+    let err = assert_usage_failure(&run_refused_small(&dir, &args));
     assert!(err.contains("at most 64"), "{err}");
     for flags in [&["--scale", "40"][..], &["--size", "100000x100000"]] {
         let mut args = vec!["restore".to_string(), p(&input)];
@@ -291,9 +166,7 @@ fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
             "--config",
             &p(&common::fixture("stablesr/config.yaml")),
         ]));
-        let o = run(&dir, &args);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "{err}");
+        let err = assert_batch_failure(&run_refused_small(&dir, &args), &["p.png"]);
         assert!(
             err.contains("0 done, 0 skipped, 1 failed") && err.contains("MP"),
             "{err}"
@@ -305,8 +178,9 @@ fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
     }
     let mut args = restore_args(&[&input], &[]);
     set_flag(&mut args, "--input-size", "100000000");
-    let err = assert_usage_failure(&run(&dir, &args));
+    let err = assert_usage_failure(&run_refused_small(&dir, &args));
     assert!(err.contains("--input-size"), "{err}");
+    assert_unchanged(&dir, &before, &[]);
     // image_size in the YAML.
     let yaml = std::fs::read_to_string(common::fixture("stablesr/config.yaml")).unwrap();
     let huge: String = yaml
@@ -329,11 +203,13 @@ fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
     std::fs::write(&cfg, huge).unwrap();
     let mut args = restore_args(&[&input], &[]);
     set_flag(&mut args, "--config", &p(&cfg));
-    let err = assert_one_line_failure(&run(&dir, &args));
+    let before = snapshot(&dir);
+    let err = assert_one_line_failure(&run_refused_small(&dir, &args));
     assert!(
         err.contains("huge.yaml") && err.contains("image_size"),
         "{err}"
     );
+    assert_unchanged(&dir, &before, &[]);
     // personalize --size.
     let mut args = strings(&[
         "personalize",
@@ -349,23 +225,20 @@ fn absurd_sizes_from_flags_and_configs_are_refused_up_front() {
         small_png(&r, 64 + k, 64);
         args.push(p(&r));
     }
-    args.extend(model_flags());
-    let err = assert_one_line_failure(&run(&dir, &args));
+    args.extend(common::model_flags());
+    let before_refs = snapshot(&dir);
+    let err = assert_one_line_failure(&run_refused_small(&dir, &args));
     assert!(err.contains("--size 102400"), "{err}");
+    assert_unchanged(&dir, &before_refs, &[]);
+    assert_eq!(
+        before_refs.len(),
+        before.len() + 3,
+        "only the three reference photos were added"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
 // 4. Hostile checkpoints
-
-fn torch_zip(path: &Path, pickle: &[u8]) {
-    let file = std::fs::File::create(path).unwrap();
-    let mut zip = zip::ZipWriter::new(file);
-    let opts =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    zip.start_file("archive/data.pkl", opts).unwrap();
-    zip.write_all(pickle).unwrap();
-    zip.finish().unwrap();
-}
 
 #[test]
 fn hostile_checkpoints_are_refused_without_running_out_of_memory_or_stack() {
@@ -398,27 +271,13 @@ fn hostile_checkpoints_are_refused_without_running_out_of_memory_or_stack() {
         // And through the CLI: a one-line error, exit 1.
         let input = dir.join("p.png");
         small_png(&input, 16, 16);
+        let before = snapshot(&dir);
         let mut args = restore_args(&[&input], &[]);
         set_flag(&mut args, "--base", &p(&path));
-        let err = assert_one_line_failure(&run(&dir, &args));
+        let err = assert_one_line_failure(&run_refused_small(&dir, &args));
         assert!(err.contains(name), "{err}");
+        assert_unchanged(&dir, &before, &[]);
     }
-}
-
-/// The fixture checkpoint with one tensor's stored dtype relabelled (same byte size).
-fn relabelled(dir: &Path, tensor: &str, dtype: &str) -> PathBuf {
-    let bytes = std::fs::read(common::fixture("stablesr/model.safetensors")).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    assert_eq!(header[tensor]["dtype"], "F32");
-    header[tensor]["dtype"] = dtype.into();
-    let text = serde_json::to_vec(&header).unwrap();
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&text);
-    out.extend_from_slice(&bytes[8 + n..]);
-    let path = dir.join("relabelled.safetensors");
-    std::fs::write(&path, out).unwrap();
-    path
 }
 
 #[test]
@@ -458,14 +317,12 @@ fn non_finite_and_out_of_range_flags_are_refused() {
         ("--id-strength", "nan"),
         ("--max-megapixels", "nan"),
     ] {
-        let err = assert_usage_failure(&run(&dir, &restore_args(&[&input], &[flag, value])));
+        let before = snapshot(&dir);
+        let err =
+            assert_usage_failure(&run_refused(&dir, &restore_args(&[&input], &[flag, value])));
         assert!(err.contains(flag), "{flag} {value}: {err}");
+        assert_unchanged(&dir, &before, &[]);
     }
-    assert_eq!(
-        std::fs::read_dir(&dir).unwrap().count(),
-        1,
-        "no output written"
-    );
 }
 
 #[test]
@@ -519,9 +376,12 @@ fn trained_identity(dir: &Path, refs: &[PathBuf], name: &str, extra: &[&str]) ->
     args.extend(strings(extra));
     args.extend(strings(&["--out", &p(&out), "--refs"]));
     args.extend(refs.iter().map(|r| p(r)));
-    args.extend(model_flags());
+    args.extend(common::model_flags());
+    let before = snapshot(dir);
     let o = run(dir, &args);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The output, and the checkpoint fingerprint cache of PFSTORER_HOME (here `dir`).
+    assert_unchanged(dir, &before, &[&out, &dir.join("fingerprints.json")]);
     out
 }
 
@@ -590,12 +450,13 @@ fn identities_with_nan_or_wrong_shapes_are_refused() {
     let input = dir.join("p.png");
     small_png(&input, 16, 16);
     let out = dir.join("out.png");
-    let err = assert_one_line_failure(&run(
+    let before = snapshot(&dir);
+    let err = assert_one_line_failure(&run_refused(
         &dir,
         &restore_args(&[&input], &["--id", &p(&nan), "-o", &p(&out)]),
     ));
-    assert!(err.contains("NaN"), "{err}");
-    assert!(!out.exists());
+    assert!(err.contains("NaN") && err.contains("nan.identity"), "{err}");
+    assert_unchanged(&dir, &before, &[]);
     // Same block places, another head count: the message says what differs.
     let heads = tampered(&good, &dir.join("heads.identity.safetensors"), |id| {
         let mut hosts: serde_json::Value = serde_json::from_str(&id.metadata["hosts"]).unwrap();
@@ -605,7 +466,8 @@ fn identities_with_nan_or_wrong_shapes_are_refused() {
         h["d_head"] = (d_head / 2).max(1).into();
         id.metadata.insert("hosts".into(), hosts.to_string());
     });
-    let err = assert_one_line_failure(&run(
+    let before = snapshot(&dir);
+    let err = assert_one_line_failure(&run_refused(
         &dir,
         &restore_args(&[&input], &["--id", &p(&heads), "-o", &p(&out)]),
     ));
@@ -613,6 +475,7 @@ fn identities_with_nan_or_wrong_shapes_are_refused() {
         err.contains("heads") && err.contains("does not fit"),
         "{err}"
     );
+    assert_unchanged(&dir, &before, &[]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -640,10 +503,11 @@ fn resume_refuses_a_checkpoint_of_another_run() {
         args.extend(strings(extra));
         args.extend(strings(&["--out", &p(&out), "--refs"]));
         args.extend(refs.iter().map(|r| p(r)));
-        args.extend(model_flags());
+        args.extend(common::model_flags());
         run(&dir, &args)
     };
     std::fs::copy(&done, &checkpoint).unwrap();
+    let before = snapshot(&dir);
     for (refs, extra, why) in [
         (
             &refs_b,
@@ -658,19 +522,24 @@ fn resume_refuses_a_checkpoint_of_another_run() {
             err.contains("belongs to another run") && err.contains(why),
             "{err}"
         );
-        assert!(!out.exists());
+        assert!(err.contains("bob2.identity"), "names the checkpoint: {err}");
+        assert_unchanged(&dir, &before, &[]);
     }
     for claimed in ["999", "0", "x"] {
         tampered(&done, &checkpoint, |id| {
             id.metadata.insert("iterations_done".into(), claimed.into());
         });
+        let before = snapshot(&dir);
         let err = assert_one_line_failure(&resume(&refs_a, &["--seed", "5", "--size", "64"]));
         assert!(err.contains("belongs to another run"), "{claimed}: {err}");
+        assert_unchanged(&dir, &before, &[]);
     }
-    // The genuine checkpoint resumes.
+    // The genuine checkpoint resumes: it becomes the output; nothing else changes.
     std::fs::copy(&done, &checkpoint).unwrap();
+    let before = snapshot(&dir);
     let o = resume(&refs_a, &["--seed", "5", "--size", "64"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert_unchanged(&dir, &before, &[&out, &checkpoint]);
     assert_eq!(
         Identity::load_file(&out).unwrap().metadata["iterations_done"],
         "2"
@@ -694,6 +563,7 @@ fn unusable_output_locations_fail_before_the_model_is_loaded() {
     std::fs::create_dir_all(&a_dir).unwrap();
     let dangling = dir.join("dangling.png");
     std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).unwrap();
+    let before = snapshot(&dir);
     for (out, why) in [
         (Some(a_file.join("out.png")), "cannot"),
         (None, "directory"),
@@ -704,13 +574,12 @@ fn unusable_output_locations_fail_before_the_model_is_loaded() {
         if let Some(out) = out {
             args.extend(strings(&["-o", &p(&out)]));
         }
-        let o = run(&dir, &args);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "{err}");
+        let err = assert_batch_failure(&run_refused(&dir, &args), &["p.png"]);
         assert!(
             err.contains("1 failed") && err.contains(why),
             "{why}: {err}"
         );
+        assert_unchanged(&dir, &before, &[]);
         assert!(
             !err.contains("no-such-model"),
             "checked before the model: {err}"
@@ -731,11 +600,11 @@ fn terminal_escapes_in_file_names_are_printed_escaped() {
     let dir = scratch("escape");
     let evil = dir.join("evil\u{1b}[2J.png");
     std::fs::write(&evil, b"not an image").unwrap();
-    let o = run(&dir, &restore_args(&[&evil], &[]));
-    let err = stderr(&o);
-    assert!(!o.status.success());
+    let before = snapshot(&dir);
+    let o = run_refused(&dir, &restore_args(&[&evil], &[]));
+    let err = assert_batch_failure(&o, &["evil\\u{1b}[2J.png"]);
     assert!(!err.contains('\u{1b}'), "raw escape printed: {err:?}");
-    assert!(err.contains("\\u{1b}[2J"), "{err}");
+    assert_unchanged(&dir, &before, &[]);
 }
 
 #[cfg(unix)]
@@ -746,11 +615,19 @@ fn ids_rm_removes_a_looping_symlink_itself() {
     std::fs::create_dir_all(&ids).unwrap();
     let link = ids.join("loop.identity.safetensors");
     std::os::unix::fs::symlink(&link, &link).unwrap();
-    let o = run(&home, &strings(&["ids", "rm", "loop"]));
+    let other = ids.join("kept.identity.safetensors");
+    std::fs::write(&other, b"another identity").unwrap();
+    let before = snapshot(&home);
+    let o = run_refused(&home, &strings(&["ids", "rm", "loop"]));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::symlink_metadata(&link).is_err(), "link removed");
-    let err = assert_one_line_failure(&run(&home, &strings(&["ids", "rm", "loop"])));
-    assert!(err.contains("no stored identity"), "{err}");
+    assert_unchanged(&home, &before, &[&link]);
+    let err = assert_one_line_failure(&run_refused(&home, &strings(&["ids", "rm", "loop"])));
+    assert!(
+        err.contains("no stored identity") && err.contains("loop"),
+        "{err}"
+    );
+    assert_unchanged(&home, &before, &[&link]);
 }
 
 #[cfg(unix)]
@@ -762,6 +639,7 @@ fn convert_keeps_the_mode_of_a_replaced_file_and_refuses_its_input() {
     let out = dir.join("cfw.safetensors");
     std::fs::write(&out, b"old").unwrap();
     std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let before = snapshot(&dir);
     let o = run(
         &dir,
         &strings(&["convert", &p(&input), &p(&out), "--force"]),
@@ -771,17 +649,26 @@ fn convert_keeps_the_mode_of_a_replaced_file_and_refuses_its_input() {
         std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
         0o644
     );
+    assert_unchanged(&dir, &before, &[&out]);
     // Onto itself: an input is never replaced.
     let copy = dir.join("copy.ckpt");
     std::fs::copy(&input, &copy).unwrap();
-    let before = std::fs::read(&copy).unwrap();
-    let err = assert_one_line_failure(&run(
+    let before = snapshot(&dir);
+    let err = assert_one_line_failure(&run_refused(
         &dir,
         &strings(&["convert", &p(&copy), &p(&copy), "--force"]),
     ));
-    assert!(err.contains("is an input"), "{err}");
-    assert_eq!(std::fs::read(&copy).unwrap(), before);
+    assert!(
+        err.contains("is an input") && err.contains("copy.ckpt"),
+        "{err}"
+    );
+    assert_unchanged(&dir, &before, &[]);
 }
+
+/// Time limit of the YAML depth refusal: it takes under 5 ms here (debug build); 1 s is far
+/// over 10x that, and far under the seconds a recursive parse of 100k levels takes when the
+/// depth budget is gone.
+const YAML_REFUSAL: Duration = Duration::from_secs(1);
 
 #[test]
 fn deeply_nested_yaml_is_refused_quickly() {
@@ -797,9 +684,14 @@ fn deeply_nested_yaml_is_refused_quickly() {
     ] {
         std::fs::write(&path, text).unwrap();
         let start = std::time::Instant::now();
-        let msg = pfstorer::config::BaseModelConfig::from_yaml_file(&path)
-            .expect_err("refused")
-            .to_string();
+        let msg = within(YAML_REFUSAL, {
+            let path = path.clone();
+            move || {
+                pfstorer::config::BaseModelConfig::from_yaml_file(&path)
+                    .expect_err("refused")
+                    .to_string()
+            }
+        });
         let took = start.elapsed();
         assert!(msg.contains("deep.yaml"), "{msg}");
         assert!(!msg.contains('\n'), "one line: {msg}");

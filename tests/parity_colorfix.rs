@@ -79,16 +79,7 @@ fn tensor_to_u8(image: &Tensor) -> Tensor {
 
 fn assert_within_one_level(name: &str, actual: &Tensor, expected: &Tensor) {
     assert_eq!(actual.dims(), expected.dims(), "{name}: shape");
-    let diff = (actual - expected.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(actual, expected);
     println!("{name}: max abs error {diff} levels");
     assert!(diff <= 1.0, "{name}: off by {diff} levels");
 }

@@ -313,14 +313,10 @@ fn replaced_row_receives_the_reference_gradient() {
         0.0,
         0.0,
     );
-    let after_diff = (changed.i((0, position)).unwrap() - context.i((0, position)).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let after_diff = common::max_abs_diff(
+        &changed.i((0, position)).unwrap(),
+        &context.i((0, position)).unwrap(),
+    );
     assert!(after_diff > 1e-3, "placeholder row has no effect");
     assert!(replace_rows(&emb, &[(5, 0)], row.as_tensor()).is_err());
 }
@@ -346,14 +342,10 @@ fn layer_choice_changes_the_output() {
     let last = build(0).unwrap();
     assert!(build(cfg.layers + 1).is_err());
     let ids = ids_tensor(&tokenizer().encode(NEGATIVE).unwrap());
-    let diff = (penultimate.forward(&ids).unwrap() - last.forward(&ids).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(
+        &penultimate.forward(&ids).unwrap(),
+        &last.forward(&ids).unwrap(),
+    );
     assert!(diff > 1e-3, "\"last\" and \"penultimate\" agree: {diff}");
 }
 

@@ -150,17 +150,9 @@ impl Fixture {
     }
 }
 
+/// Max |a| through the shared helper, which fails on any NaN or infinity.
 fn max_abs(a: &Tensor) -> f64 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    common::max_abs(a) as f64
 }
 
 fn assert_bit_equal(name: &str, a: &Tensor, b: &Tensor) {

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::max_abs_diff;
+
 use candle_core::{DType, Device, Tensor};
 use pfstorer::config::BaseModelConfig;
 use pfstorer::imaging::ImageF32;
@@ -25,10 +27,6 @@ fn base() -> BaseModel {
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     common::seeded_randn(seed, shape)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    common::max_abs_diff(a, b)
 }
 
 fn set_random_gammas(params: &TrainableParams, seed: u64) {
@@ -234,15 +232,7 @@ fn training_steps_touch_only_the_trainable_tensors() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no grad"));
-        let m: f32 = g
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let m = common::max_abs(g);
         assert_eq!(
             m, 0.0,
             "{name}: ICA gradient at gamma = 0 must be exactly 0"

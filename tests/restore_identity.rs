@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::max_abs_diff;
+
 use candle_core::{Device, Tensor};
 use pfstorer::diffusion::sampler::{Branches, VDenoiser};
 use pfstorer::imaging::ImageF32;
@@ -24,10 +26,6 @@ fn base() -> BaseModel {
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     common::seeded_randn(seed, shape)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    common::max_abs_diff(a, b)
 }
 
 fn reference_image(seed: u64, side: usize) -> ImageF32 {
