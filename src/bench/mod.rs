@@ -10,6 +10,7 @@
 //! Every subcommand prints one JSON line.
 
 pub mod codec;
+pub mod faces;
 pub mod restore;
 pub mod train;
 pub mod unet;
@@ -81,7 +82,7 @@ pub(crate) fn reset_peak_rss() -> bool {
 }
 
 /// A smooth face-sized test pattern (deterministic), RGB in [0, 1].
-pub(crate) fn synthetic_face(size: usize, seed: u64) -> ImageF32 {
+pub fn synthetic_face(size: usize, seed: u64) -> ImageF32 {
     let phase = seed as f32 * 0.37;
     let data = (0..size * size)
         .flat_map(|i| {

@@ -24,6 +24,8 @@ pub enum BenchWhat {
     Train(bench::train::TrainBench),
     /// Base-model training steps (train-base) on synthetic faces.
     TrainBase(bench::train::TrainBaseBench),
+    /// Face detection of a photo and dlib-ID embedding of chips (CPU).
+    Faces(bench::faces::FacesBench),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -34,5 +36,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Codec(b) => bench::codec::run(b),
         BenchWhat::Train(b) => bench::train::run_personalize(b),
         BenchWhat::TrainBase(b) => bench::train::run_base(b),
+        BenchWhat::Faces(b) => bench::faces::run(b),
     }
 }
