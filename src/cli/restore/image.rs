@@ -197,21 +197,55 @@ pub(crate) fn human_duration(seconds: f64) -> String {
 
 /// `200 steps`, or `200 steps x 4 patches` when the image is processed in patches.
 fn steps_and_patches(steps: usize, patches: usize) -> String {
-    let plural =
-        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    steps_times(steps, patches, "patch", "patches")
+}
+
+/// `200 steps`, or `200 steps x 4 <many>` for more than one piece (one face is still said).
+fn steps_times(steps: usize, count: usize, one: &str, many: &str) -> String {
+    let plural = |n: usize, a: &str, b: &str| format!("{n} {}", if n == 1 { a } else { b });
     let steps = plural(steps, "step", "steps");
-    if patches > 1 {
-        format!("{steps} x {patches} patches")
+    if count > 1 || one == "face" {
+        format!("{steps} x {}", plural(count, one, many))
     } else {
         steps
     }
 }
 
+/// Drives a step bar; after the first step, says `project(seconds of that step)`.
+fn step_progress<'a>(
+    steps: &'a ProgressBar,
+    say: &'a dyn Fn(String),
+    project: impl Fn(f64) -> Vec<String> + 'a,
+) -> impl FnMut(usize, usize) + 'a {
+    let mut started: Option<Instant> = None;
+    let mut projected = false;
+    move |done: usize, total: usize| {
+        steps.set_length(total as u64);
+        steps.set_position(done as u64);
+        if done == 0 && started.is_none() {
+            started = Some(Instant::now());
+        } else if done == 1 && !projected {
+            projected = true;
+            if let Some(start) = started {
+                for line in project(start.elapsed().as_secs_f64()) {
+                    say(line);
+                }
+            }
+        }
+    }
+}
+
 /// The line after the first sampling step: its time and the image's projected sampling time,
 /// counted as users count it (steps x patches), plus how to cut it above [`LONG_RUN_S`].
-fn projection_lines(first_step_s: f64, steps: usize, patches: usize) -> Vec<String> {
-    let projected = first_step_s * (steps * patches) as f64;
-    let counted = steps_and_patches(steps, patches);
+fn projection_lines(
+    first_step_s: f64,
+    steps: usize,
+    pieces: usize,
+    one: &str,
+    many: &str,
+) -> Vec<String> {
+    let projected = first_step_s * (steps * pieces) as f64;
+    let counted = steps_times(steps, pieces, one, many);
     let mut lines = vec![format!(
         "first step {}: sampling will take about {} ({counted})",
         human_duration(first_step_s),
@@ -297,27 +331,9 @@ pub fn restore_one(
                 ((job.native as f64 * most / 64.0).ceil() * 64.0) as usize
             ));
         }
-        let mut first_step: Option<Instant> = None;
-        let mut projected = false;
-        let mut on_step = |done: usize, total: usize| {
-            steps.set_length(total as u64);
-            steps.set_position(done as u64);
-            if done == 0 && first_step.is_none() {
-                first_step = Some(Instant::now());
-            } else if done == 1 && !projected {
-                projected = true;
-                if let Some(start) = first_step {
-                    let s = start.elapsed().as_secs_f64();
-                    say(format!(
-                        "first step {}: the faces will take about {} ({} steps x {n} face{})",
-                        human_duration(s),
-                        human_duration(s * total as f64),
-                        total / n.max(1),
-                        if n == 1 { "" } else { "s" }
-                    ));
-                }
-            }
-        };
+        let mut on_step = step_progress(steps, &say, |seconds| {
+            projection_lines(seconds, restorer.settings.steps, n, "face", "faces")
+        });
         let identities = job_all.identities;
         let conditioning = |face: &NumberedFace| -> Conditioning<'_> {
             let pos = selected.chosen.iter().position(|f| f.index == face.index);
@@ -373,23 +389,9 @@ pub fn restore_one(
     if verbose {
         say(format!("  work: {work}"));
     }
-    let mut sampling_started: Option<Instant> = None;
-    let mut projected = false;
-    let mut on_step = |done: usize, total: usize| {
-        steps.set_length(total as u64);
-        steps.set_position(done as u64);
-        if done == 0 && sampling_started.is_none() {
-            sampling_started = Some(Instant::now());
-        } else if done == 1 && !projected {
-            projected = true;
-            if let Some(start) = sampling_started {
-                let seconds = start.elapsed().as_secs_f64();
-                for line in projection_lines(seconds, work.steps, work.patches) {
-                    say(line);
-                }
-            }
-        }
-    };
+    let mut on_step = step_progress(steps, &say, |seconds| {
+        projection_lines(seconds, work.steps, work.patches, "patch", "patches")
+    });
     // A whole face crop with identities: its one face is matched like any other.
     let who = match &photo_plan {
         PhotoPlan::Whole(Some(sel))
@@ -491,14 +493,14 @@ mod tests {
 
     #[test]
     fn projection_and_the_hint_above_an_hour() {
-        let short = projection_lines(2.0, 100, 1);
+        let short = projection_lines(2.0, 100, 1, "patch", "patches");
         assert_eq!(
             short,
             vec!["first step 2.0 s: sampling will take about 3 min (100 steps)".to_string()]
         );
         // Exactly one hour is not above it.
-        assert_eq!(projection_lines(36.0, 100, 1).len(), 1);
-        let long = projection_lines(12.0, 200, 4);
+        assert_eq!(projection_lines(36.0, 100, 1, "patch", "patches").len(), 1);
+        let long = projection_lines(12.0, 200, 4, "patch", "patches");
         assert_eq!(long.len(), 2);
         assert_eq!(
             long[0],
