@@ -68,7 +68,14 @@ pub fn draw_faces(photo: &ImageF32, faces: &[NumberedFace]) -> ImageF32 {
         let dot = line + 1;
         for [x, y] in face.detection.landmarks {
             let (x, y) = (x.round() as i64, y.round() as i64);
-            fill(&mut img, x - dot, y - dot, x + dot + 1, y + dot + 1, LANDMARK_RGB);
+            fill(
+                &mut img,
+                x - dot,
+                y - dot,
+                x + dot + 1,
+                y + dot + 1,
+                LANDMARK_RGB,
+            );
         }
         // The number above the box (inside it when the box touches the top edge).
         let cell = (((x1 - x0) / 16).max(2)).min(4 * line + 2);
@@ -112,7 +119,13 @@ mod tests {
             detection: Detection {
                 bbox: [30.0, 40.0, 80.0, 100.0], // reaches past the bottom edge
                 score: 0.99,
-                landmarks: [[40.0, 55.0], [70.0, 55.0], [55.0, 65.0], [45.0, 80.0], [65.0, 80.0]],
+                landmarks: [
+                    [40.0, 55.0],
+                    [70.0, 55.0],
+                    [55.0, 65.0],
+                    [45.0, 80.0],
+                    [65.0, 80.0],
+                ],
             },
         };
         let out = draw_faces(&photo, &[face]);
@@ -122,9 +135,8 @@ mod tests {
         assert_eq!(&out.data[(55 * 120 + 40) * 3..][..3], &LANDMARK_RGB);
         assert_eq!(&out.data[(5 * 120 + 110) * 3..][..3], &[0.0; 3]);
         // Some label pixels above the box.
-        let label = (0..40).any(|y| {
-            (30..60).any(|x| out.data[(y * 120 + x) * 3..][..3] == LABEL_RGB)
-        });
+        let label =
+            (0..40).any(|y| (30..60).any(|x| out.data[(y * 120 + x) * 3..][..3] == LABEL_RGB));
         assert!(label);
     }
 }

@@ -73,7 +73,12 @@ pub fn number_faces(detections: &[Detection], min_face: f32) -> (Vec<NumberedFac
     let too_small = detections.len() - kept.len();
     let mut heights: Vec<f32> = kept.iter().map(|d| d.bbox[3] - d.bbox[1]).collect();
     heights.sort_by(f32::total_cmp);
-    let band = heights.get(heights.len() / 2).copied().unwrap_or(1.0).max(1.0) * 0.5;
+    let band = heights
+        .get(heights.len() / 2)
+        .copied()
+        .unwrap_or(1.0)
+        .max(1.0)
+        * 0.5;
     let cy = |d: &Detection| 0.5 * (d.bbox[1] + d.bbox[3]);
     let cx = |d: &Detection| 0.5 * (d.bbox[0] + d.bbox[2]);
     kept.sort_by(|a, b| cy(a).total_cmp(&cy(b)));
@@ -187,7 +192,11 @@ mod tests {
     #[test]
     fn faces_are_numbered_in_reading_order() {
         // Two rows: (100,10) (10,12) on top, (50,200) below; detector order is by score.
-        let dets = [face(100.0, 10.0, 40.0), face(50.0, 200.0, 40.0), face(10.0, 12.0, 40.0)];
+        let dets = [
+            face(100.0, 10.0, 40.0),
+            face(50.0, 200.0, 40.0),
+            face(10.0, 12.0, 40.0),
+        ];
         let (n, small) = number_faces(&dets, 16.0);
         assert_eq!(small, 0);
         let xs: Vec<f32> = n.iter().map(|f| f.detection.bbox[0]).collect();

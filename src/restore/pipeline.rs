@@ -398,7 +398,9 @@ impl<'a> Restorer<'a> {
             for (latent, (plan, lq)) in latents.iter().zip(&prepared) {
                 let (_, _, h, w) = lq.dims4()?;
                 let sr = self.decode_piece(&cfw, latent, lq)?;
-                let sr = sr.narrow(2, 0, h.min(plan.proc_h))?.narrow(3, 0, w.min(plan.proc_w))?;
+                let sr = sr
+                    .narrow(2, 0, h.min(plan.proc_h))?
+                    .narrow(3, 0, w.min(plan.proc_w))?;
                 restored.push(finish_image(
                     &sr,
                     (plan.proc_w, plan.proc_h),

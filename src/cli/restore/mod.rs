@@ -12,6 +12,7 @@ pub use image::MIN_INPUT_SIDE;
 
 use super::batch::{self, Outcome};
 use super::model_args::ModelArgs;
+use super::report::ReportWriter;
 use crate::imaging::colorfix::ColorFix;
 use crate::model::base::Residency;
 use crate::personalize::identity::Identity;
@@ -135,6 +136,10 @@ pub struct RestoreArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub id_ref: usize,
     #[command(flatten)]
+    pub shard: super::shard::ShardFlag,
+    #[command(flatten)]
+    pub report: super::report::ReportFlag,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
@@ -144,6 +149,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         settings,
         base_config,
         policy,
+        shard,
         items,
         mut summary,
     } = {
@@ -161,6 +167,8 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         Some(id) => Some(Identity::load(id)?),
         None => None,
     };
+    let mut report = ReportWriter::open(&args.report, shard, args.steps, args.seed)?;
+    report.refused(&summary)?;
     if items.is_empty() {
         return summary.finish();
     }
@@ -177,6 +185,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let cfw_path = args.model.cfw_path(!args.quiet)?;
     // After the files are found: a missing checkpoint stays a one-line error.
     let (device, dtype) = args.model.device_dtype()?;
+    report.set_device(&device, dtype);
     let run_label = format!(
         "{}, {}",
         crate::device::device_label(&device),
@@ -339,6 +348,8 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
                 Err(e) => Outcome::Failed(batch::reason(&e, input)),
             };
         steps.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        report.finished(input, Some(output), &outcome, seconds, None)?;
         summary.record(input, outcome);
         images.inc(1);
     }
