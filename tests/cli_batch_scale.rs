@@ -80,11 +80,16 @@ fn read_report(path: &Path) -> Vec<Record> {
         .collect()
 }
 
+/// The output name of a photo: `<stem>_restored.png`, or `<stem>_<ext>_restored.png` for the
+/// `scan*` pair that shares a stem.
 fn output_name(input: &Path) -> String {
-    format!(
-        "{}_restored.png",
-        input.file_stem().unwrap().to_string_lossy()
-    )
+    let stem = input.file_stem().unwrap().to_string_lossy();
+    match input.extension() {
+        Some(ext) if stem.starts_with("scan") => {
+            format!("{stem}_{}_restored.png", ext.to_string_lossy())
+        }
+        _ => format!("{stem}_restored.png"),
+    }
 }
 
 fn names_in(dir: &Path) -> BTreeSet<String> {
@@ -100,13 +105,34 @@ fn names_in(dir: &Path) -> BTreeSet<String> {
 #[test]
 fn two_processes_cover_a_folder_once_and_their_reports_merge() {
     let dir = common::scratch("batch-shards");
-    let photos = write_photos(&dir.join("in"), 7);
+    let mut photos = write_photos(&dir.join("in"), 7);
+    // Two files sharing a stem, owned by different shards: their output names carry the
+    // extension (`X_jpg_restored.png`) because they are named over the whole list.
+    let stem = (0..)
+        .map(|i| format!("scan{i}"))
+        .find(|s| {
+            shard_of(Path::new(&format!("{s}.jpg")), 2)
+                != shard_of(Path::new(&format!("{s}.png")), 2)
+        })
+        .unwrap();
+    for ext in ["jpg", "png"] {
+        let path = dir.join(format!("in/{stem}.{ext}"));
+        image::RgbImage::from_fn(20, 16, |x, y| {
+            image::Rgb([(x * 9) as u8, (y * 5) as u8, 90])
+        })
+        .save(&path)
+        .unwrap();
+        photos.push(path);
+    }
     std::fs::write(dir.join("in/broken.png"), "not an image\n").unwrap();
     let out = dir.join("out");
     let reports = [dir.join("r1.jsonl"), dir.join("r2.jsonl")];
     // Both shards own some of these names (the split is a fixed hash of the name).
     for k in 0..2 {
-        assert!(photos.iter().any(|p| shard_of(p, 2) == k), "shard {k} empty");
+        assert!(
+            photos.iter().any(|p| shard_of(p, 2) == k),
+            "shard {k} empty"
+        );
     }
 
     let children: Vec<_> = (0..2)
@@ -147,8 +173,17 @@ fn two_processes_cover_a_folder_once_and_their_reports_merge() {
     for (k, report) in reports.iter().enumerate() {
         for record in read_report(report) {
             let input = PathBuf::from(&record.input);
-            assert_eq!(shard_of(&input, 2), k, "{} in shard {}", record.input, k + 1);
-            assert_eq!(record.shard.as_deref(), Some(format!("{}/2", k + 1).as_str()));
+            assert_eq!(
+                shard_of(&input, 2),
+                k,
+                "{} in shard {}",
+                record.input,
+                k + 1
+            );
+            assert_eq!(
+                record.shard.as_deref(),
+                Some(format!("{}/2", k + 1).as_str())
+            );
             *seen.entry(record.input.clone()).or_default() += 1;
             if record.status == Status::Ok {
                 let output = PathBuf::from(record.output.as_deref().unwrap());
@@ -209,7 +244,10 @@ fn two_processes_cover_a_folder_once_and_their_reports_merge() {
         table.contains(&format!("total ({} inputs)", photos.len() + 1)),
         "{table}"
     );
-    assert!(table.contains("failed ") && table.contains("broken.png"), "{table}");
+    assert!(
+        table.contains("failed ") && table.contains("broken.png"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -295,11 +333,11 @@ fn a_killed_batch_keeps_a_readable_report_of_its_finished_files() {
         let lines = std::fs::read_to_string(&report)
             .map(|t| t.lines().count())
             .unwrap_or(0);
-        if lines >= 1 {
+        if lines >= 2 {
             break;
         }
         if let Some(status) = child.try_wait().unwrap() {
-            panic!("the batch ended ({status}) before the report had a line");
+            panic!("the batch ended ({status}) before the report had two lines");
         }
         assert!(Instant::now() < deadline, "no report line after 10 minutes");
         std::thread::sleep(Duration::from_millis(20));
@@ -308,6 +346,11 @@ fn a_killed_batch_keeps_a_readable_report_of_its_finished_files() {
     child.wait().unwrap();
 
     let records = read_report(&report);
+    println!(
+        "killed after {} of {} report lines",
+        records.len(),
+        photos.len()
+    );
     assert!(
         !records.is_empty() && records.len() < photos.len(),
         "killed mid-batch: {} of {} lines (raise --steps if the batch outran the kill)",

@@ -105,10 +105,13 @@ pub fn parse_shard(spec: &str, env: impl Fn(&str) -> Option<String>) -> anyhow::
     if n == 0 {
         return Err(bad("N must be at least 1"));
     }
-    if k == 0 || k > n {
+    if k == 0 {
         return Err(bad(&format!(
-            "K is 1-based and must be between 1 and {n} (shard 0 does not exist)"
+            "K is 1-based: the shards are 1/{n} to {n}/{n}"
         )));
+    }
+    if k > n {
+        return Err(bad(&format!("K must be between 1 and {n}")));
     }
     Shard::new(k - 1, n)
 }
