@@ -292,7 +292,7 @@ fn auto_shard_follows_the_slurm_array_task() {
 }
 
 #[test]
-fn impossible_shards_are_one_line_usage_errors() {
+fn impossible_shards_and_report_names_are_one_line_usage_errors() {
     let dir = common::scratch("batch-bad-shard");
     write_photos(&dir.join("in"), 2);
     for spec in ["3/2", "0/0", "0/3", "two/3"] {
@@ -311,6 +311,20 @@ fn impossible_shards_are_one_line_usage_errors() {
         assert!(err.contains(&format!("--shard {spec}")), "{spec}: {err}");
         assert!(!out.exists() && !report.exists(), "{spec}: created files");
     }
+    // A report named like an image (here one of the inputs) is refused the same way, untouched.
+    let input = dir.join("in/IMG_0003.png");
+    let before = std::fs::read(&input).unwrap();
+    let run = restore_cmd(
+        &dir.join("in"),
+        &dir.join("never"),
+        &["--report", &input.display().to_string()],
+    )
+    .output()
+    .unwrap();
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(std::fs::read(&input).unwrap(), before);
 }
 
 #[test]

@@ -31,6 +31,23 @@ pub struct ReportFlag {
     pub path: Option<PathBuf>,
 }
 
+impl ReportFlag {
+    /// Refuses a report name that would land on an image (an input, or an output of the
+    /// batch) or a directory: a usage error before anything is read.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if crate::imaging::io::has_image_extension(path) || path.is_dir() {
+            anyhow::bail!(
+                "--report {}: name a JSON-lines file (e.g. report.jsonl), not an image or a directory",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// How one input ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -466,6 +483,19 @@ mod tests {
             .map(|r| serde_json::to_string(r).unwrap() + "\n")
             .collect();
         (name.to_string(), parse_report(&text))
+    }
+
+    #[test]
+    fn reports_are_never_images_or_directories() {
+        let flag = |p: &str| ReportFlag {
+            path: Some(PathBuf::from(p)),
+        };
+        assert!(flag("runs/shard-1.jsonl").check().is_ok());
+        assert!(ReportFlag::default().check().is_ok());
+        for bad in ["photo.png", "scan.JPG", "."] {
+            let err = flag(bad).check().expect_err(bad).to_string();
+            assert!(err.starts_with("--report "), "{err}");
+        }
     }
 
     #[test]

@@ -40,6 +40,7 @@ impl RestoreJob {
     pub fn plan(args: &RestoreArgs) -> anyhow::Result<Self> {
         let (target, settings, ext) = check_flags(args).map_err(usage)?;
         let shard = args.shard.resolve().map_err(usage)?;
+        args.report.check().map_err(usage)?;
         let base_config = args.model.base_config()?;
         let native = args.input_size.unwrap_or(base_config.diffusion.image_size);
         check_native_size(native).map_err(usage)?;
