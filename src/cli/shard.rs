@@ -13,8 +13,9 @@
 //! even when the tasks start at different times over a folder still being filled, and a rerun
 //! of one task with `--skip-existing` after files were added still owns the same old files.
 //! Files with the same name in different folders go to the same shard. The split is even in
-//! expectation (a hash, not a stride): each shard gets close to 1/N of the files, within a few percent for
-//! thousands of files.
+//! expectation (a hash, not a stride): each shard gets close to 1/N of the files, within a
+//! few percent for thousands of files. The list itself keeps its order (arguments in order,
+//! folders sorted by name); output names are chosen over the whole list before the split.
 
 use clap::Args;
 use std::fmt;
