@@ -271,16 +271,40 @@ pub fn check_existing(output: &Path, policy: ExistingPolicy) -> Option<Outcome> 
 }
 
 /// Counts and reasons collected over a batch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Summary {
     pub done: usize,
     /// Faces restored over the batch (whole-photo restores count none).
     pub faces: usize,
     pub skipped: Vec<(PathBuf, String)>,
     pub failed: Vec<(PathBuf, String)>,
+    /// Output names of recorded inputs, where known (for `--report`).
+    pub outputs: HashMap<PathBuf, PathBuf>,
+    /// When the batch started (the summary gives its wall time).
+    pub started: std::time::Instant,
+}
+
+impl Default for Summary {
+    fn default() -> Self {
+        Summary {
+            done: 0,
+            faces: 0,
+            skipped: Vec::new(),
+            failed: Vec::new(),
+            outputs: HashMap::new(),
+            started: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Summary {
+    /// [`Summary::record`], keeping the item's output name.
+    pub fn record_with_output(&mut self, input: &Path, output: &Path, outcome: Outcome) {
+        self.outputs
+            .insert(input.to_path_buf(), output.to_path_buf());
+        self.record(input, outcome);
+    }
+
     pub fn record(&mut self, input: &Path, outcome: Outcome) {
         match outcome {
             Outcome::Done => self.done += 1,
@@ -308,10 +332,15 @@ impl Summary {
         )
     }
 
-    /// The summary line, then one line per skipped and failed item, for stderr.
+    /// The summary line with the batch's wall time, then one line per skipped and failed
+    /// item, for stderr.
     pub fn report(&self) -> String {
         use crate::fsutil::{printable, printable_path};
-        let mut out = self.line();
+        let mut out = format!(
+            "{} in {}",
+            self.line(),
+            crate::cli::restore::human_duration(self.started.elapsed().as_secs_f64())
+        );
         for (input, why) in &self.skipped {
             out.push_str(&format!(
                 "\nskipped {}: {}",

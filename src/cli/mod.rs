@@ -10,7 +10,9 @@ pub mod faces;
 pub mod ids;
 pub mod model_args;
 pub mod personalize;
+pub mod report;
 pub mod restore;
+pub mod shard;
 pub mod train_base;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +48,8 @@ pub enum Command {
     Ids(ids::IdsArgs),
     /// Fine-tune StableSR on a folder of face photos into the paper's Base Model.
     TrainBase(Box<train_base::TrainBaseArgs>),
+    /// Summarize `restore --report` files: totals, time, faces, failures.
+    Report(report::ReportArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -59,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Personalize(args) => personalize::run(args),
         Command::Ids(args) => ids::run(args),
         Command::TrainBase(args) => train_base::run(*args),
+        Command::Report(args) => report::run(args),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::faces::{magnification, plan_photo, restore_faces, show_faces, FaceJob, PhotoPlan};
 use crate::cli::batch;
+use crate::cli::report::FaceRecord;
 use crate::faces::select::NumberedFace;
 use crate::imaging::io::{load_image_within, save_output, LoadedImage, OutputFormat, OutputImage};
 use crate::imaging::ImageF32;
@@ -266,7 +267,7 @@ pub fn restore_one(
     job: &ImageJob,
     steps: &ProgressBar,
     bars: &MultiProgress,
-) -> crate::Result<Option<usize>> {
+) -> crate::Result<Option<Vec<FaceRecord>>> {
     let job_all = job;
     let ImageJob {
         faces: face_job,
@@ -376,7 +377,22 @@ pub fn restore_one(
             quality,
             overwrite,
         )?;
-        return Ok(Some(n));
+        let records = selected
+            .numbered
+            .iter()
+            .map(|face| {
+                let pos = selected.chosen.iter().position(|c| c.index == face.index);
+                FaceRecord {
+                    bbox: face.detection.bbox,
+                    score: Some(face.detection.score),
+                    restored: pos.is_some(),
+                    identity: pos
+                        .and_then(|p| assigned[p])
+                        .map(|i| identities[i].name.clone()),
+                }
+            })
+            .collect();
+        return Ok(Some(records));
     }
     let (plan, work) = restorer.work(loaded.rgb.width, loaded.rgb.height, target)?;
     say(format!(

@@ -13,6 +13,7 @@ pub use image::MIN_INPUT_SIDE;
 
 use super::batch::{self, Outcome};
 use super::model_args::ModelArgs;
+use super::report::ReportWriter;
 use crate::imaging::colorfix::ColorFix;
 use crate::model::base::Residency;
 use crate::personalize::identity::Identity;
@@ -176,6 +177,10 @@ pub struct RestoreArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub id_ref: usize,
     #[command(flatten)]
+    pub shard: super::shard::ShardFlag,
+    #[command(flatten)]
+    pub report: super::report::ReportFlag,
+    #[command(flatten)]
     pub model: ModelArgs,
 }
 
@@ -185,6 +190,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         settings,
         base_config,
         policy,
+        shard,
         items,
         mut summary,
     } = {
@@ -204,6 +210,8 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         .map(|id| Identity::load(id))
         .collect::<crate::Result<Vec<_>>>()?;
     let identity = identities.first().cloned();
+    let mut report = ReportWriter::open(&args.report, shard, args.steps, args.seed)?;
+    report.refused(&summary)?;
     if items.is_empty() {
         return summary.finish();
     }
@@ -241,6 +249,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let cfw_path = args.model.cfw_path(!args.quiet)?;
     // After the files are found: a missing checkpoint stays a one-line error.
     let (device, dtype) = args.model.device_dtype()?;
+    report.set_device(&device, dtype);
     let run_label = format!(
         "{}, {}",
         crate::device::device_label(&device),
@@ -440,11 +449,16 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         let steps = bars.add(step_bar(args.quiet));
         steps.set_message(crate::fsutil::printable(&file_name(input)));
         let started = Instant::now();
+        let mut face_records = None;
         let outcome =
             match restore_one(&restorer, input, (output, item.format), &job, &steps, &bars) {
                 Ok(faces) => {
-                    summary.faces += faces.unwrap_or(0);
-                    let faces = match faces {
+                    let restored_faces = faces
+                        .as_ref()
+                        .map(|f| f.iter().filter(|f| f.restored).count());
+                    summary.faces += restored_faces.unwrap_or(0);
+                    face_records = faces;
+                    let faces = match restored_faces {
                         Some(n) => format!(", {n} face{}", if n == 1 { "" } else { "s" }),
                         None => String::new(),
                     };
@@ -464,6 +478,8 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
                 Err(e) => Outcome::Failed(batch::reason(&e, input)),
             };
         steps.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        report.finished(input, Some(output), &outcome, seconds, face_records)?;
         summary.record(input, outcome);
         images.inc(1);
     }

@@ -5,6 +5,7 @@
 
 use super::RestoreArgs;
 use crate::cli::batch::{self, ExistingPolicy, InputItem, Outcome, Summary};
+use crate::cli::shard::Shard;
 use crate::cli::usage;
 use crate::config::BaseModelConfig;
 use crate::imaging::io::{MetadataStorage, OutputFormat};
@@ -26,6 +27,8 @@ pub struct RestoreJob {
     pub settings: RestoreSettings,
     pub base_config: BaseModelConfig,
     pub policy: ExistingPolicy,
+    /// This process's share of the inputs (`--shard`), if split.
+    pub shard: Option<Shard>,
     /// The inputs that go ahead.
     pub items: Vec<RestoreItem>,
     /// Inputs refused already (unreadable arguments, unusable outputs, sizes over the limit).
@@ -36,6 +39,8 @@ impl RestoreJob {
     /// Checks the flags, expands the inputs, names the outputs and refuses what cannot work.
     pub fn plan(args: &RestoreArgs) -> anyhow::Result<Self> {
         let (target, settings, ext) = check_flags(args).map_err(usage)?;
+        let shard = args.shard.resolve().map_err(usage)?;
+        args.report.check().map_err(usage)?;
         let base_config = args.model.base_config()?;
         let native = args.input_size.unwrap_or(base_config.diffusion.image_size);
         check_native_size(native).map_err(usage)?;
@@ -47,6 +52,7 @@ impl RestoreJob {
                 InputItem::Invalid { arg, reason } => summary.record(&arg, Outcome::Failed(reason)),
             }
         }
+        // Named over the whole list, so a file's output name does not depend on the shard.
         let outputs = output_paths(&files, args.output.as_deref(), &args.suffix, ext)?;
         let policy = ExistingPolicy::from_flags(args.force, args.skip_existing);
         // Outputs that cannot be written and images too large for the limit fail now, not
@@ -54,13 +60,16 @@ impl RestoreJob {
         let mut items = Vec::new();
         let mut checks = batch::OutputChecks::new(&files, policy);
         for (input, (output, format)) in files.iter().zip(outputs) {
+            if shard.is_some_and(|s| !s.owns(input)) {
+                continue;
+            }
             if let Some(outcome) = checks.check(&output) {
-                summary.record(input, outcome);
+                summary.record_with_output(input, &output, outcome);
                 continue;
             }
             if let Some((w, h)) = probe_dimensions(input) {
                 if let Err(e) = settings.plan(base_config.diffusion.image_size, w, h, target) {
-                    summary.record(input, Outcome::Failed(e.to_string()));
+                    summary.record_with_output(input, &output, Outcome::Failed(e.to_string()));
                     continue;
                 }
             }
@@ -75,6 +84,7 @@ impl RestoreJob {
             settings,
             base_config,
             policy,
+            shard,
             items,
             summary,
         })
