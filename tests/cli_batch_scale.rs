@@ -16,14 +16,16 @@ fn pfstorer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pfstorer"))
 }
 
-/// `restore` over `inputs` into `out` with the tiny model at fast settings, `-s 1`, plus `extra`.
+/// `restore` over `inputs` into `out` with the tiny model at fast settings, `-s 1`, the photo
+/// restored whole, plus `extra`.
 fn restore_cmd(inputs: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = pfstorer();
     cmd.arg("restore")
         .arg(inputs)
         .arg("-o")
         .arg(out)
-        .args(["-s", "1", "--quiet"])
+        // Gradients have no faces: each photo is restored whole.
+        .args(["-s", "1", "--quiet", "--faces", "whole"])
         .args(common::model_flags())
         .args(fast_flags(extra))
         .args(extra);
