@@ -25,9 +25,7 @@ pub fn assign(distances: &[Vec<Option<f32>>], threshold: f32) -> Vec<Option<usiz
     let worst = (0usize, f64::NEG_INFINITY);
     let mut best = vec![vec![worst; states]; faces + 1];
     let mut choice = vec![vec![None; states]; faces];
-    for mask in 0..states {
-        best[faces][mask] = (0, 0.0);
-    }
+    best[faces].fill((0, 0.0));
     let better = |a: (usize, f64), b: (usize, f64)| a.0 > b.0 || (a.0 == b.0 && a.1 > b.1);
     for f in (0..faces).rev() {
         for mask in 0..states {
@@ -40,7 +38,8 @@ pub fn assign(distances: &[Vec<Option<f32>>], threshold: f32) -> Vec<Option<usiz
                 let Some(Some(d)) = distances[f].get(i) else {
                     continue;
                 };
-                if !(*d < threshold) {
+                // NaN never matches.
+                if d.is_nan() || *d >= threshold {
                     continue;
                 }
                 let rest = best[f + 1][mask | (1 << i)];
