@@ -19,6 +19,7 @@ pub mod diffusion;
 pub mod error;
 pub mod fsutil;
 pub mod imaging;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -1,6 +1,13 @@
-//! Frozen layers and constant operands in training: candle's backward would compute (and keep)
-//! a gradient for every operand, frozen weights included. These run the forward without a graph
-//! and give only the input its gradient.
+//! Frozen layers and constant operands in training: candle's backward of `matmul`, `conv2d` and
+//! binary ops computes a gradient for *both* operands and keeps each in the gradient store until
+//! the end, also for tensors that need none (frozen weights, constant modulations). For
+//! personalization, where the whole frozen base sits between the loss and the token, that was a
+//! weight-sized gradient per layer call (the full 512-px step did not fit in 24 GB) and a second
+//! expensive product per layer.
+//!
+//! [`with_input_gradient`] attaches to a result computed without a graph a backward that gives
+//! only the input its gradient; [`mul_const`] and [`add_const`] use it in differentiable mode
+//! (elsewhere they are candle's broadcast ops). Any device and dtype.
 
 use super::differentiable;
 use candle_core::{Result, Tensor};
@@ -26,7 +33,7 @@ pub fn add_const(x: &Tensor, c: &Tensor) -> Result<Tensor> {
 }
 
 /// Sums a broadcast gradient back to the operand's shape.
-pub(super) fn sum_to_shape(g: &Tensor, shape: &candle_core::Shape) -> Result<Tensor> {
+fn sum_to_shape(g: &Tensor, shape: &candle_core::Shape) -> Result<Tensor> {
     if g.shape() == shape {
         return Ok(g.clone());
     }
@@ -44,11 +51,11 @@ pub(super) fn sum_to_shape(g: &Tensor, shape: &candle_core::Shape) -> Result<Ten
     Ok(out)
 }
 
-pub(super) type InputGradient = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+type InputGradient = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// `y` (computed from `x` without a graph) as a tensor whose backward gives `x` the gradient
 /// `input_grad(dL/dy)`. The device forward hands over `y`'s storage, which this op then drops.
-pub(super) fn with_input_gradient(
+pub fn with_input_gradient(
     x: &Tensor,
     y: Tensor,
     input_grad: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
@@ -60,17 +67,17 @@ pub(super) fn with_input_gradient(
     x.apply_op1_arc(std::sync::Arc::new(Box::new(op)))
 }
 
-pub(super) struct InputGradientOp {
+struct InputGradientOp {
     output: HandOver,
     input_grad: InputGradient,
 }
 
 /// A forward result computed outside a custom op (without a graph), handed to candle once as the
 /// op's output storage and then dropped, so it is not held twice.
-pub(super) struct HandOver(std::sync::Mutex<Option<Tensor>>);
+pub(crate) struct HandOver(std::sync::Mutex<Option<Tensor>>);
 
 impl HandOver {
-    pub(super) fn new(t: Tensor) -> Self {
+    pub(crate) fn new(t: Tensor) -> Self {
         HandOver(std::sync::Mutex::new(Some(t)))
     }
 
@@ -84,14 +91,14 @@ impl HandOver {
         clone_storage(&t)
     }
 
-    pub(super) fn cpu(&self) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    pub(crate) fn cpu(&self) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         match self.take()? {
             (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("custom op: precomputed output is not on the CPU"),
         }
     }
 
-    pub(super) fn cuda(&self) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    pub(crate) fn cuda(&self) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         match self.take()? {
             (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("custom op: precomputed output is not on the CUDA device"),
@@ -101,7 +108,7 @@ impl HandOver {
 
 /// A copy of `t`'s storage with its shape. The outputs handed in here are fresh results of a
 /// layer (their own contiguous buffer); anything else is copied into one first.
-pub(super) fn clone_storage(t: &Tensor) -> Result<(candle_core::Storage, candle_core::Shape)> {
+fn clone_storage(t: &Tensor) -> Result<(candle_core::Storage, candle_core::Shape)> {
     use candle_core::backend::BackendStorage;
     use candle_core::Storage;
     let (storage, layout) = t.storage_and_layout();
@@ -146,191 +153,9 @@ impl candle_core::CustomOp1 for InputGradientOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::test_util::{max_diff, randn};
-    use crate::model::nn::{set_differentiable, Conv2d, Linear};
-    use candle_core::Module;
+    use crate::kernels::test_util::{max_diff, randn};
+    use crate::kernels::DifferentiableScope;
     use candle_core::Var;
-
-    /// Output and input gradient of a frozen layer in differentiable mode against candle's
-    /// ordinary backward; and no gradient is produced for the frozen weight.
-    fn check_frozen(name: &str, x_shape: &[usize], weight: &Tensor, layer: &dyn Module) {
-        let x = Var::from_tensor(&randn(7, x_shape)).unwrap();
-        set_differentiable(false);
-        let plain = layer.forward(x.as_tensor()).unwrap();
-        let w_out = randn(8, plain.dims());
-        let want = (&plain * &w_out)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        set_differentiable(true);
-        let frozen = layer.forward(x.as_tensor()).unwrap();
-        let got = (&frozen * &w_out)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        set_differentiable(false);
-        // The frozen path may run the shifted-gemm convolution (other summation order).
-        let forward_err = max_diff(&frozen, &plain);
-        assert!(
-            forward_err < 1e-5,
-            "{name}: forward differs by {forward_err}"
-        );
-        let err = max_diff(
-            got.get(x.as_tensor()).unwrap(),
-            want.get(x.as_tensor()).unwrap(),
-        );
-        assert!(err < 1e-5, "{name}: input gradient error {err}");
-        // candle's path keeps (at least) a weight-sized gradient; the frozen path none.
-        let stored = |g: &candle_core::backprop::GradStore| -> usize {
-            g.get_ids()
-                .map(|id| g.get_id(*id).unwrap().elem_count())
-                .sum()
-        };
-        assert!(
-            stored(&got) + weight.elem_count() <= stored(&want),
-            "{name}: gradient store {} vs candle's {}",
-            stored(&got),
-            stored(&want)
-        );
-        assert!(
-            got.get(weight).is_none(),
-            "{name}: no gradient for the frozen weight"
-        );
-    }
-
-    #[test]
-    fn frozen_layers_give_candles_input_gradients_and_no_weight_gradients() {
-        let w = randn(1, &[6, 5]);
-        let linear = Linear::new(w.clone(), Some(randn(2, &[6])));
-        check_frozen("linear 3-D", &[2, 3, 5], &w, &linear);
-        check_frozen("linear 2-D", &[4, 5], &w, &Linear::new(w.clone(), None));
-        for (stride, padding, k, h) in [(1, 1, 3, 8), (2, 1, 3, 8), (2, 1, 3, 7), (1, 0, 1, 5)] {
-            let kernel = randn(3, &[4, 3, k, k]);
-            let cfg = candle_nn::Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            };
-            let conv = Conv2d(candle_nn::Conv2d::new(
-                kernel.clone(),
-                Some(randn(4, &[4])),
-                cfg,
-            ));
-            check_frozen(
-                &format!("conv k{k} s{stride} p{padding} h{h}"),
-                &[2, 3, h, h + 2],
-                &kernel,
-                &conv,
-            );
-        }
-    }
-
-    /// The forward-convolution form of the input gradient against candle's transposed
-    /// convolution (the plain form), over strides, paddings, kernel shapes and odd sizes.
-    #[test]
-    fn conv_input_gradient_as_a_forward_convolution_matches_the_transposed_one() {
-        use crate::model::nn::conv2d_input_gradient;
-        for (stride, padding, (k_h, k_w), (h, w)) in [
-            (1, 1, (3, 3), (8, 10)),
-            (1, 0, (3, 3), (7, 5)),
-            (1, 0, (1, 1), (5, 6)),
-            (2, 1, (3, 3), (8, 8)),
-            (2, 1, (3, 3), (7, 9)),
-            (2, 0, (1, 1), (6, 7)),
-            (3, 1, (3, 3), (11, 10)),
-            (1, 1, (3, 5), (6, 9)),
-            (2, 2, (5, 3), (9, 8)),
-        ] {
-            let kernel = randn(3, &[4, 3, k_h, k_w]);
-            let cfg = candle_nn::Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            };
-            let x = randn(7, &[2, 3, h, w]);
-            let y = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
-            let g = randn(8, y.dims());
-            let got = conv2d_input_gradient(&g, &kernel, &cfg, h, w).unwrap();
-            let want = super::super::layers::conv2d_input_gradient_transposed_for_test(
-                &g, &kernel, &cfg, h, w,
-            );
-            assert_eq!(got.dims(), x.dims());
-            let err = max_diff(&got, &want);
-            assert!(
-                err < 1e-4,
-                "k{k_h}x{k_w} s{stride} p{padding} {h}x{w}: {err}"
-            );
-            // And the adjoint identity <conv(x), g> = <x, dx(g)> with no reference at all.
-            let lhs: f32 = (&y * &g).unwrap().sum_all().unwrap().to_scalar().unwrap();
-            let rhs: f32 = (&x * &got).unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(
-                (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
-                "{lhs} vs {rhs}"
-            );
-        }
-    }
-
-    /// candle's CPU conv2d computed wrong results for non-contiguous kernel views (candle #3736,
-    /// fixed upstream in July 2026). The release in use must get transposed and sliced kernel
-    /// views right; the input gradient above makes its kernel contiguous regardless.
-    #[test]
-    fn candle_conv2d_with_kernel_views_matches_contiguous_kernels() {
-        let base = randn(3, &[6, 4, 3, 3]);
-        let views = [
-            (
-                "transposed",
-                base.transpose(0, 1).unwrap().narrow(1, 0, 3).unwrap(),
-            ),
-            (
-                "sliced",
-                base.narrow(0, 1, 4).unwrap().narrow(1, 0, 3).unwrap(),
-            ),
-        ];
-        let x = randn(7, &[2, 3, 6, 7]);
-        for (name, kernel) in views {
-            assert!(!kernel.is_contiguous(), "{name}");
-            let view = x.conv2d(&kernel, 1, 1, 1, 1).unwrap();
-            let copy = x.conv2d(&kernel.contiguous().unwrap(), 1, 1, 1, 1).unwrap();
-            let err = max_diff(&view, &copy);
-            assert!(err < 1e-5, "{name} kernel view: max error {err}");
-        }
-    }
-
-    /// Odd height, even width at stride 2 (where candle's own conv backward fails on the shape):
-    /// the input gradient is the adjoint of the convolution, <conv(x), g> = <x, dx(g)>.
-    #[test]
-    fn frozen_conv_gradient_is_the_adjoint_for_mixed_parity() {
-        let kernel = randn(3, &[4, 3, 3, 3]);
-        let cfg = candle_nn::Conv2dConfig {
-            padding: 1,
-            stride: 2,
-            ..Default::default()
-        };
-        let conv = Conv2d(candle_nn::Conv2d::new(kernel, None, cfg));
-        let x = Var::from_tensor(&randn(7, &[2, 3, 7, 10])).unwrap();
-        set_differentiable(true);
-        let y = conv.forward(x.as_tensor()).unwrap();
-        let g = randn(8, y.dims());
-        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        set_differentiable(false);
-        let dx = grads.get(x.as_tensor()).unwrap();
-        assert_eq!(dx.dims(), &[2, 3, 7, 10]);
-        let lhs: f32 = (&y * &g).unwrap().sum_all().unwrap().to_scalar().unwrap();
-        let rhs: f32 = (x.as_tensor() * dx)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(
-            (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
-            "{lhs} vs {rhs}"
-        );
-    }
 
     #[test]
     fn constant_operands_get_no_gradient() {
@@ -342,7 +167,6 @@ mod tests {
                 _ => add_const(x, &c).unwrap(),
             };
             let w_out = randn(9, &[2, 3, 4, 4]);
-            set_differentiable(false);
             let plain = apply(x.as_tensor());
             let want = (&plain * &w_out)
                 .unwrap()
@@ -350,7 +174,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            set_differentiable(true);
+            let training = DifferentiableScope::enter(true);
             let ours = apply(x.as_tensor());
             let got = (&ours * &w_out)
                 .unwrap()
@@ -358,7 +182,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            set_differentiable(false);
+            drop(training);
             assert_eq!(max_diff(&ours, &plain), 0.0);
             let err = max_diff(
                 got.get(x.as_tensor()).unwrap(),

@@ -8,9 +8,10 @@
 //! x [ResBlockDual on the skip concat, transformer, nearest-2x + conv at the level's end]) and
 //! `out` (GroupNorm, SiLU, conv). The output is the v prediction.
 
-use super::nn::{self, attention, group_norm32, GroupNorm, LayerNorm};
+use super::nn::{self, group_norm32, ConvSpec, GroupNorm, LayerNorm};
 use super::time_embedding::TimeEmbedding;
 use crate::config::UNetConfig;
+use crate::kernels::{self, attention};
 use crate::model::nn::{Conv2d, Linear};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -37,9 +38,9 @@ impl Spade {
     fn new(channels: usize, semb_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Spade {
             norm: group_norm32(channels, vb.pp("param_free_norm"))?,
-            shared: nn::conv2d(semb_channels, SPADE_HIDDEN, 3, 1, 1, vb.pp("mlp_shared.0"))?,
-            gamma: nn::conv2d(SPADE_HIDDEN, channels, 3, 1, 1, vb.pp("mlp_gamma"))?,
-            beta: nn::conv2d(SPADE_HIDDEN, channels, 3, 1, 1, vb.pp("mlp_beta"))?,
+            shared: nn::conv2d(semb_channels, SPADE_HIDDEN, ConvSpec::same(3), vb.pp("mlp_shared.0"))?,
+            gamma: nn::conv2d(SPADE_HIDDEN, channels, ConvSpec::same(3), vb.pp("mlp_gamma"))?,
+            beta: nn::conv2d(SPADE_HIDDEN, channels, ConvSpec::same(3), vb.pp("mlp_beta"))?,
         })
     }
 
@@ -61,7 +62,7 @@ impl Spade {
         let gamma = (gamma + 1.0)?.unsqueeze(0)?;
         let beta = beta.unsqueeze(0)?;
         // gamma and beta come from the (constant) encoder features: only h needs a gradient.
-        nn::add_const(&nn::mul_const(&grouped, &gamma)?, &beta)?.reshape((batch, c, hh, ww))
+        kernels::add_const(&kernels::mul_const(&grouped, &gamma)?, &beta)?.reshape((batch, c, hh, ww))
     }
 }
 
@@ -95,14 +96,14 @@ impl ResBlock {
         };
         Ok(ResBlock {
             in_norm: group_norm32(in_c, vb.pp("in_layers.0"))?,
-            in_conv: nn::conv2d(in_c, out_c, 3, 1, 1, vb.pp("in_layers.2"))?,
+            in_conv: nn::conv2d(in_c, out_c, ConvSpec::same(3), vb.pp("in_layers.2"))?,
             emb: nn::linear(emb_dim, out_c, vb.pp("emb_layers.1"))?,
             out_norm: GroupNorm::new(out_groups, out_c, 1e-5, vb.pp("out_layers.0"))?,
-            out_conv: nn::conv2d(out_c, out_c, 3, 1, 1, vb.pp("out_layers.3"))?,
+            out_conv: nn::conv2d(out_c, out_c, ConvSpec::same(3), vb.pp("out_layers.3"))?,
             skip: if in_c == out_c {
                 None
             } else {
-                Some(nn::conv2d(in_c, out_c, 1, 1, 0, vb.pp("skip_connection"))?)
+                Some(nn::conv2d(in_c, out_c, ConvSpec::same(1), vb.pp("skip_connection"))?)
             },
             spade: semb_channels
                 .map(|s| Spade::new(out_c, s, vb.pp("spade")))
@@ -119,7 +120,7 @@ impl ResBlock {
     ) -> Result<Tensor> {
         let h = self.in_conv.forward(&self.in_norm.forward_silu(x)?)?;
         let emb_out = self.emb.forward(&emb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = nn::add_const(&h, &emb_out)?;
+        let h = kernels::add_const(&h, &emb_out)?;
         let mut h = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
         if let (Some(spade), Some(cond)) = (&self.spade, struct_cond) {
             let width = h.dim(D::Minus1)?;
@@ -213,7 +214,7 @@ impl CrossAttention {
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * self.scale)?;
-        let probs = nn::softmax_last_dim(&scores)?;
+        let probs = kernels::softmax_last_dim(&scores)?;
         let m = probs.dim(D::Minus1)?;
         probs.reshape((b, self.heads, n, m))?.mean(1)
     }
@@ -245,8 +246,8 @@ impl Module for FeedForward {
         let width = x.dim(D::Minus1)?;
         let rows = x.elem_count() / width.max(1);
         let projected = self.proj.weight().dim(0)?;
-        let per_chunk = (nn::attention_chunk_elements(x.device()) / projected.max(1)).max(1);
-        if (nn::differentiable() && x.track_op()) || rows <= per_chunk {
+        let per_chunk = (kernels::attention_chunk_elements(x.device()) / projected.max(1)).max(1);
+        if (kernels::differentiable() && x.track_op()) || rows <= per_chunk {
             return self.forward_rows(x);
         }
         let flat = x.reshape((rows, width))?;
@@ -263,7 +264,7 @@ impl Module for FeedForward {
 
 impl FeedForward {
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&nn::geglu(&self.proj.forward(x)?)?)
+        self.out.forward(&kernels::geglu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -347,8 +348,8 @@ impl SpatialTransformer {
             )
         } else {
             (
-                Projection::Conv(nn::conv2d(channels, inner, 1, 1, 0, vb.pp("proj_in"))?),
-                Projection::Conv(nn::conv2d(inner, channels, 1, 1, 0, vb.pp("proj_out"))?),
+                Projection::Conv(nn::conv2d(channels, inner, ConvSpec::same(1), vb.pp("proj_in"))?),
+                Projection::Conv(nn::conv2d(inner, channels, ConvSpec::same(1), vb.pp("proj_out"))?),
             )
         };
         let blocks = (0..cfg.transformer_depth)
@@ -498,9 +499,7 @@ impl UNet {
         let mut input_blocks = vec![vec![Layer::Conv(nn::conv2d(
             cfg.in_channels,
             mc,
-            3,
-            1,
-            1,
+            ConvSpec::same(3),
             vb.pp("input_blocks.0.0"),
         )?)]];
         let mut skip_channels = vec![mc];
@@ -529,9 +528,7 @@ impl UNet {
                 input_blocks.push(vec![Layer::Down(nn::conv2d(
                     ch,
                     ch,
-                    3,
-                    2,
-                    1,
+                    ConvSpec::downsample(1),
                     vb.pp(format!("input_blocks.{i}.0.op")),
                 )?)]);
                 skip_channels.push(ch);
@@ -579,9 +576,7 @@ impl UNet {
                     layers.push(Layer::Up(nn::conv2d(
                         ch,
                         ch,
-                        3,
-                        1,
-                        1,
+                        ConvSpec::same(3),
                         vb.pp(format!("output_blocks.{n}.{k}.conv")),
                     )?));
                     ds /= 2;
@@ -596,7 +591,7 @@ impl UNet {
             middle_block,
             output_blocks,
             out_norm: group_norm32(ch, vb.pp("out.0"))?,
-            out_conv: nn::conv2d(mc, cfg.out_channels, 3, 1, 1, vb.pp("out.2"))?,
+            out_conv: nn::conv2d(mc, cfg.out_channels, ConvSpec::same(3), vb.pp("out.2"))?,
         })
     }
 
