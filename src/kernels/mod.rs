@@ -164,8 +164,9 @@ mod tests {
     fn a_scope_dropped_out_of_order_keeps_the_innermost_mode() {
         let mut held = DifferentiableScope::enter(true);
         assert!(differentiable());
-        // The right side is entered first; the assignment then drops the first scope.
-        held = DifferentiableScope::enter(true);
+        // The replacement is entered first, then the first scope is dropped.
+        let first = std::mem::replace(&mut held, DifferentiableScope::enter(true));
+        drop(first);
         assert!(differentiable(), "the replacement's mode holds");
         let inference = DifferentiableScope::enter(false);
         drop(held);

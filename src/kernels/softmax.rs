@@ -32,12 +32,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax over the last dimension without a backward: the vectorised CPU kernel where it
-/// [`applies`], candle's fused one elsewhere.
+/// [`applies`], candle's fused one elsewhere (which refuses strided inputs: those are made
+/// contiguous first).
 pub fn softmax_last_dim_no_grad(x: &Tensor) -> Result<Tensor> {
     if applies(x) {
         return x.apply_op1_no_bwd(&SoftmaxLastDimCpu);
     }
-    candle_nn::ops::softmax_last_dim(x)
+    candle_nn::ops::softmax_last_dim(&x.contiguous()?)
 }
 
 /// The softmax's backward `p * (dp - rowsum(dp * p))`: the fused CPU pass where it [`applies`]
@@ -139,7 +140,8 @@ mod tests {
             println!("{shape:?}: max abs error {err:e}");
             assert!(err < 1e-6, "{shape:?}: {err}");
         }
-        // A non-contiguous view takes candle's kernel: the same values.
+        // A non-contiguous view takes candle's kernel (which needs a contiguous copy): the
+        // same values.
         let scores = (randn(24, &[5, 9]) * 8.0).unwrap().t().unwrap();
         assert!(!applies(&scores));
         let err = max_diff(

@@ -14,7 +14,7 @@ pub mod fused_cpu;
 
 use super::softmax::{softmax_backward, softmax_last_dim, softmax_last_dim_no_grad};
 use super::{differentiable, frozen::HandOver};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 /// Upper bound on the elements of one f32 score matrix (`[batch*heads, rows, n_k]`) that
 /// [`attention`] materialises at a time: 2^26 floats = 256 MiB. Longer query sequences are
@@ -296,7 +296,7 @@ fn attention_rows(
 mod tests {
     use super::*;
     use crate::kernels::test_util::{max_diff, randn};
-    use candle_core::Var;
+    use candle_core::{Var, D};
 
     /// The recomputing attention (chunked into 1-, 2- and whole-row pieces) against the composed
     /// differentiable one: same output, same gradients for q, k and v, with and without a mask.

@@ -82,7 +82,7 @@ impl ConvGradGeometry {
         cfg: &candle_nn::Conv2dConfig,
         in_h: usize,
         in_w: usize,
-    ) -> Result<Self, ConvGradError> {
+    ) -> std::result::Result<Self, ConvGradError> {
         let (&[batch, g_c, out_h, out_w], &[c_out, c_in, k_h, k_w]) = (g_dims, kernel_dims) else {
             let (what, dims) = if g_dims.len() != 4 {
                 ("gradient", g_dims)
