@@ -15,7 +15,9 @@ use pfstorer::kernels::conv2d::{
     conv2d_input_gradient, conv2d_input_gradient_composed, input_gradient_path_for,
     ConvGradGeometry, InputGradientPath,
 };
-use pfstorer::kernels::{attention, attention_chunk_elements, DifferentiableScope, CPU_CHUNK_ELEMENTS};
+use pfstorer::kernels::{
+    attention, attention_chunk_elements, DifferentiableScope, CPU_CHUNK_ELEMENTS,
+};
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     common::seeded_randn(seed, shape)

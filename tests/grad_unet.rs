@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Var};
 use pfstorer::config::BaseModelConfig;
-use pfstorer::model::lq_encoder::LqEncoder;
 use pfstorer::kernels::DifferentiableScope;
+use pfstorer::model::lq_encoder::LqEncoder;
 use pfstorer::model::unet::{UNet, UNetInputs};
 use pfstorer::weights::{CheckedWeights, TensorStore};
 use std::sync::Arc;

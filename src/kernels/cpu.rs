@@ -17,7 +17,11 @@ pub(crate) fn f32_slice<'a>(
 
 /// Runs `work(row, out_row)` over the rows of `row_len` elements of `out`, split over the
 /// threads.
-pub(crate) fn for_each_row(out: &mut [f32], row_len: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
+pub(crate) fn for_each_row(
+    out: &mut [f32],
+    row_len: usize,
+    work: impl Fn(usize, &mut [f32]) + Sync,
+) {
     let rows = out.len() / row_len.max(1);
     let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
     let rows_per_thread = rows.div_ceil(threads).max(1);

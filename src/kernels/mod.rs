@@ -123,7 +123,10 @@ mod tests {
         assert!(!differentiable());
         let _training = DifferentiableScope::enter(true);
         assert!(fails_inside_a_scope(false).is_err());
-        assert!(differentiable(), "back to training after the inference scope failed");
+        assert!(
+            differentiable(),
+            "back to training after the inference scope failed"
+        );
         assert!(fails_inside_a_scope(true).is_err());
         assert!(differentiable());
     }

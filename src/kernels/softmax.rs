@@ -160,7 +160,12 @@ mod tests {
         let y = softmax_last_dim(x.as_tensor()).unwrap();
         let want_y = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
         let got = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let want = (&want_y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = (&want_y * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let err = max_diff(
             got.get(x.as_tensor()).expect("a gradient"),
             want.get(x.as_tensor()).unwrap(),

@@ -60,7 +60,13 @@ impl<'a> MatRef<'a> {
 
 /// `dst = lhs · rhs * factor` (or `dst += ...` with `accumulate`), `dst` row-major with row
 /// length `rhs.cols`, on the calling thread.
-pub(super) fn matmul_into(dst: &mut [f32], lhs: MatRef, rhs: MatRef, factor: f32, accumulate: bool) {
+pub(super) fn matmul_into(
+    dst: &mut [f32],
+    lhs: MatRef,
+    rhs: MatRef,
+    factor: f32,
+    accumulate: bool,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert!(rhs.rows == k && dst.len() >= m * n && lhs.in_bounds() && rhs.in_bounds());
     // SAFETY: the assertion keeps every element gemm reads or writes inside the three slices,
@@ -191,11 +197,14 @@ pub(super) fn dims_of(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
 }
 
 /// The f32 slice of a contiguous CPU tensor, held under its storage's read lock.
-pub(super) fn with_f32<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+pub(super) fn with_f32<T>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> Result<T>,
+) -> Result<T> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         candle_core::Storage::Cpu(s) => f(f32_slice(s, layout, what)?),
         _ => candle_core::bail!("{what}: a CPU tensor expected"),
     }
 }
-

@@ -627,10 +627,7 @@ mod tests {
         let vars = qkv(2, 11, 6, 4, 3);
         let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
         let out = fused_attention(q, k, v, 0.4, None, true).unwrap();
-        let loss = (&out * &randn(4, &[2, 11, 3]))
-            .unwrap()
-            .sum_all()
-            .unwrap();
+        let loss = (&out * &randn(4, &[2, 11, 3])).unwrap().sum_all().unwrap();
         let first = loss.backward().unwrap();
         let second = loss.backward().expect("a second backward");
         for t in [q, k, v] {

@@ -84,9 +84,8 @@ impl candle_core::CustomOp2 for CudnnBackwardData {
 
 /// cuDNN takes `int` sizes.
 fn int(v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| {
-        candle_core::Error::Msg(format!("cuDNN backward-data: size {v} exceeds i32"))
-    })
+    i32::try_from(v)
+        .map_err(|_| candle_core::Error::Msg(format!("cuDNN backward-data: size {v} exceeds i32")))
 }
 
 fn dims(d: [usize; 4]) -> Result<[i32; 4]> {

@@ -126,12 +126,19 @@ mod tests {
             let x = randn(1, &x_shape);
             let kernel = randn(2, &k_shape);
             let fused = applies(&x, &kernel, &cfg).unwrap();
-            assert_eq!(fused, k_shape[2] > 1 && dilation == 1, "{x_shape:?} {k_shape:?}");
+            assert_eq!(
+                fused,
+                k_shape[2] > 1 && dilation == 1,
+                "{x_shape:?} {k_shape:?}"
+            );
             let want = x.conv2d(&kernel, padding, stride, dilation, 1).unwrap();
             let got = conv2d(&x, &kernel, &cfg).unwrap();
             let err = max_diff(&got, &want);
             println!("{x_shape:?} {k_shape:?} fused {fused}: max abs error {err:e}");
-            assert!(err < 2e-6 * max_abs(&want), "{x_shape:?} {k_shape:?}: {err}");
+            assert!(
+                err < 2e-6 * max_abs(&want),
+                "{x_shape:?} {k_shape:?}: {err}"
+            );
         }
         // A non-contiguous input view on the fused path.
         let x = randn(3, &[1, 9, 10, 4]).permute((0, 3, 1, 2)).unwrap();

@@ -98,8 +98,7 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
         let x = crate::kernels::cpu::f32_slice(x_storage, x_layout, "winograd conv2d input")?;
         let kernel = crate::kernels::cpu::f32_slice(k_storage, k_layout, "winograd conv2d kernel")?;
         let (b, c_in, h, w) = x_layout.shape().dims4()?;
-        let (c_out, k_c_in, k_h, k_w) =
-            super::kernel_dims(k_layout, self.flipped_transposed)?;
+        let (c_out, k_c_in, k_h, k_w) = super::kernel_dims(k_layout, self.flipped_transposed)?;
         let p = self.padding;
         if k_c_in != c_in || (k_h, k_w) != (3, 3) || h + 2 * p < 3 || w + 2 * p < 3 {
             candle_core::bail!(

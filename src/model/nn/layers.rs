@@ -115,7 +115,13 @@ pub fn conv2d(in_c: usize, out_c: usize, spec: ConvSpec, vb: VarBuilder) -> Resu
         stride: spec.stride,
         ..Default::default()
     };
-    Ok(Conv2d(candle_nn::conv2d(in_c, out_c, spec.kernel, cfg, vb)?))
+    Ok(Conv2d(candle_nn::conv2d(
+        in_c,
+        out_c,
+        spec.kernel,
+        cfg,
+        vb,
+    )?))
 }
 
 /// `torch.nn.Linear` with bias.
@@ -334,7 +340,12 @@ mod tests {
         );
         let plain = conv.forward(x.as_tensor()).unwrap();
         let r = randn(6, plain.dims());
-        let want = (&plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = (&plain * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let ours = {
             let _training = DifferentiableScope::enter(true);
             conv.forward(x.as_tensor()).unwrap()

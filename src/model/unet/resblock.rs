@@ -24,8 +24,18 @@ impl Spade {
     fn new(channels: usize, semb_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Spade {
             norm: group_norm32(channels, vb.pp("param_free_norm"))?,
-            shared: nn::conv2d(semb_channels, SPADE_HIDDEN, ConvSpec::same(3), vb.pp("mlp_shared.0"))?,
-            gamma: nn::conv2d(SPADE_HIDDEN, channels, ConvSpec::same(3), vb.pp("mlp_gamma"))?,
+            shared: nn::conv2d(
+                semb_channels,
+                SPADE_HIDDEN,
+                ConvSpec::same(3),
+                vb.pp("mlp_shared.0"),
+            )?,
+            gamma: nn::conv2d(
+                SPADE_HIDDEN,
+                channels,
+                ConvSpec::same(3),
+                vb.pp("mlp_gamma"),
+            )?,
             beta: nn::conv2d(SPADE_HIDDEN, channels, ConvSpec::same(3), vb.pp("mlp_beta"))?,
         })
     }
@@ -48,7 +58,8 @@ impl Spade {
         let gamma = (gamma + 1.0)?.unsqueeze(0)?;
         let beta = beta.unsqueeze(0)?;
         // gamma and beta come from the (constant) encoder features: only h needs a gradient.
-        kernels::add_const(&kernels::mul_const(&grouped, &gamma)?, &beta)?.reshape((batch, c, hh, ww))
+        kernels::add_const(&kernels::mul_const(&grouped, &gamma)?, &beta)?
+            .reshape((batch, c, hh, ww))
     }
 }
 
@@ -89,7 +100,12 @@ impl ResBlock {
             skip: if in_c == out_c {
                 None
             } else {
-                Some(nn::conv2d(in_c, out_c, ConvSpec::same(1), vb.pp("skip_connection"))?)
+                Some(nn::conv2d(
+                    in_c,
+                    out_c,
+                    ConvSpec::same(1),
+                    vb.pp("skip_connection"),
+                )?)
             },
             spade: semb_channels
                 .map(|s| Spade::new(out_c, s, vb.pp("spade")))

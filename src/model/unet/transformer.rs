@@ -3,7 +3,7 @@
 
 use crate::config::UNetConfig;
 use crate::kernels::{self, attention};
-use crate::model::nn::{self, ConvSpec, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::model::nn::{self, Conv2d, ConvSpec, GroupNorm, LayerNorm, Linear};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -216,8 +216,18 @@ impl SpatialTransformer {
             )
         } else {
             (
-                Projection::Conv(nn::conv2d(channels, inner, ConvSpec::same(1), vb.pp("proj_in"))?),
-                Projection::Conv(nn::conv2d(inner, channels, ConvSpec::same(1), vb.pp("proj_out"))?),
+                Projection::Conv(nn::conv2d(
+                    channels,
+                    inner,
+                    ConvSpec::same(1),
+                    vb.pp("proj_in"),
+                )?),
+                Projection::Conv(nn::conv2d(
+                    inner,
+                    channels,
+                    ConvSpec::same(1),
+                    vb.pp("proj_out"),
+                )?),
             )
         };
         let blocks = (0..cfg.transformer_depth)
