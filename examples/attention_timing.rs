@@ -3,7 +3,7 @@
 //! backward at batch 1 (5 heads), in GFLOP/s of the matrix products; for profiling.
 //! `cargo run --release --example attention_timing`, or `RUNS=5`.
 use candle_core::{Device, Tensor, Var};
-use pfstorer::model::nn::{attention, set_differentiable};
+use pfstorer::kernels::{attention, DifferentiableScope};
 use std::time::Instant;
 
 const TOKENS: usize = 4096;
@@ -34,7 +34,7 @@ fn main() -> candle_core::Result<()> {
         2.0 * product_gflop(10) / best
     );
 
-    set_differentiable(true);
+    let _training = DifferentiableScope::enter(true);
     let vars = [
         Var::from_tensor(&random(5)?)?,
         Var::from_tensor(&random(5)?)?,

@@ -117,8 +117,8 @@ fn main() -> anyhow::Result<()> {
             training: serde_json::json!({}),
         };
         let identity = Identity::from_trainer(&trainer, &info)?;
+        // Dropping the trainer returns this thread to the inference kernels.
         drop(trainer);
-        pfstorer::model::nn::set_differentiable(false);
 
         let clean = &photos[0];
         let (degraded, _) = degrade_image(clean, Preset::Heavy, 1000 + seed)?;

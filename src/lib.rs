@@ -21,6 +21,7 @@ pub mod error;
 pub mod faces;
 pub mod fsutil;
 pub mod imaging;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -187,14 +187,8 @@ mod tests {
             ours.step(&loss(&ours_var).backward().unwrap()).unwrap();
             theirs.step(&loss(&theirs_var).backward().unwrap()).unwrap();
         }
-        let diff: f32 = (ours_var.as_tensor() - theirs_var.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff =
+            crate::kernels::test_util::max_diff(ours_var.as_tensor(), theirs_var.as_tensor());
         assert!(diff < 1e-6, "max abs difference to candle's AdamW {diff}");
         assert_eq!(ours.steps_taken(), 20);
     }

@@ -11,10 +11,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, D};
 use common::{max_abs, max_abs_diff, test_device, test_dtype};
-use pfstorer::model::nn::{
-    attention, attention_chunk_elements, conv2d_input_gradient, conv2d_input_gradient_composed,
-    input_gradient_path_for, set_differentiable, ConvGradGeometry, InputGradientPath,
-    CPU_CHUNK_ELEMENTS,
+use pfstorer::kernels::conv2d::{
+    conv2d_input_gradient, conv2d_input_gradient_composed, input_gradient_path_for,
+    ConvGradGeometry, InputGradientPath,
+};
+use pfstorer::kernels::{
+    attention, attention_chunk_elements, DifferentiableScope, CPU_CHUNK_ELEMENTS,
 };
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
@@ -155,11 +157,11 @@ fn frozen_conv_backward_pass_on_the_test_device() {
     let grad_of = |kernel: &Tensor, x: &Tensor| {
         let conv = pfstorer::model::nn::Conv2d::new(kernel.clone(), None, cfg);
         let x = Var::from_tensor(x).unwrap();
-        set_differentiable(true);
+        let training = DifferentiableScope::enter(true);
         let y = conv.forward(x.as_tensor()).unwrap();
+        drop(training);
         let loss = y.sqr().unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        set_differentiable(false);
         grads
             .get(x.as_tensor())
             .expect("input gradient")

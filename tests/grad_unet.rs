@@ -6,15 +6,15 @@ mod common;
 
 use candle_core::{DType, Device, Var};
 use pfstorer::config::BaseModelConfig;
+use pfstorer::kernels::DifferentiableScope;
 use pfstorer::model::lq_encoder::LqEncoder;
-use pfstorer::model::nn;
 use pfstorer::model::unet::{UNet, UNetInputs};
 use pfstorer::weights::{CheckedWeights, TensorStore};
 use std::sync::Arc;
 
 #[test]
 fn unet_gradients_match_reference_autograd() {
-    nn::set_differentiable(true);
+    let _training = DifferentiableScope::enter(true);
     let cfg = BaseModelConfig::from_yaml_file(&common::fixture("stablesr/config.yaml")).unwrap();
     let store = TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap();
     let w = CheckedWeights::from_store(Arc::new(store));
@@ -53,5 +53,4 @@ fn unet_gradients_match_reference_autograd() {
             common::get(&g, &format!("unet.grad.{name}")),
         );
     }
-    nn::set_differentiable(false);
 }

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use pfstorer::config::{BaseModelConfig, TextConfig};
-use pfstorer::model::nn;
+use pfstorer::kernels::DifferentiableScope;
 use pfstorer::model::text_encoder::{replace_rows, TextEncoder, TEXT_PREFIX};
 use pfstorer::model::tokenizer::{
     eot_position, ClipTokenizer, CONTEXT_LENGTH, END_ID, PAD_ID, START_ID,
@@ -221,9 +221,7 @@ fn text_encoder_matches_reference_ckpt() {
 
 #[test]
 fn text_gradient_matches_reference() {
-    // Process-wide switch; the other tests of this binary only get the composed kernels, which
-    // match the fused ones within tolerance.
-    nn::set_differentiable(true);
+    let _training = DifferentiableScope::enter(true);
     let (encoder, _) = fixture_encoder("stablesr/model.safetensors");
     let grad = common::load("stablesr/grad.safetensors");
     let tokens = common::get(&grad, "text.in.tokens");
@@ -270,7 +268,7 @@ fn placeholder_positions_follow_the_spec() {
 
 #[test]
 fn replaced_row_receives_the_reference_gradient() {
-    nn::set_differentiable(true);
+    let _training = DifferentiableScope::enter(true);
     let (encoder, _) = fixture_encoder("stablesr/model.safetensors");
     let grad = common::load("stablesr/grad.safetensors");
     let tokens = common::get(&grad, "text.in.tokens");

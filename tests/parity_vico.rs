@@ -9,7 +9,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use pfstorer::config::UNetConfig;
 use pfstorer::error::Result;
-use pfstorer::model::nn;
+use pfstorer::kernels::DifferentiableScope;
 use pfstorer::model::unet::SpatialTransformer;
 use pfstorer::personalize::block::{
     otsu_mask, otsu_threshold, pers_loss, placeholder_signals, run_blocks_with_text_probs,
@@ -25,10 +25,9 @@ const ICA_PREFIX: &str = "image_cross_attention.";
 /// The kernel mode is process-wide; tests that depend on it run one at a time.
 static KERNEL_MODE: Mutex<()> = Mutex::new(());
 
-fn kernel_mode(differentiable: bool) -> MutexGuard<'static, ()> {
+fn kernel_mode(differentiable: bool) -> (DifferentiableScope, MutexGuard<'static, ()>) {
     let guard = KERNEL_MODE.lock().unwrap_or_else(|e| e.into_inner());
-    nn::set_differentiable(differentiable);
-    guard
+    (DifferentiableScope::enter(differentiable), guard)
 }
 
 #[derive(Debug, serde::Deserialize)]

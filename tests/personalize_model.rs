@@ -9,6 +9,7 @@ use common::max_abs_diff;
 use candle_core::{DType, Device, Tensor};
 use pfstorer::config::BaseModelConfig;
 use pfstorer::imaging::ImageF32;
+use pfstorer::kernels::DifferentiableScope;
 use pfstorer::model::base::BaseModel;
 use pfstorer::model::unet::UNetInputs;
 use pfstorer::personalize::dual_stream::PersonalizedUNet;
@@ -20,9 +21,14 @@ use pfstorer::weights::base_fingerprint;
 use pfstorer::weights::TensorStore;
 use rand::{Rng, SeedableRng};
 
+/// The tiny base model; the tests hold the thread on the differentiable kernels with
+/// `training()` (the personalization trainer does the same for its lifetime).
 fn base() -> BaseModel {
-    pfstorer::model::nn::set_differentiable(true);
     common::tiny_base()
+}
+
+fn training() -> DifferentiableScope {
+    DifferentiableScope::enter(true)
 }
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
@@ -75,6 +81,7 @@ fn setup() -> Setup {
 
 #[test]
 fn zero_gamma_and_zero_lambda_reproduce_the_base_unet_exactly() {
+    let _training = training();
     let Setup { base, params } = setup();
     let blocks = params.blocks(&Device::Cpu).unwrap();
     let prompt = PromptTokens::default_positive(&base.tokenizer).unwrap();
@@ -133,7 +140,7 @@ fn zero_gamma_and_zero_lambda_reproduce_the_base_unet_exactly() {
 
 #[test]
 fn learned_token_replaces_the_placeholder_embedding() {
-    pfstorer::model::nn::set_differentiable(true);
+    let _training = training();
     let Setup { base, params } = setup();
     let prompt = PromptTokens::default_positive(&base.tokenizer).unwrap();
     assert_eq!(prompt.placeholder, Some(4));
@@ -216,6 +223,7 @@ fn frozen_probe(base: &BaseModel) -> Vec<Tensor> {
 
 #[test]
 fn training_steps_touch_only_the_trainable_tensors() {
+    let _training = training();
     let base = base();
     let params = TrainableParams::init(&base, 3).unwrap();
     let before = frozen_probe(&base);
@@ -379,6 +387,7 @@ fn training_steps_touch_only_the_trainable_tensors() {
 /// gives the losses and gradients of the single joint graph, for every trainable tensor.
 #[test]
 fn branchwise_gradients_equal_the_joint_backward() {
+    let _training = training();
     let base = base();
     let params = TrainableParams::init(&base, 21).unwrap();
     set_random_gammas(&params, 400);
@@ -469,6 +478,7 @@ impl pfstorer::model::unet::TransformerSeam for VisitCounter {
 /// done; `forward_with_seam` runs every transformer whatever the seam says.
 #[test]
 fn a_finished_seam_ends_the_pass_early() {
+    let _training = training();
     let base = base();
     let x = randn(31, &[1, 4, 8, 8]);
     let t = Tensor::new(&[300f32], &Device::Cpu).unwrap();

@@ -55,10 +55,9 @@ fn identity(base: &BaseModel, fingerprint: &str, random_gammas: bool) -> Identit
         ref_sources: vec![],
         training: serde_json::json!({}),
     };
-    let identity = Identity::from_trainer(&trainer, &info).unwrap();
-    // The trainer switched to the differentiable ops; restoration runs the plain ones.
-    pfstorer::model::nn::set_differentiable(false);
-    identity
+    // The trainer holds this thread on the differentiable ops until it is dropped here;
+    // restoration then runs the plain ones.
+    Identity::from_trainer(&trainer, &info).unwrap()
 }
 
 /// The base denoiser with the personalization's own (token) contexts.

@@ -16,7 +16,7 @@ pub mod trainable;
 use crate::diffusion::noise::standard_normal;
 use crate::error::{Error, Result};
 use crate::imaging::tensor::image_to_tensor;
-use crate::model::nn;
+use crate::kernels::DifferentiableScope;
 use data::{epoch_order, prepare_sample, sample_rng, FaceDataset, SampleRecipe, Sharding};
 use parallel::Communicator;
 use rand::Rng;
@@ -155,10 +155,8 @@ impl<'a> Run<'a> {
             prepared.push(sample);
         }
         // The frozen VAE runs without a graph, on the fused inference kernels.
-        nn::set_differentiable(false);
-        let result = self.encode(prepared);
-        nn::set_differentiable(true);
-        result
+        let _inference = DifferentiableScope::enter(false);
+        self.encode(prepared)
     }
 
     fn encode(&self, prepared: Vec<data::PreparedSample>) -> Result<LatentBatch> {

@@ -7,8 +7,8 @@ use super::trainable::TrainableWeights;
 use crate::config::BaseModelConfig;
 use crate::diffusion::schedule::Schedule;
 use crate::error::{Error, Result};
+use crate::kernels::DifferentiableScope;
 use crate::model::base::BaseModel;
-use crate::model::nn;
 use crate::model::unet::UNetInputs;
 use crate::optim::{AdamW, AdamWParams};
 use candle_core::{DType, Device, Tensor, Var};
@@ -50,15 +50,15 @@ pub struct BaseTrainer {
 
 impl BaseTrainer {
     /// Builds the model from `weights` with the trainable tensors as variables, encodes the
-    /// empty prompt, releases the text encoder (frozen, and not needed again) and switches this
-    /// thread to differentiable kernels.
+    /// empty prompt (on the inference kernels) and releases the text encoder (frozen, and not
+    /// needed again). [`BaseTrainer::loss`] runs on the differentiable kernels.
     pub fn new(
         config: BaseModelConfig,
         weights: &TrainableWeights,
         device: &Device,
         optimizer: AdamWParams,
     ) -> Result<(Self, crate::model::base::UnusedSummary)> {
-        nn::set_differentiable(false);
+        let _inference = DifferentiableScope::enter(false);
         let vb = weights.var_builder(DType::F32, device);
         let (mut base, unused) = BaseModel::from_var_builder(config, vb, weights.checked())?;
         let vars = weights.vars();
@@ -72,7 +72,6 @@ impl BaseTrainer {
         let context = base.text_encoder()?.forward(&ids)?.detach();
         base.release_text_encoder();
         let schedule = Schedule::linear(&base.config.diffusion)?;
-        nn::set_differentiable(true);
         Ok((
             BaseTrainer {
                 base,
@@ -99,8 +98,10 @@ impl BaseTrainer {
         self.sqrt_alphas_cumprod.len()
     }
 
-    /// `mean_b mean((v_pred − v_target)²)` for `batch` with the current tensors.
+    /// `mean_b mean((v_pred − v_target)²)` for `batch` with the current tensors, on the
+    /// differentiable kernels (whatever the calling thread's mode).
     pub fn loss(&self, batch: &LatentBatch) -> Result<Tensor> {
+        let _training = DifferentiableScope::enter(true);
         let device = &self.base.device;
         let b = batch.z_gt.dim(0)?;
         if batch.timesteps.len() != b || batch.z_lq.dims() != batch.z_gt.dims() {

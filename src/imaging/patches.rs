@@ -138,14 +138,7 @@ mod tests {
             blender.add(p, &crop).unwrap();
         }
         let out = blender.finish().unwrap();
-        let err: f32 = (out - &img)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let err = crate::kernels::test_util::max_diff(&out, &img);
         assert!(err < 1e-5, "max error {err}");
     }
 

@@ -4,7 +4,7 @@
 //! passed through its own ResBlock (`fea_tran`) to the UNet's `semb_channels`. These feed the
 //! SPADE layers of every UNet residual block.
 
-use super::nn::{self, group_norm32, GroupNorm};
+use super::nn::{self, group_norm32, ConvSpec, GroupNorm};
 use super::time_embedding::TimeEmbedding;
 use super::unet::{ResBlock, StructCond};
 use crate::config::LqEncoderConfig;
@@ -64,7 +64,7 @@ impl AttentionBlock {
         // query rows so the `t x t` scores (4096^2 per head at a 64x64 latent) are never whole.
         let tokens = |from: usize| qkv.narrow(1, from, ch)?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (tokens(0)?, tokens(ch)?, tokens(2 * ch)?);
-        let a = nn::attention(&q, &k, &v, 1.0 / (ch as f64).sqrt(), None)?
+        let a = crate::kernels::attention(&q, &k, &v, 1.0 / (ch as f64).sqrt(), None)?
             .transpose(1, 2)?
             .contiguous()?;
         let a = a.reshape((b, c, t))?;
@@ -98,9 +98,7 @@ impl LqEncoder {
         let mut input_blocks = vec![vec![Layer::Conv(nn::conv2d(
             cfg.in_channels,
             mc,
-            3,
-            1,
-            1,
+            ConvSpec::same(3),
             vb.pp("input_blocks.0.0"),
         )?)]];
         // Widths of the features handed to `fea_tran`: the input of every downsampling step,
@@ -134,9 +132,7 @@ impl LqEncoder {
                 input_blocks.push(vec![Layer::Down(nn::conv2d(
                     ch,
                     ch,
-                    3,
-                    2,
-                    1,
+                    ConvSpec::downsample(1),
                     vb.pp(format!("input_blocks.{i}.0.op")),
                 )?)]);
                 feature_channels.push(ch);

@@ -8,6 +8,7 @@
 //! checkpoint is accounted for) but take no part in the computation.
 
 use crate::config::TextConfig;
+use crate::kernels;
 use crate::model::nn::Linear;
 use crate::model::nn::{self, LayerNorm};
 use candle_core::{bail, Result};
@@ -52,7 +53,7 @@ impl SelfAttention {
         };
         let (q, k, v) = (split_heads(0)?, split_heads(1)?, split_heads(2)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let out = nn::attention(&q, &k, &v, scale, Some(mask))?
+        let out = kernels::attention(&q, &k, &v, scale, Some(mask))?
             .reshape((batch, self.heads, len, head_dim))?
             .transpose(1, 2)?
             .contiguous()?
@@ -86,7 +87,7 @@ impl ResidualBlock {
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
-        let h = nn::gelu(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        let h = kernels::gelu(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
         &x + self.c_proj.forward(&h)?
     }
 }
@@ -164,7 +165,7 @@ impl TextEncoder {
 
     /// The context from token embeddings `[B, L, width]` (L <= context length): adds the
     /// positional embedding, runs the active blocks and `ln_final`. Differentiable with respect
-    /// to `emb` when [`nn::set_differentiable`] is on.
+    /// to `emb` when a [`kernels::DifferentiableScope`] is entered with `true`.
     pub fn forward_embeddings(&self, emb: &Tensor) -> Result<Tensor> {
         let mask = self.causal_mask(emb.dim(1)?, emb.device())?;
         let mut x = self.add_positions(emb)?;

@@ -8,8 +8,9 @@
 //! any size divisible by [`VaeConfig::downsample_factor`] works.
 
 use crate::config::VaeConfig;
+use crate::kernels;
 use crate::model::nn::Conv2d;
-use crate::model::nn::{self, GroupNorm};
+use crate::model::nn::{self, ConvSpec, GroupNorm};
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -28,11 +29,11 @@ fn normalize(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
 }
 
 fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
-    nn::conv2d(in_c, out_c, 3, 1, 1, vb)
+    nn::conv2d(in_c, out_c, ConvSpec::same(3), vb)
 }
 
 fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
-    nn::conv2d(in_c, out_c, 1, 1, 0, vb)
+    nn::conv2d(in_c, out_c, ConvSpec::same(1), vb)
 }
 
 fn leaky_relu(x: &Tensor) -> Result<Tensor> {
@@ -146,7 +147,7 @@ impl Module for AttnBlock {
         let q = tokens(self.q.forward(&normed)?)?;
         let k = tokens(self.k.forward(&normed)?)?;
         let v = tokens(self.v.forward(&normed)?)?;
-        let attended = nn::attention(&q, &k, &v, (c as f64).powf(-0.5), None)?;
+        let attended = kernels::attention(&q, &k, &v, (c as f64).powf(-0.5), None)?;
         let attended = attended.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + self.proj_out.forward(&attended)?
     }
@@ -316,9 +317,7 @@ impl Encoder {
                 let conv = nn::conv2d(
                     block_in,
                     block_in,
-                    3,
-                    2,
-                    0,
+                    ConvSpec::downsample(0),
                     vb_level.pp("downsample").pp("conv"),
                 )?;
                 downsamples.push(Downsample { conv });

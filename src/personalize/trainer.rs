@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::imaging::resize::{resize_torch, TorchInterp};
 use crate::imaging::tensor::image_to_tensor;
 use crate::imaging::ImageF32;
+use crate::kernels::DifferentiableScope;
 use crate::model::base::BaseModel;
-use crate::model::nn;
 use crate::model::unet::{StructCond, UNetInputs};
 use crate::model::vae::DiagonalGaussian;
 use crate::optim::{AdamW, AdamWParams};
@@ -214,11 +214,14 @@ pub struct Trainer<'a> {
     seed: u64,
     pub rng: StdRng,
     pub iteration: usize,
+    /// Differentiable kernels on this thread for as long as the trainer lives (the reference
+    /// latents are encoded under it too); dropping the trainer restores the thread's mode.
+    _mode: DifferentiableScope,
 }
 
 impl<'a> Trainer<'a> {
     /// Prepares references (`size`² HQ images), the null latent, the schedule and optimizers.
-    /// Switches the process to differentiable kernels.
+    /// Holds this thread on the differentiable kernels until the trainer is dropped.
     pub fn new(
         base: &'a BaseModel,
         params: TrainableParams,
@@ -236,7 +239,7 @@ impl<'a> Trainer<'a> {
         if images.is_empty() {
             return Err(Error::Input("no reference images".into()));
         }
-        nn::set_differentiable(true);
+        let mode = DifferentiableScope::enter(true);
         let scale = base.config.diffusion.scale_factor;
         let device = &base.device;
         let references = images
@@ -287,6 +290,7 @@ impl<'a> Trainer<'a> {
             seed,
             rng: iteration_rng(seed, 0),
             iteration: 0,
+            _mode: mode,
         })
     }
 

@@ -297,7 +297,7 @@ impl InplaceOp2 for BiasAct {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::test_util::{max_abs, max_diff, randn};
+    use crate::kernels::test_util::{max_abs, max_diff, randn};
 
     /// f32 rounding bound for sums reordered: relative to the output's largest magnitude.
     fn close(a: &Tensor, b: &Tensor) -> bool {

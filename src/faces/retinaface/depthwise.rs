@@ -183,7 +183,7 @@ impl CustomOp3 for DepthwiseCpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::test_util::{max_diff, randn};
+    use crate::kernels::test_util::{max_diff, randn};
 
     #[test]
     fn matches_candle_grouped_conv() {

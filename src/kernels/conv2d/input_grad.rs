@@ -1,13 +1,17 @@
-//! The input gradient of a frozen convolution: its sizes, which implementation runs it, and on
-//! CUDA builds with cuDNN, cuDNN's backward-data (`cudnnConvolutionBackwardData`).
+//! The input gradient of a convolution, `dL/dx` for the output gradient `g`: its sizes, which
+//! implementation runs it, and the implementations.
 //!
-//! candle's own input gradient is a transposed convolution (a naive kernel on CUDA), and the
-//! composed form in [`super::conv2d_input_gradient_composed`] is a forward convolution over a
-//! zero-spread gradient: on a GPU with cuDNN, backward-data does the same work in one call without
-//! the spread tensor. The sizes and the dispatch are plain functions so that the CPU tests pin them
-//! down; the values on CUDA are checked by `tests/cuda_kernels.rs` in the GPU check.
+//! candle's own input gradient is a transposed convolution (a direct loop on the CPU, a naive
+//! kernel on CUDA). [`conv2d_input_gradient_composed`] writes it as a forward convolution of the
+//! flipped kernel over the zero-spread gradient instead, so it runs on [`super::conv2d`]'s fast
+//! paths (any device and dtype; dilation, and padding of a kernel's size or more, fall back to
+//! candle's transposed convolution). On CUDA builds with the `cudnn` feature, cuDNN's
+//! backward-data (`cudnn.rs`) does the same work in one call without the spread tensor, for
+//! f32, f16 and bf16 ([`input_gradient_path`]). The sizes and the dispatch are plain functions
+//! so that the CPU tests pin them down; the values on CUDA are checked by
+//! `tests/cuda_kernels.rs` in the GPU check.
 
-use candle_core::DType;
+use candle_core::{DType, Result, Tensor};
 
 /// Why a convolution's input gradient cannot be computed from the given sizes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,7 +82,7 @@ impl ConvGradGeometry {
         cfg: &candle_nn::Conv2dConfig,
         in_h: usize,
         in_w: usize,
-    ) -> Result<Self, ConvGradError> {
+    ) -> std::result::Result<Self, ConvGradError> {
         let (&[batch, g_c, out_h, out_w], &[c_out, c_in, k_h, k_w]) = (g_dims, kernel_dims) else {
             let (what, dims) = if g_dims.len() != 4 {
                 ("gradient", g_dims)
@@ -152,7 +156,7 @@ pub enum InputGradientPath {
     /// cuDNN's backward-data, in one call (CUDA builds with the `cudnn` feature).
     CudnnBackwardData,
     /// The forward convolution of the flipped kernel over the spread gradient
-    /// ([`super::conv2d_input_gradient_composed`]): every device and dtype.
+    /// ([`conv2d_input_gradient_composed`]): every device and dtype.
     Composed,
 }
 
@@ -189,166 +193,143 @@ pub fn input_gradient_path_for(
     )
 }
 
-#[cfg(feature = "cudnn")]
-pub(super) use cudnn_op::backward_data;
-
-#[cfg(feature = "cudnn")]
-mod cudnn_op {
-    use super::ConvGradGeometry;
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::cudnn::{sys, ConvBackwardData, Cudnn, CudnnDataType};
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
-    use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId};
-    use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-    use std::sync::Arc;
-
-    // cuDNN handles are neither Send nor Sync: one per thread and device, as candle keeps its own.
-    thread_local! {
-        static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+/// `x` convolved (stride 1, `padding`) with `kernel` flipped in space and with its channel axes
+/// swapped: on the shifted-gemm path straight from the stored kernel, elsewhere from a flipped
+/// copy.
+fn conv2d_with_flipped_kernel(x: &Tensor, kernel: &Tensor, padding: usize) -> Result<Tensor> {
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    let fast = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && kernel.dtype() == DType::F32
+        && k_h * k_w > 1
+        && !x.track_op()
+        && !kernel.track_op();
+    if fast {
+        return super::cpu_conv2d(x, kernel, padding, 1, true);
     }
+    let swapped = kernel.transpose(0, 1)?.contiguous()?;
+    let flipped = if k_h * k_w > 1 {
+        flip_spatial(&swapped)?
+    } else {
+        swapped
+    };
+    super::conv2d(x, &flipped, &unit_stride(padding))
+}
 
-    fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
-        HANDLES.with(|handles| {
-            if let Some(h) = handles.borrow().get(&dev.id()) {
-                return Ok(h.clone());
-            }
-            let h = Cudnn::new(dev.cuda_stream()).map_err(candle_core::Error::wrap)?;
-            handles.borrow_mut().insert(dev.id(), h.clone());
-            Ok(h)
-        })
-    }
-
-    /// `dx` of `conv2d(x, kernel)` for the output gradient `g`, through cuDNN. Both tensors are
-    /// made contiguous first (the descriptors are packed NCHW).
-    pub(in crate::model::nn) fn backward_data(
-        g: &Tensor,
-        kernel: &Tensor,
-        geometry: ConvGradGeometry,
-    ) -> Result<Tensor> {
-        g.contiguous()?
-            .apply_op2_no_bwd(&kernel.contiguous()?, &CudnnBackwardData(geometry))
-    }
-
-    struct CudnnBackwardData(ConvGradGeometry);
-
-    impl candle_core::CustomOp2 for CudnnBackwardData {
-        fn name(&self) -> &'static str {
-            "cudnn-conv2d-backward-data"
+/// The input gradient of `conv2d(x, kernel, cfg)` for the output gradient `g`, `x` being
+/// `in_h` x `in_w`: cuDNN's backward-data on CUDA builds with cuDNN (see
+/// `cudnn.rs`), else [`conv2d_input_gradient_composed`].
+pub fn conv2d_input_gradient(
+    g: &Tensor,
+    kernel: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+    in_h: usize,
+    in_w: usize,
+) -> Result<Tensor> {
+    match input_gradient_path_for(g, kernel, cfg) {
+        #[cfg(feature = "cudnn")]
+        InputGradientPath::CudnnBackwardData => {
+            let geometry = ConvGradGeometry::new(g.dims(), kernel.dims(), cfg, in_h, in_w)?;
+            super::cudnn::backward_data(g, kernel, geometry)
         }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            // The dispatch sends only CUDA tensors here; the CPU has the composed path.
-            candle_core::bail!("cuDNN backward-data runs on CUDA tensors only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            g: &CudaStorage,
-            g_l: &Layout,
-            k: &CudaStorage,
-            k_l: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            if !g_l.is_contiguous() || !k_l.is_contiguous() {
-                candle_core::bail!("cuDNN backward-data: operands must be contiguous");
-            }
-            let geo = &self.0;
-            let storage = match (g.dtype(), k.dtype()) {
-                (DType::F32, DType::F32) => launch::<f32, f32>(geo, g, g_l, k, k_l)?,
-                // Half precision with f32 accumulation (cuDNN's PSEUDO_HALF / PSEUDO_BFLOAT16
-                // configurations; bf16 has no other).
-                (DType::F16, DType::F16) => launch::<half::f16, f32>(geo, g, g_l, k, k_l)?,
-                (DType::BF16, DType::BF16) => launch::<half::bf16, f32>(geo, g, g_l, k, k_l)?,
-                (a, b) => candle_core::bail!("cuDNN backward-data: unsupported dtypes {a:?}/{b:?}"),
-            };
-            Ok((storage, Shape::from(geo.input_dims().to_vec())))
-        }
+        _ => conv2d_input_gradient_composed(g, kernel, cfg, in_h, in_w),
     }
+}
 
-    /// cuDNN takes `int` sizes.
-    fn int(v: usize) -> Result<i32> {
-        i32::try_from(v).map_err(|_| {
-            candle_core::Error::Msg(format!("cuDNN backward-data: size {v} exceeds i32"))
-        })
+/// The same input gradient from candle ops, on every device and dtype.
+///
+/// That gradient is the transposed convolution of `g`, which candle runs as a direct loop on the
+/// CPU and a naive kernel on CUDA. Written instead as a forward convolution (the fast im2col +
+/// gemm / cuDNN path): insert `stride - 1` zeros between the gradient's rows and columns, pad by
+/// `k - 1 - padding` (plus the rows and columns the stride dropped on the far side), and
+/// convolve with the kernel flipped in space and with its channel axes swapped.
+pub fn conv2d_input_gradient_composed(
+    g: &Tensor,
+    kernel: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+    in_h: usize,
+    in_w: usize,
+) -> Result<Tensor> {
+    let (_, _, k_h, k_w) = kernel.dims4()?;
+    let (_, _, out_h, out_w) = g.dims4()?;
+    let (s, p) = (cfg.stride, cfg.padding);
+    if cfg.dilation != 1 || cfg.groups != 1 || p + 1 > k_h || p + 1 > k_w {
+        return conv2d_input_gradient_transposed(g, kernel, cfg, in_h, in_w);
     }
+    let (spread_h, spread_w) = ((out_h - 1) * s + 1, (out_w - 1) * s + 1);
+    if s == 1 && k_h == k_w {
+        // Stride 1 and a square kernel: the padding is symmetric and the convolution does it.
+        return conv2d_with_flipped_kernel(g, kernel, k_h - 1 - p);
+    }
+    let spread = spread_with_zeros(&spread_with_zeros(g, 2, s)?, 3, s)?;
+    let spread = spread
+        .pad_with_zeros(2, k_h - 1 - p, in_h + p - spread_h)?
+        .pad_with_zeros(3, k_w - 1 - p, in_w + p - spread_w)?;
+    conv2d_with_flipped_kernel(&spread, kernel, 0)
+}
 
-    fn dims(d: [usize; 4]) -> Result<[i32; 4]> {
-        Ok([int(d[0])?, int(d[1])?, int(d[2])?, int(d[3])?])
+fn unit_stride(padding: usize) -> candle_nn::Conv2dConfig {
+    candle_nn::Conv2dConfig {
+        padding,
+        ..Default::default()
     }
+}
 
-    fn launch<T, C>(
-        geo: &ConvGradGeometry,
-        g: &CudaStorage,
-        g_l: &Layout,
-        k: &CudaStorage,
-        k_l: &Layout,
-    ) -> Result<CudaStorage>
-    where
-        T: CudaDType + DeviceRepr + ValidAsZeroBits + CudnnDataType + WithDType,
-        C: CudnnDataType,
-    {
-        let wrap = candle_core::Error::wrap;
-        let dev = g.device().clone();
-        let dy = g.as_cuda_slice::<T>()?.slice(g_l.start_offset()..);
-        let w = k.as_cuda_slice::<T>()?.slice(k_l.start_offset()..);
-        let cudnn = handle(&dev)?;
-        let (p, s, d) = (int(geo.padding)?, int(geo.stride)?, int(geo.dilation)?);
-        let conv = cudnn
-            .create_conv2d::<C>(
-                [p, p],
-                [s, s],
-                [d, d],
-                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-            )
-            .map_err(wrap)?;
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-        let dx_desc = cudnn
-            .create_4d_tensor::<T>(nchw, dims(geo.input_dims())?)
-            .map_err(wrap)?;
-        let w_desc = cudnn
-            .create_4d_filter::<T>(nchw, dims([geo.c_out, geo.c_in, geo.k_h, geo.k_w])?)
-            .map_err(wrap)?;
-        let dy_desc = cudnn
-            .create_4d_tensor::<T>(nchw, dims([geo.batch, geo.c_out, geo.out_h, geo.out_w])?)
-            .map_err(wrap)?;
-        let op = ConvBackwardData {
-            conv: &conv,
-            dx: &dx_desc,
-            w: &w_desc,
-            dy: &dy_desc,
-        };
-        let algo = op.pick_algorithm().map_err(wrap)?;
-        let workspace_size = op.get_workspace_size(algo).map_err(wrap)?;
-        let mut workspace = dev.alloc_zeros::<u8>(workspace_size)?;
-        // Every element is written (beta = 0), so the output needs no zeroing.
-        let mut dx = unsafe { dev.alloc::<T>(geo.input_dims().iter().product())? };
-        unsafe {
-            op.launch::<CudaSlice<u8>, _, _, _>(
-                algo,
-                Some(&mut workspace),
-                (T::from_f64(1.0), T::from_f64(0.0)),
-                &mut dx,
-                &w,
-                &dy,
-            )
-        }
-        .map_err(wrap)?;
-        Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+/// The same gradient through candle's transposed convolution; for the cases the forward form
+/// does not cover (dilation, padding of a kernel's size or more).
+fn conv2d_input_gradient_transposed(
+    g: &Tensor,
+    kernel: &Tensor,
+    cfg: &candle_nn::Conv2dConfig,
+    in_h: usize,
+    in_w: usize,
+) -> Result<Tensor> {
+    // Output padding restores the rows and columns a stride dropped. One padding serves both
+    // axes, so take the larger and cut back. (candle's transposed convolution has no groups;
+    // the geometry refuses them.)
+    let (pad_h, pad_w) =
+        ConvGradGeometry::new(g.dims(), kernel.dims(), cfg, in_h, in_w)?.output_padding();
+    g.conv_transpose2d(
+        kernel,
+        cfg.padding,
+        pad_h.max(pad_w),
+        cfg.stride,
+        cfg.dilation,
+    )?
+    .narrow(2, 0, in_h)?
+    .narrow(3, 0, in_w)
+}
+
+/// `x` reversed along its last two axes, as a fresh contiguous tensor: candle's CPU conv2d gives
+/// wrong results for kernels that are non-contiguous views (candle #3736), so never pass one.
+fn flip_spatial(x: &Tensor) -> Result<Tensor> {
+    let reversed = |n: usize| Tensor::from_vec((0..n as u32).rev().collect(), n, x.device());
+    let (h, w) = (x.dim(2)?, x.dim(3)?);
+    x.index_select(&reversed(h)?, 2)?
+        .index_select(&reversed(w)?, 3)?
+        .contiguous()
+}
+
+/// `x` with `stride - 1` zeros between consecutive entries along `axis`.
+fn spread_with_zeros(x: &Tensor, axis: usize, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(x.clone());
     }
+    let n = x.dim(axis)?;
+    let zeros = x.zeros_like()?;
+    let mut parts = vec![x.clone()];
+    parts.extend(std::iter::repeat_n(zeros, stride - 1));
+    let mut dims = x.dims().to_vec();
+    dims[axis] = n * stride;
+    Tensor::stack(&parts, axis + 1)?
+        .reshape(dims)?
+        .narrow(axis, 0, (n - 1) * stride + 1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::conv2d_input_gradient;
-    use crate::model::nn::test_util::{max_diff, randn};
+    use crate::kernels::test_util::{max_diff, randn};
 
     fn cfg(padding: usize, stride: usize) -> candle_nn::Conv2dConfig {
         candle_nn::Conv2dConfig {
@@ -460,5 +441,73 @@ mod tests {
         let g = randn(1, &[1, 4, 4, 4]);
         let k = randn(2, &[4, 3, 3, 3]);
         assert_eq!(input_gradient_path_for(&g, &k, &c), Composed);
+    }
+
+    /// The forward-convolution form of the input gradient against candle's transposed
+    /// convolution (the plain form), over strides, paddings, kernel shapes and odd sizes.
+    #[test]
+    fn conv_input_gradient_as_a_forward_convolution_matches_the_transposed_one() {
+        for (stride, padding, (k_h, k_w), (h, w)) in [
+            (1, 1, (3, 3), (8, 10)),
+            (1, 0, (3, 3), (7, 5)),
+            (1, 0, (1, 1), (5, 6)),
+            (2, 1, (3, 3), (8, 8)),
+            (2, 1, (3, 3), (7, 9)),
+            (2, 0, (1, 1), (6, 7)),
+            (3, 1, (3, 3), (11, 10)),
+            (1, 1, (3, 5), (6, 9)),
+            (2, 2, (5, 3), (9, 8)),
+        ] {
+            let kernel = randn(3, &[4, 3, k_h, k_w]);
+            let cfg = candle_nn::Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let x = randn(7, &[2, 3, h, w]);
+            let y = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
+            let g = randn(8, y.dims());
+            let got = conv2d_input_gradient(&g, &kernel, &cfg, h, w).unwrap();
+            let want = conv2d_input_gradient_transposed(&g, &kernel, &cfg, h, w).unwrap();
+            assert_eq!(got.dims(), x.dims());
+            let err = max_diff(&got, &want);
+            assert!(
+                err < 1e-4,
+                "k{k_h}x{k_w} s{stride} p{padding} {h}x{w}: {err}"
+            );
+            // And the adjoint identity <conv(x), g> = <x, dx(g)> with no reference at all.
+            let lhs: f32 = (&y * &g).unwrap().sum_all().unwrap().to_scalar().unwrap();
+            let rhs: f32 = (&x * &got).unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(
+                (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
+        }
+    }
+
+    /// candle's CPU conv2d computed wrong results for non-contiguous kernel views (candle #3736,
+    /// fixed upstream in July 2026). The release in use must get transposed and sliced kernel
+    /// views right; the input gradient above makes its kernel contiguous regardless.
+    #[test]
+    fn candle_conv2d_with_kernel_views_matches_contiguous_kernels() {
+        let base = randn(3, &[6, 4, 3, 3]);
+        let views = [
+            (
+                "transposed",
+                base.transpose(0, 1).unwrap().narrow(1, 0, 3).unwrap(),
+            ),
+            (
+                "sliced",
+                base.narrow(0, 1, 4).unwrap().narrow(1, 0, 3).unwrap(),
+            ),
+        ];
+        let x = randn(7, &[2, 3, 6, 7]);
+        for (name, kernel) in views {
+            assert!(!kernel.is_contiguous(), "{name}");
+            let view = x.conv2d(&kernel, 1, 1, 1, 1).unwrap();
+            let copy = x.conv2d(&kernel.contiguous().unwrap(), 1, 1, 1, 1).unwrap();
+            let err = max_diff(&view, &copy);
+            assert!(err < 1e-5, "{name} kernel view: max error {err}");
+        }
     }
 }

@@ -137,11 +137,23 @@ fn softmax_of_copy(out: &mut [f32]) -> (f32, f32) {
     (max, sum)
 }
 
-/// Softmax of one row in place; returns the row's log-sum-exp, `max + ln(sum(exp(x - max)))`,
-/// from which `exp(x - lse)` gives the probabilities again (attention's backward).
-pub fn softmax_in_place(row: &mut [f32]) -> f32 {
+/// Softmax of one row in place; returns the row's log-sum-exp in two parts, `(max,
+/// ln(sum(exp(x - max))))`, from which [`recompute_softmax_in_place`] gives the probabilities
+/// again (attention's backward). The parts stay apart because their sum can round to `max`:
+/// in a row masked with `-f32::MAX` throughout (ViCo's masked keys), `ln(n)` is lost against
+/// 3.4e38, and `exp(x - lse)` would give 1 for every key instead of `1/n`.
+pub fn softmax_in_place(row: &mut [f32]) -> (f32, f32) {
     let (max, sum) = softmax_of_copy(row);
-    max + sum.ln()
+    (max, sum.ln())
+}
+
+/// `x[i] = exp((x[i] - max) - ln_sum)`: the probabilities of a row of scores from the parts of
+/// its log-sum-exp that [`softmax_in_place`] returned.
+pub fn recompute_softmax_in_place(row: &mut [f32], (max, ln_sum): (f32, f32)) {
+    for v in row.iter_mut() {
+        *v -= max;
+    }
+    exp_shifted_in_place(row, ln_sum);
 }
 
 /// Softmax of one row into `out`: `exp(x - max) / sum`. A NaN anywhere, or a row of -inf,
@@ -201,27 +213,34 @@ mod tests {
     }
 
     /// The in-place softmax equals the copying one, and its log-sum-exp gives the
-    /// probabilities back as `exp(x - lse)` (what attention's backward recomputes).
+    /// probabilities back (what attention's backward recomputes); also for a row masked with
+    /// `-f32::MAX` throughout, where `max + ln(sum)` rounds to `max`.
     #[test]
     fn softmax_in_place_returns_the_log_sum_exp() {
-        for (len, scale) in [(77usize, 3f64), (4096, 30.0), (5, 1.0), (1, 1.0)] {
-            let x = crate::model::nn::test_util::randn(len as u64 + 7, &[len]);
-            let x: Vec<f32> = (x * scale).unwrap().to_vec1().unwrap();
+        use crate::kernels::test_util::{max_diff_slices, randn};
+        let masked: Vec<f32> = (0..6).map(|i| -f32::MAX + i as f32).collect();
+        let mut cases: Vec<Vec<f32>> = [(77usize, 3f64), (4096, 30.0), (5, 1.0), (1, 1.0)]
+            .iter()
+            .map(|&(len, scale)| {
+                let x = randn(len as u64 + 7, &[len]);
+                (x * scale).unwrap().to_vec1().unwrap()
+            })
+            .collect();
+        cases.push(masked);
+        for x in cases {
+            let len = x.len();
             let mut copied = vec![0f32; len];
             softmax_row(&x, &mut copied);
             let mut row = x.clone();
-            let lse = softmax_in_place(&mut row);
+            let (max_part, ln_sum) = softmax_in_place(&mut row);
             assert_eq!(row, copied);
             let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let want = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-            let lse_err = (lse as f64 - want).abs();
+            let want = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            assert_eq!(max_part as f64, max);
+            let lse_err = (ln_sum as f64 - want).abs();
             let mut again = x.clone();
-            exp_shifted_in_place(&mut again, lse);
-            let p_err = again
-                .iter()
-                .zip(&row)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            recompute_softmax_in_place(&mut again, (max_part, ln_sum));
+            let p_err = max_diff_slices(&again, &row);
             println!("len {len}: log-sum-exp error {lse_err:e}, exp(x - lse) error {p_err:e}");
             assert!(lse_err <= 1e-5 * want.abs().max(1.0), "{lse_err:e}");
             assert!(p_err <= 1e-6, "{p_err:e}");
@@ -238,7 +257,7 @@ mod tests {
             (3, 16, 1.0),
             (2, 1, 1.0),
         ] {
-            let x = crate::model::nn::test_util::randn(len as u64, &[rows, len]);
+            let x = crate::kernels::test_util::randn(len as u64, &[rows, len]);
             let x = (x * scale as f64).unwrap();
             let expected = candle_nn::ops::softmax_last_dim(&x).unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
@@ -247,7 +266,7 @@ mod tests {
                 softmax_row(xr, or);
             }
             let got = Tensor::from_vec(out, (rows, len), &Device::Cpu).unwrap();
-            let err = crate::model::nn::test_util::max_diff(&got, &expected);
+            let err = crate::kernels::test_util::max_diff(&got, &expected);
             println!("{rows}x{len} (logits x{scale}): max abs error {err:e}");
             assert!(err <= 1e-6, "{rows}x{len}: {err:e}");
         }

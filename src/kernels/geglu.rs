@@ -9,7 +9,12 @@
 //! `erf` is a degree-18 Chebyshev expansion of erf on [0, 4] (fitted here, evaluated in f64 by
 //! Clenshaw's recurrence; error below 5e-9, under a twentieth of an f32 ulp of 1), odd-extended,
 //! and exactly ±1 from |z| = 4 on, where erf rounds to ±1 in f32 anyway.
+//!
+//! Layout: the fused pass takes f32 CPU tensors with an even last axis ([`applies`]; a strided
+//! input is made contiguous first) and carries its own backward in every mode; elsewhere
+//! [`geglu_composed`]. [`gelu`] (the text encoder's) is candle's exact GELU.
 
+use super::cpu::f32_slice;
 use super::fast_exp::exp_lane;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
@@ -190,14 +195,6 @@ fn rows_per_task(width: usize) -> usize {
     ((1usize << 16) / width.max(1)).max(1)
 }
 
-/// A contiguous f32 CPU slice of `storage` at `layout`, or an error naming `what`.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("{what}: needs a contiguous f32 tensor"),
-    }
-}
-
 /// `[.., 2n] -> [.., n]`: `value * gelu(gate)` with `[value | gate]` the last axis' halves.
 struct GegluCpu;
 
@@ -207,7 +204,7 @@ impl CustomOp1 for GegluCpu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let h = contiguous_f32(storage, layout, "geglu")?;
+        let h = f32_slice(storage, layout, "geglu")?;
         let dims = layout.shape().dims();
         let width = dims[dims.len() - 1] / 2;
         let mut out = vec![0f32; h.len() / 2];
@@ -247,8 +244,8 @@ impl CustomOp2 for GegluBackwardCpu {
         g_storage: &CpuStorage,
         g_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let h = contiguous_f32(h_storage, h_layout, "geglu backward input")?;
-        let g = contiguous_f32(g_storage, g_layout, "geglu backward gradient")?;
+        let h = f32_slice(h_storage, h_layout, "geglu backward input")?;
+        let g = f32_slice(g_storage, g_layout, "geglu backward gradient")?;
         let dims = h_layout.shape().dims();
         let width = dims[dims.len() - 1] / 2;
         if g.len() * 2 != h.len() {
@@ -296,11 +293,21 @@ fn parallel_for<'scope, T: Send + 'scope>(
 /// GELU as `torch.nn.functional.gelu`). Fused on contiguous f32 CPU tensors, with its own
 /// backward; composed from candle ops elsewhere.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
-    let width = h.dim(D::Minus1)?;
-    if h.device().is_cpu() && h.dtype() == DType::F32 && width.is_multiple_of(2) {
+    if applies(h)? {
         return h.contiguous()?.apply_op1(GegluCpu);
     }
     geglu_composed(h)
+}
+
+/// Whether the fused pass takes `h`: an f32 CPU tensor whose last axis has an even length.
+pub fn applies(h: &Tensor) -> Result<bool> {
+    let width = h.dim(D::Minus1)?;
+    Ok(h.device().is_cpu() && h.dtype() == DType::F32 && width.is_multiple_of(2))
+}
+
+/// Exact (erf) GELU, as `torch.nn.functional.gelu` by default.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
 }
 
 /// [`geglu`] from candle's ops.
@@ -314,7 +321,7 @@ pub fn geglu_composed(h: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::test_util::{max_diff, randn};
+    use crate::kernels::test_util::{max_diff, randn};
     use candle_core::Var;
 
     /// erf against libm's f64 erf over the whole range that matters and beyond, and its
@@ -327,6 +334,8 @@ mod tests {
         for i in -600_000..=600_000 {
             let z = i as f64 * 1e-5;
             let err = (erf_lane(z) - libm::erf(z)).abs();
+            // `f64::max` would skip a NaN.
+            assert!(err.is_finite(), "erf({z}) = {}", erf_lane(z));
             if z.abs() < 4.0 {
                 fitted = fitted.max(err);
             } else {

@@ -1,16 +1,28 @@
-//! Attention on the CPU in one pass per (head, block of query rows): the block's scores,
-//! softmax and product with the values stay in a per-thread buffer that fits in cache instead
-//! of round trips through score-sized tensors. The backward recomputes the probabilities from
-//! each row's saved log-sum-exp (FlashAttention's scheme, in row blocks), so training keeps
-//! only q, k, v, the output and one float per query row.
+//! `softmax(scale · q kᵀ + mask) v` on the CPU in one pass per (head, block of query rows):
+//! the block's scores, softmax and product with the values stay in a per-thread buffer that
+//! fits in cache instead of round trips through score-sized tensors. The backward recomputes
+//! the probabilities from each row's saved log-sum-exp (FlashAttention's scheme, in row
+//! blocks), so training keeps only q, k, v, the output and two floats per query row; it may run
+//! more than once (each backward reads the saved values).
+//!
+//! Layout ([`applies`]): non-empty f32 CPU tensors of rank 3, `[batch*heads, n, d]` (strided
+//! ones are made contiguous), and an additive mask of rank 3 at most that broadcasts to
+//! `[batch*heads, n_q, n_k]` and carries no gradient: a mask with a gradient takes
+//! [`super::attention`]'s composed path, which differentiates it. Rows: a row whose keys are
+//! all masked with a finite bias (ViCo's `-f32::MAX`) attends uniformly to every key, and one
+//! whose scores are all `-inf` gives NaN, both as the composed softmax does (and torch's).
+//! Where it pays: a 64x64-latent self-attention (5 heads, 4096 tokens) never holds a score
+//! tensor; see the block sizes below.
 //!
 //! Threads take (head, block) items from a shared counter and multiply with the gemm crate on
 //! one thread each; the key and value gradients are summed per thread and added at the end.
 
-use super::cpu_kernels::f32_slice;
-use super::fast_exp::{exp_shifted_in_place, softmax_in_place};
+use super::cpu_blocks::{
+    dims_of, item_slices, matmul_into, run_items, with_f32, Dims, MaskData, MaskGuard, MatRef,
+};
+use crate::kernels::cpu::f32_slice;
+use crate::kernels::fast_exp::{recompute_softmax_in_place, softmax_in_place};
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Score elements of a forward block: 2^20 f32 (4 MiB), 256 query rows against 4096 keys.
@@ -33,8 +45,9 @@ fn block_rows(n_q: usize, n_k: usize, elements: usize) -> usize {
 }
 
 /// Whether [`fused_attention`] takes these operands: non-empty f32 CPU tensors of rank 3 and a
-/// mask of rank 3 at most that broadcasts to `[batch*heads, n_q, n_k]`.
-pub(super) fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> bool {
+/// mask of rank 3 at most that broadcasts to `[batch*heads, n_q, n_k]` and has no gradient to
+/// carry (the kernel treats the mask as a constant).
+pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> bool {
     let operands_fit = [q, k, v].iter().all(|t| {
         t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 3 && t.elem_count() > 0
     });
@@ -43,6 +56,7 @@ pub(super) fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>)
     };
     let mask_fits = mask.is_none_or(|m| {
         m.device().is_cpu()
+            && !m.track_op()
             && m.rank() <= 3
             && m.dims()
                 .iter()
@@ -55,8 +69,8 @@ pub(super) fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>)
 
 /// `softmax(scale q k^T + mask) v` on `[batch*heads, n, d]` f32 CPU tensors; `mask` is additive
 /// and broadcastable to `[batch*heads, n_q, n_k]`. With `with_grad` the result carries a
-/// backward for q, k and v (the mask is a constant).
-pub(super) fn fused_attention(
+/// backward for q, k and v. A mask with a gradient is refused ([`applies`]).
+pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -74,6 +88,9 @@ pub(super) fn fused_attention(
             k.shape(),
             v.shape()
         );
+    }
+    if mask.is_some_and(|m| m.track_op()) {
+        candle_core::bail!("fused attention: the mask carries a gradient, which it would drop");
     }
     let mask = mask
         .map(|m| -> Result<Tensor> {
@@ -104,160 +121,10 @@ struct FusedAttentionCpu {
     mask: Option<Tensor>,
     forward_rows: usize,
     backward_rows: usize,
-    /// Each query row's log-sum-exp of its masked, scaled scores, kept by a forward that has a
-    /// backward to come.
+    /// Each query row's log-sum-exp of its masked, scaled scores as `(max, ln(sum))` pairs
+    /// (see [`softmax_in_place`]), kept by a forward that has a backward to come, for every
+    /// backward.
     log_sum_exp: Option<Mutex<Option<Vec<f32>>>>,
-}
-
-/// Sizes of one attention: heads (times batch), query rows, keys, key width and value width.
-#[derive(Clone, Copy)]
-struct Dims {
-    bh: usize,
-    n_q: usize,
-    n_k: usize,
-    d: usize,
-    d_v: usize,
-}
-
-/// A read-only matrix inside a slice: element (i, j) at `i * rs + j * cs`.
-#[derive(Clone, Copy)]
-struct MatRef<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> MatRef<'a> {
-    /// Row-major `rows x cols` at the start of `data`.
-    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    /// The transpose (no copy).
-    fn t(self) -> Self {
-        MatRef {
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-
-    /// Whether every element lies inside `data`.
-    fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst = lhs · rhs * factor` (or `dst += ...` with `accumulate`), `dst` row-major with row
-/// length `rhs.cols`, on the calling thread.
-fn matmul_into(dst: &mut [f32], lhs: MatRef, rhs: MatRef, factor: f32, accumulate: bool) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert!(rhs.rows == k && dst.len() >= m * n && lhs.in_bounds() && rhs.in_bounds());
-    // SAFETY: the assertion keeps every element gemm reads or writes inside the three slices,
-    // and `dst` is borrowed mutably, so it overlaps neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            factor,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-/// The mask's f32 elements with their strides over heads, rows and keys.
-struct MaskData<'a> {
-    data: &'a [f32],
-    strides: [usize; 3],
-}
-
-impl MaskData<'_> {
-    /// Adds the mask's row (head `h`, query `i`) to `scores`.
-    fn add_row(&self, h: usize, i: usize, scores: &mut [f32]) {
-        let start = h * self.strides[0] + i * self.strides[1];
-        match self.strides[2] {
-            0 => scores.iter_mut().for_each(|s| *s += self.data[start]),
-            step => {
-                for (j, s) in scores.iter_mut().enumerate() {
-                    *s += self.data[start + j * step];
-                }
-            }
-        }
-    }
-}
-
-/// Runs `work(item, state)` for items `0..items` on candle's CPU thread count (the calling
-/// thread included), each worker with its own `make()` state; returns the states.
-fn run_items<S: Send>(
-    items: usize,
-    make: impl Fn() -> S + Sync,
-    work: impl Fn(usize, &mut S) + Sync,
-) -> Vec<S> {
-    let workers = candle_core::utils::get_num_threads().clamp(1, items.max(1));
-    let next = AtomicUsize::new(0);
-    let worker = || {
-        let mut state = make();
-        loop {
-            let item = next.fetch_add(1, Ordering::Relaxed);
-            if item >= items {
-                break state;
-            }
-            work(item, &mut state);
-        }
-    };
-    let worker = &worker;
-    std::thread::scope(|scope| {
-        let others: Vec<_> = (1..workers).map(|_| scope.spawn(worker)).collect();
-        let mut states = vec![worker()];
-        states.extend(
-            others
-                .into_iter()
-                .map(|h| h.join().expect("attention worker")),
-        );
-        states
-    })
-}
-
-/// `data` cut into per-(head, block) pieces of `rows_per_block` rows of `row_len`, in item
-/// order, each behind its own lock (taken once, by the worker of that item).
-fn item_slices(
-    data: &mut [f32],
-    dims: Dims,
-    rows_per_block: usize,
-    row_len: usize,
-) -> Vec<Mutex<&mut [f32]>> {
-    let mut pieces = Vec::new();
-    for head in data.chunks_mut(dims.n_q * row_len) {
-        pieces.extend(head.chunks_mut(rows_per_block * row_len).map(Mutex::new));
-    }
-    pieces
 }
 
 impl FusedAttentionCpu {
@@ -306,7 +173,7 @@ impl FusedAttentionCpu {
         let mut lse = vec![
             0f32;
             if self.log_sum_exp.is_some() {
-                bh * n_q
+                2 * bh * n_q
             } else {
                 0
             }
@@ -318,7 +185,7 @@ impl FusedAttentionCpu {
             let lse_items = if lse.is_empty() {
                 Vec::new()
             } else {
-                item_slices(&mut lse, dims, rows, 1)
+                item_slices(&mut lse, dims, rows, 2)
             };
             run_items(
                 bh * blocks,
@@ -332,9 +199,10 @@ impl FusedAttentionCpu {
                     self.scores(s, q_rows, k_head, mask.as_ref(), h, i0);
                     let mut lse_rows = lse_items.get(item).map(|m| m.lock().expect("lse"));
                     for (i, row) in s.chunks_mut(n_k).take(r).enumerate() {
-                        let row_lse = softmax_in_place(row);
+                        let (max, ln_sum) = softmax_in_place(row);
                         if let Some(l) = lse_rows.as_mut() {
-                            l[i] = row_lse;
+                            l[2 * i] = max;
+                            l[2 * i + 1] = ln_sum;
                         }
                     }
                     let mut o = out_items[item].lock().expect("output block");
@@ -394,7 +262,8 @@ impl FusedAttentionCpu {
                     // P = exp(S - lse), the forward's probabilities.
                     self.scores(&mut w.p, q_rows, k_head, mask.as_ref(), h, i0);
                     for (i, row) in w.p.chunks_mut(n_k).take(r).enumerate() {
-                        exp_shifted_in_place(row, lse[h * n_q + i0 + i]);
+                        let at = 2 * (h * n_q + i0 + i);
+                        recompute_softmax_in_place(row, (lse[at], lse[at + 1]));
                     }
                     let p = MatRef::rows(&w.p, r, n_k);
                     // dV += P^T dO.
@@ -442,47 +311,6 @@ struct BackwardScratch {
     dv: Vec<f32>,
 }
 
-/// A read lock on the mask's storage, where its view starts and its strides.
-struct MaskGuard<'a> {
-    storage: Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
-    offset: usize,
-    strides: [usize; 3],
-}
-
-impl MaskGuard<'_> {
-    fn view(&self) -> Result<MaskData<'_>> {
-        match &**self.storage {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => Ok(MaskData {
-                data: &v[self.offset..],
-                strides: self.strides,
-            }),
-            _ => candle_core::bail!("attention: the mask is not an f32 CPU tensor"),
-        }
-    }
-}
-
-fn dims_of(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
-    let (bh, n_q, d) = q.shape().dims3()?;
-    let (_, n_k, _) = k.shape().dims3()?;
-    let (_, _, d_v) = v.shape().dims3()?;
-    Ok(Dims {
-        bh,
-        n_q,
-        n_k,
-        d,
-        d_v,
-    })
-}
-
-/// The f32 slice of a contiguous CPU tensor, held under its storage's read lock.
-fn with_f32<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(s) => f(f32_slice(s, layout, what)?),
-        _ => candle_core::bail!("{what}: a CPU tensor expected"),
-    }
-}
-
 impl candle_core::CustomOp3 for FusedAttentionCpu {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -516,11 +344,14 @@ impl candle_core::CustomOp3 for FusedAttentionCpu {
         out: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = self
-            .log_sum_exp
-            .as_ref()
-            .and_then(|slot| slot.lock().ok()?.take());
-        let Some(lse) = lse else {
+        // Read, not taken: a second backward through the same graph needs it again.
+        let Some(slot) = self.log_sum_exp.as_ref() else {
+            candle_core::bail!("attention backward: the forward kept no log-sum-exp");
+        };
+        let saved = slot
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention backward: lock poisoned".into()))?;
+        let Some(lse) = saved.as_deref() else {
             candle_core::bail!("attention backward: the forward kept no log-sum-exp");
         };
         let (k, v, out, grad) = (
@@ -536,7 +367,7 @@ impl candle_core::CustomOp3 for FusedAttentionCpu {
                 with_f32(&v, "attention values", |v_data| {
                     with_f32(&out, "attention output", |o_data| {
                         with_f32(&grad, "attention output gradient", |g_data| {
-                            self.backward(q_data, k_data, v_data, o_data, g_data, &lse, dims)
+                            self.backward(q_data, k_data, v_data, o_data, g_data, lse, dims)
                         })
                     })
                 })
@@ -554,7 +385,8 @@ impl candle_core::CustomOp3 for FusedAttentionCpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::test_util::{max_diff, randn};
+    use crate::kernels::test_util::{max_diff, randn};
+    use crate::kernels::DifferentiableScope;
     use candle_core::{Var, D};
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Tensor {
@@ -691,27 +523,141 @@ mod tests {
         }
     }
 
+    /// `q`, `k`, `v` of `[bh, n, d]` as variables, from seeds 1 to 3.
+    fn qkv(bh: usize, n_q: usize, n_k: usize, d: usize, d_v: usize) -> [Var; 3] {
+        [(1, [bh, n_q, d]), (2, [bh, n_k, d]), (3, [bh, n_k, d_v])]
+            .map(|(seed, shape)| Var::from_tensor(&randn(seed, &shape)).unwrap())
+    }
+
+    /// The fused output and its q, k, v gradients for the loss `sum(out * weight)` against the
+    /// composed ops'; returns the output error and the three gradient errors.
+    fn compare(vars: &[Var; 3], scale: f64, mask: Option<&Tensor>, weight: &Tensor) -> [f32; 4] {
+        let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
+        let want_out = composed(q, k, v, scale, mask);
+        let want = (&want_out * weight)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let out = fused_attention(q, k, v, scale, mask, true).unwrap();
+        let got = (&out * weight)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grad = |t: &Tensor| max_diff(got.get(t).expect("gradient"), want.get(t).unwrap());
+        [max_diff(&out, &want_out), grad(q), grad(k), grad(v)]
+    }
+
     /// Large logits (a sharp softmax) and a single key: the log-sum-exp keeps the recomputed
-    /// probabilities exact.
+    /// probabilities exact, for every operand's gradient.
     #[test]
     fn fused_attention_handles_sharp_and_single_key_rows() {
         for (n_k, scale) in [(1usize, 1.0), (40, 12.0)] {
-            let q = Var::from_tensor(&randn(5, &[2, 9, 4])).unwrap();
-            let (k, v) = (randn(6, &[2, n_k, 4]), randn(7, &[2, n_k, 3]));
-            let want_out = composed(q.as_tensor(), &k, &v, scale, None);
-            let want = want_out.sum_all().unwrap().backward().unwrap();
-            let out = fused_attention(q.as_tensor(), &k, &v, scale, None, true).unwrap();
-            let got = out.sum_all().unwrap().backward().unwrap();
-            let out_err = max_diff(&out, &want_out);
-            let grad_err = max_diff(
-                got.get(q.as_tensor()).unwrap(),
-                want.get(q.as_tensor()).unwrap(),
-            );
-            println!("n_k {n_k}, scale {scale}: output {out_err:e}, dq {grad_err:e}");
-            assert!(
-                out_err < 1e-5 && grad_err < 1e-4,
-                "{out_err:e} {grad_err:e}"
-            );
+            let vars = qkv(2, 9, n_k, 4, 3);
+            let weight = randn(4, &[2, 9, 3]);
+            let [out, dq, dk, dv] = compare(&vars, scale, None, &weight);
+            println!("n_k {n_k}, scale {scale}: output {out:e}, dq {dq:e}, dk {dk:e}, dv {dv:e}");
+            assert!(out < 1e-5, "output {out:e}");
+            assert!(dq < 1e-4 && dk < 1e-4 && dv < 1e-5, "{dq:e} {dk:e} {dv:e}");
+        }
+    }
+
+    /// A query row whose every key is masked. With ViCo's finite `-f32::MAX` the row attends
+    /// uniformly (the composed softmax's result), and its gradients match; with `-inf` both
+    /// give NaN in that row, and the other rows are unaffected.
+    #[test]
+    fn fully_masked_rows_behave_as_the_composed_softmax() {
+        let (bh, n_q, n_k) = (2, 5, 7);
+        let masked_row = 3;
+        let weight = randn(4, &[bh, n_q, 3]);
+        let row_mask = |fill: f32| {
+            let mut m = vec![0f32; n_q * n_k];
+            m[masked_row * n_k..(masked_row + 1) * n_k].fill(fill);
+            // And one masked key elsewhere, as a partial mask.
+            m[n_k + 2] = fill;
+            Tensor::from_vec(m, (n_q, n_k), &candle_core::Device::Cpu).unwrap()
+        };
+        let vars = qkv(bh, n_q, n_k, 4, 3);
+        let finite = row_mask(-f32::MAX);
+        let [out, dq, dk, dv] = compare(&vars, 0.5, Some(&finite), &weight);
+        println!("-f32::MAX row: output {out:e}, dq {dq:e}, dk {dk:e}, dv {dv:e}");
+        assert!(out < 2e-6 && dq < 1e-5 && dk < 1e-5 && dv < 1e-5);
+        // Uniform: the masked row's output is the mean of the values.
+        let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
+        let out = fused_attention(q, k, v, 0.5, Some(&finite), false).unwrap();
+        let mean_v = v.mean_keepdim(1).unwrap();
+        let row = out.narrow(1, masked_row, 1).unwrap();
+        assert!(max_diff(&row, &mean_v) < 1e-6);
+
+        let infinite = row_mask(f32::NEG_INFINITY);
+        let want = composed(q, k, v, 0.5, Some(&infinite));
+        let got = fused_attention(q, k, v, 0.5, Some(&infinite), false).unwrap();
+        for t in [&want, &got] {
+            let row: Vec<f32> = t
+                .narrow(1, masked_row, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(row.iter().all(|x| x.is_nan()), "{row:?}");
+        }
+        let others = |t: &Tensor| {
+            Tensor::cat(
+                &[
+                    t.narrow(1, 0, masked_row).unwrap(),
+                    t.narrow(1, masked_row + 1, n_q - masked_row - 1).unwrap(),
+                ],
+                1,
+            )
+            .unwrap()
+        };
+        let err = max_diff(&others(&got), &others(&want));
+        println!("-inf row: other rows {err:e}");
+        assert!(err < 2e-6, "{err:e}");
+    }
+
+    /// Backward twice through the same graph (as `backward()` on one loss called twice): the
+    /// second gives the same gradients as the first.
+    #[test]
+    fn fused_attention_backward_runs_twice() {
+        let vars = qkv(2, 11, 6, 4, 3);
+        let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
+        let out = fused_attention(q, k, v, 0.4, None, true).unwrap();
+        let loss = (&out * &randn(4, &[2, 11, 3])).unwrap().sum_all().unwrap();
+        let first = loss.backward().unwrap();
+        let second = loss.backward().expect("a second backward");
+        for t in [q, k, v] {
+            assert_eq!(max_diff(first.get(t).unwrap(), second.get(t).unwrap()), 0.0);
+        }
+    }
+
+    /// A mask with a gradient: the fused kernel refuses it (it would drop the gradient), and
+    /// the public entry differentiates it through the composed ops, in chunks or not.
+    #[test]
+    fn a_mask_with_a_gradient_is_differentiated_not_dropped() {
+        let (bh, n_q, n_k) = (2, 6, 5);
+        let vars = qkv(bh, n_q, n_k, 4, 3);
+        let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
+        let mask = Var::from_tensor(&(randn(9, &[n_q, n_k]) * 2.0).unwrap()).unwrap();
+        assert!(!applies(q, k, v, Some(mask.as_tensor())));
+        assert!(applies(q, k, v, Some(&mask.as_tensor().detach())));
+        assert!(fused_attention(q, k, v, 0.5, Some(mask.as_tensor()), true).is_err());
+        let weight = randn(4, &[bh, n_q, 3]);
+        let loss = |out: &Tensor| (out * &weight).unwrap().sum_all().unwrap();
+        let want = loss(&composed(q, k, v, 0.5, Some(mask.as_tensor())))
+            .backward()
+            .unwrap();
+        let _training = DifferentiableScope::enter(true);
+        let out = super::super::attention(q, k, v, 0.5, Some(mask.as_tensor())).unwrap();
+        let got = loss(&out).backward().unwrap();
+        for (name, t) in [("q", q), ("k", k), ("v", v), ("mask", mask.as_tensor())] {
+            let err = max_diff(got.get(t).expect("a gradient"), want.get(t).unwrap());
+            println!("tracked mask: d{name} max abs error {err:e}");
+            assert!(err < 1e-5, "d{name}: {err:e}");
         }
     }
 

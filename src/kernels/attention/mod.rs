@@ -1,9 +1,20 @@
-//! Scaled dot-product attention: fused per block of query rows on the CPU (see
-//! [`super::fused_attention`]); elsewhere in query chunks of bounded score memory at inference,
-//! recomputing its probabilities chunk by chunk in the backward for training.
+//! Scaled dot-product attention, `softmax(scale · q kᵀ + mask) v`, on `[batch*heads, n, d]`
+//! tensors with an optional additive mask broadcastable to `[batch*heads, n_q, n_k]`; scores and
+//! softmax in f32 (as the reference's `_ATTN_PRECISION = "fp32"`).
+//!
+//! [`attention`] dispatches: on f32 CPU tensors, the fused kernel of [`fused_cpu`] (one pass
+//! per block of query rows, with its own backward), where its `applies` says so; elsewhere
+//! (CUDA, half precision, a mask that carries a gradient) in query chunks of bounded score
+//! memory ([`attention_chunk_elements`]) at inference, and for training a forward without a
+//! graph whose backward recomputes the probabilities chunk by chunk. Where it pays: a 64x64
+//! latent's self-attention never holds its whole score tensor, in inference or in training.
 
-use super::{differentiable, frozen::HandOver, softmax_last_dim};
-use candle_core::{DType, Result, Tensor, D};
+mod cpu_blocks;
+pub mod fused_cpu;
+
+use super::softmax::{softmax_backward, softmax_last_dim, softmax_last_dim_no_grad};
+use super::{differentiable, frozen::HandOver};
+use candle_core::{DType, Result, Tensor};
 
 /// Upper bound on the elements of one f32 score matrix (`[batch*heads, rows, n_k]`) that
 /// [`attention`] materialises at a time: 2^26 floats = 256 MiB. Longer query sequences are
@@ -78,7 +89,8 @@ fn cuda_free_memory(_: &candle_core::Device) -> Option<usize> {
 
 /// Scaled dot-product attention on `[batch*heads, n, d]` tensors with an optional additive
 /// mask broadcastable to `[batch*heads, n_q, n_k]`. Scores and softmax are in f32 (as the
-/// reference's `_ATTN_PRECISION = "fp32"`); query rows are chunked to bound memory.
+/// reference's `_ATTN_PRECISION = "fp32"`); query rows are chunked to bound memory. In
+/// differentiable mode gradients flow to q, k, v and to a mask that carries one.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -86,9 +98,16 @@ pub fn attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let with_grad = differentiable() && (q.track_op() || k.track_op() || v.track_op());
-    if super::fused_attention::applies(q, k, v, mask) {
-        return super::fused_attention::fused_attention(q, k, v, scale, mask, with_grad);
+    let mask_tracked = mask.is_some_and(|m| m.track_op());
+    let with_grad =
+        differentiable() && (q.track_op() || k.track_op() || v.track_op() || mask_tracked);
+    if fused_cpu::applies(q, k, v, mask) {
+        return fused_cpu::fused_attention(q, k, v, scale, mask, with_grad);
+    }
+    if with_grad && mask_tracked {
+        // The recomputing backward treats the mask as a constant: composed ops (the softmax
+        // too, in differentiable mode) differentiate all four operands.
+        return chunked_attention(q, k, v, scale, mask, ATTENTION_CHUNK_ELEMENTS);
     }
     if with_grad {
         return recomputed_attention(q, k, v, scale, mask, ATTENTION_CHUNK_ELEMENTS);
@@ -236,7 +255,7 @@ impl candle_core::CustomOp3 for RecomputedAttention {
                 Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
                 None => scores,
             };
-            let p = super::softmax_last_dim_no_grad(&scores)?;
+            let p = softmax_last_dim_no_grad(&scores)?;
             dv = (dv + p.t()?.matmul(&g_c)?)?;
             let dp = g_c.matmul(&v.t()?)?;
             let ds = softmax_backward(&p, &dp)?;
@@ -250,20 +269,6 @@ impl candle_core::CustomOp3 for RecomputedAttention {
             Some(dv.to_dtype(dtype)?),
         ))
     }
-}
-
-/// `p * (dp - rowsum(dp * p))`: the fused CPU pass where it applies, composed elsewhere.
-fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
-    let fusable = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-    if fusable(p) && fusable(dp) {
-        return p.apply_op2_no_bwd(dp, &super::cpu_kernels::SoftmaxBackwardCpu);
-    }
-    softmax_backward_composed(p, dp)
-}
-
-fn softmax_backward_composed(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
-    let row_dot = (dp * p)?.sum_keepdim(D::Minus1)?;
-    p * dp.broadcast_sub(&row_dot)?
 }
 
 fn attention_rows(
@@ -290,8 +295,8 @@ fn attention_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::test_util::{max_diff, randn};
-    use candle_core::Var;
+    use crate::kernels::test_util::{max_diff, randn};
+    use candle_core::{Var, D};
 
     /// The recomputing attention (chunked into 1-, 2- and whole-row pieces) against the composed
     /// differentiable one: same output, same gradients for q, k and v, with and without a mask.
@@ -340,36 +345,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    /// The fused softmax backward against the composed ops, on the serial and the threaded
-    /// paths (sizes on both sides of the serial bound, rows not a multiple of the lanes).
-    #[test]
-    fn fused_softmax_backward_matches_composed() {
-        for shape in [[2usize, 3, 77], [3, 333, 129]] {
-            let scores = (randn(21, &shape) * 4.0).unwrap();
-            let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-            let dp = randn(22, &shape);
-            let fused = softmax_backward(&p, &dp).unwrap();
-            let composed = softmax_backward_composed(&p, &dp).unwrap();
-            let err = max_diff(&fused, &composed);
-            println!("{shape:?}: max abs error {err:e}");
-            // The composed row sum rounds in f32 in its own order; the fused one sums in f64.
-            assert!(err < 4e-6, "{shape:?}: {err}");
-        }
-    }
-
-    /// The vectorized softmax (serial and threaded) against candle's kernel.
-    #[test]
-    fn vectorized_softmax_matches_candle() {
-        for shape in [[2usize, 3, 77], [3, 333, 129], [1, 40, 4096]] {
-            let scores = (randn(23, &shape) * 8.0).unwrap();
-            let want = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-            let got = super::super::softmax_last_dim_no_grad(&scores).unwrap();
-            let err = max_diff(&got, &want);
-            println!("{shape:?}: max abs error {err:e}");
-            assert!(err < 1e-6, "{shape:?}: {err}");
         }
     }
 

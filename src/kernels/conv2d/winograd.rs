@@ -24,7 +24,7 @@ pub(crate) fn pays(batch: usize, c_in: usize, c_out: usize, out_h: usize, out_w:
 
 /// `conv2d(x, g, padding, stride 1)` with a 3x3 kernel; with `flipped_transposed` the kernel is
 /// read as its spatial flip with the channel axes swapped (the input gradient's convolution, as
-/// in [`super::cpu_kernels::ShiftedGemmConv2d`]).
+/// in [`super::shifted_gemm::ShiftedGemmConv2d`]).
 pub(crate) struct Winograd3x3Conv2d {
     pub(crate) padding: usize,
     pub(crate) flipped_transposed: bool,
@@ -95,11 +95,10 @@ impl candle_core::CustomOp2 for Winograd3x3Conv2d {
         k_storage: &candle_core::CpuStorage,
         k_layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = super::cpu_kernels::f32_slice(x_storage, x_layout, "winograd conv2d input")?;
-        let kernel = super::cpu_kernels::f32_slice(k_storage, k_layout, "winograd conv2d kernel")?;
+        let x = crate::kernels::cpu::f32_slice(x_storage, x_layout, "winograd conv2d input")?;
+        let kernel = crate::kernels::cpu::f32_slice(k_storage, k_layout, "winograd conv2d kernel")?;
         let (b, c_in, h, w) = x_layout.shape().dims4()?;
-        let (c_out, k_c_in, k_h, k_w) =
-            super::cpu_kernels::kernel_dims(k_layout, self.flipped_transposed)?;
+        let (c_out, k_c_in, k_h, k_w) = super::kernel_dims(k_layout, self.flipped_transposed)?;
         let p = self.padding;
         if k_c_in != c_in || (k_h, k_w) != (3, 3) || h + 2 * p < 3 || w + 2 * p < 3 {
             candle_core::bail!(
@@ -434,7 +433,7 @@ const KERNEL_BLOCK_ELEMENTS: usize = 1 << 23;
 
 #[cfg(test)]
 mod tests {
-    use crate::model::nn::test_util::{flipped_transposed, max_abs, max_diff, randn};
+    use crate::kernels::test_util::{flipped_transposed, max_abs, max_diff, randn};
 
     /// The op against candle's conv2d on seeded random data, from the kernel and from its
     /// flipped, channel-swapped copy; prints the max abs error.

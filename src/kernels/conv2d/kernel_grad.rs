@@ -1,14 +1,17 @@
-//! Convolutions whose kernel is trained (the base model's SFT layers and time-aware encoder).
+//! Convolutions whose kernel is trained (the base model's SFT layers and time-aware encoder):
+//! `conv2d(x, kernel)` (no bias, no groups or dilation) with gradients for the kernel and, when
+//! it is tracked, the input.
 //!
 //! candle's own conv2d backward derives the input gradient's output padding from the height
 //! alone (a shape error at stride 2 when height and width differ in parity) and runs it as a
-//! transposed convolution, a direct loop on the CPU. This op runs the forward on the fast
-//! convolution path, gives the input the gradient frozen layers use (a forward convolution of
-//! the flipped kernel) and the kernel its gradient as one forward convolution of the input with
-//! the output gradient.
+//! transposed convolution, a direct loop on the CPU. This op runs the forward detached on
+//! [`super::conv2d`]'s fast path, gives the input the gradient frozen layers use
+//! ([`super::input_grad`]) and the kernel its gradient as one forward convolution of the input
+//! with the output gradient. Any device and dtype (the fast paths are the CPU's).
 
-use super::frozen::HandOver;
-use super::layers::{conv2d_forward, conv2d_input_gradient};
+use super::conv2d;
+use super::input_grad::conv2d_input_gradient;
+use crate::kernels::frozen::HandOver;
 use candle_core::{Result, Tensor};
 use candle_nn::Conv2dConfig;
 
@@ -17,7 +20,7 @@ pub fn conv2d_trainable(x: &Tensor, kernel: &Tensor, cfg: &Conv2dConfig) -> Resu
     if cfg.groups != 1 || cfg.dilation != 1 {
         candle_core::bail!("trainable conv2d: groups and dilation other than 1 are not used");
     }
-    let y = conv2d_forward(&x.detach(), &kernel.detach(), cfg)?;
+    let y = conv2d(&x.detach(), &kernel.detach(), cfg)?;
     let op = TrainableConv2d {
         output: HandOver::new(y),
         cfg: *cfg,
@@ -102,9 +105,8 @@ impl candle_core::CustomOp2 for TrainableConv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::test_util::{max_diff, randn};
-    use crate::model::nn::{set_differentiable, Conv2d};
-    use candle_core::{Module, Var};
+    use crate::kernels::test_util::{max_diff, randn};
+    use candle_core::Var;
 
     /// Values and both gradients against candle's composed conv2d and its backward, for the
     /// strides and paddings of the networks, on even sizes (where candle's backward works) —
@@ -113,19 +115,16 @@ mod tests {
     fn trainable_conv_matches_candles_backward() {
         for (stride, padding, k, h, w) in [(1, 1, 3, 6, 8), (2, 1, 3, 8, 6), (1, 0, 1, 5, 7)] {
             let kernel = Var::from_tensor(&randn(3, &[5, 4, k, k])).unwrap();
-            let bias = Var::from_tensor(&randn(4, &[5])).unwrap();
             let x = Var::from_tensor(&randn(5, &[2, 4, h, w])).unwrap();
             let cfg = Conv2dConfig {
                 padding,
                 stride,
                 ..Default::default()
             };
-            let conv = Conv2d(candle_nn::Conv2d::new(
-                kernel.as_tensor().clone(),
-                Some(bias.as_tensor().clone()),
-                cfg,
-            ));
-            let plain = conv.forward(x.as_tensor()).unwrap();
+            let plain = x
+                .as_tensor()
+                .conv2d(kernel.as_tensor(), padding, stride, 1, 1)
+                .unwrap();
             let r = randn(6, plain.dims());
             let want = (&plain * &r)
                 .unwrap()
@@ -133,17 +132,11 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            set_differentiable(true);
-            let ours = conv.forward(x.as_tensor()).unwrap();
+            let ours = conv2d_trainable(x.as_tensor(), kernel.as_tensor(), &cfg).unwrap();
             let got = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            set_differentiable(false);
             let name = format!("stride {stride} k {k} {h}x{w}");
             assert!(max_diff(&ours, &plain) < 1e-5, "{name}: forward");
-            for (what, t) in [
-                ("x", x.as_tensor()),
-                ("kernel", kernel.as_tensor()),
-                ("bias", bias.as_tensor()),
-            ] {
+            for (what, t) in [("x", x.as_tensor()), ("kernel", kernel.as_tensor())] {
                 let err = max_diff(got.get(t).unwrap(), want.get(t).unwrap());
                 println!("{name}: d{what} max abs error {err:e}");
                 assert!(err < 1e-4, "{name}: d{what} error {err}");
@@ -162,11 +155,9 @@ mod tests {
         };
         let kernel = Var::from_tensor(&randn(3, &[4, 3, 3, 3])).unwrap();
         let x = Var::from_tensor(&randn(7, &[2, 3, 7, 10])).unwrap();
-        set_differentiable(true);
         let y = conv2d_trainable(x.as_tensor(), kernel.as_tensor(), &cfg).unwrap();
         let g = randn(8, y.dims());
         let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        set_differentiable(false);
         let dot = |a: &Tensor, b: &Tensor| -> f32 {
             (a * b)
                 .unwrap()
