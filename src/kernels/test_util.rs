@@ -93,7 +93,6 @@ mod tests {
                 assert_eq!(max_diff(&clean, &t), f32::INFINITY, "{bad} at {at}");
                 assert_eq!(max_diff(&t, &t), f32::INFINITY, "{bad} at {at}, both");
                 assert_eq!(max_abs(&t), f32::INFINITY, "{bad} at {at}");
-                assert!(!(max_diff(&t, &clean) < 1e30));
             }
         }
         // What the measure replaces: candle's max of |a - b| passes a NaN.
