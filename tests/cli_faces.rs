@@ -89,7 +89,13 @@ fn every_face_is_restored_and_pasted_over_the_lanczos_background() {
     assert!(expected_faces >= 2, "the fixture photo needs faces");
     let dir = common::scratch("faces-each");
     let out = dir.join("out.png");
-    let o = pfstorer(&restore_args(&photo, &out, &[]));
+    let (saved, shown) = (dir.join("saved"), dir.join("shown.png"));
+    let (saved_s, shown_s) = (saved.display().to_string(), shown.display().to_string());
+    let o = pfstorer(&restore_args(
+        &photo,
+        &out,
+        &["--save-faces", &saved_s, "--show-faces", &shown_s],
+    ));
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
 
@@ -109,6 +115,29 @@ fn every_face_is_restored_and_pasted_over_the_lanczos_background() {
     assert!(
         err.contains(&format!("{} faces restored", faces.len())),
         "summary: {err}"
+    );
+    // --save-faces: each face's input crop and restoration, at the crop size; --show-faces: the
+    // photo with the numbered boxes, at the photo's size.
+    let stem = photo.file_stem().unwrap().to_string_lossy().into_owned();
+    for sub in ["cropped_faces", "restored_faces"] {
+        for face in &faces {
+            let f = saved
+                .join(sub)
+                .join(format!("{stem}_{:02}.png", face.index));
+            let img = image::open(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert_eq!(
+                (img.width(), img.height()),
+                (
+                    common::FAST_INPUT_SIZE as u32,
+                    common::FAST_INPUT_SIZE as u32
+                )
+            );
+        }
+    }
+    let drawn = image::open(&shown).unwrap();
+    assert_eq!(
+        (drawn.width() as usize, drawn.height() as usize),
+        (rgb.width, rgb.height)
     );
     let result = load_image(&out).unwrap().rgb;
     assert_eq!(
