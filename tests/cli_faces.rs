@@ -354,3 +354,145 @@ fn a_reference_without_a_face_is_refused() {
     assert!(err.contains("r1.png: no face found"), "{err}");
     assert!(!dir.join("x.identity.safetensors").exists());
 }
+
+/// The first chip of identity/ (a face that fills a 150x150 image).
+fn face_chip() -> image::RgbImage {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("faces/identity/identity.json")).unwrap(),
+    )
+    .unwrap();
+    let file = json["chips"][0]["file"].as_str().unwrap().to_string();
+    image::open(common::fixture(&format!("faces/identity/{file}")))
+        .unwrap()
+        .to_rgb8()
+}
+
+/// Hostile photos for the face path: a crowd is bounded by --max-faces, a face cut by the
+/// corner is restored, a 1x1 image and a 20000x20000-claiming header are one line each; nothing
+/// is written but the outputs.
+#[test]
+fn crowds_corners_and_absurd_photos() {
+    let dir = common::scratch("faces-hostile");
+    let chip = face_chip();
+    let small = image::imageops::resize(&chip, 48, 48, image::imageops::FilterType::Triangle);
+    let mut crowd = image::RgbImage::from_pixel(600, 400, image::Rgb([128, 124, 120]));
+    for gy in 0..7 {
+        for gx in 0..11 {
+            image::imageops::overlay(&mut crowd, &small, 8 + gx * 54, 8 + gy * 56);
+        }
+    }
+    let crowd_path = dir.join("crowd.png");
+    crowd.save(&crowd_path).unwrap();
+    let mut corner = image::RgbImage::from_pixel(220, 200, image::Rgb([128, 124, 120]));
+    let big = image::imageops::resize(&chip, 180, 180, image::imageops::FilterType::Triangle);
+    image::imageops::overlay(&mut corner, &big, -40, -30);
+    let corner_path = dir.join("corner.png");
+    corner.save(&corner_path).unwrap();
+    image::RgbImage::new(1, 1)
+        .save(dir.join("dot.png"))
+        .unwrap();
+    // A PNG whose header claims 20000x20000 pixels, with no image data behind it.
+    let mut claim = Vec::new();
+    claim.extend_from_slice(b"\x89PNG\r\n\x1a\n");
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(b"IHDR");
+    ihdr.extend_from_slice(&20000u32.to_be_bytes());
+    ihdr.extend_from_slice(&20000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    claim.extend_from_slice(&13u32.to_be_bytes());
+    claim.extend_from_slice(&ihdr);
+    claim.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    for chunk in [&b"IDAT"[..], &b"IEND"[..]] {
+        claim.extend_from_slice(&0u32.to_be_bytes());
+        claim.extend_from_slice(chunk);
+        claim.extend_from_slice(&crc32(chunk).to_be_bytes());
+    }
+    std::fs::write(dir.join("claim.png"), &claim).unwrap();
+    let before: Vec<PathBuf> = list(&dir);
+
+    let out = dir.join("out");
+    let mut args = vec![
+        "restore".to_string(),
+        dir.display().to_string(),
+        "-o".into(),
+    ];
+    args.push(out.display().to_string());
+    args.extend(
+        [
+            "-s",
+            "1",
+            "--faces",
+            "each",
+            "--face-threshold",
+            "0.5",
+            "--max-faces",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args.extend(common::fast_sampling_flags());
+    args.extend(common::model_flags());
+    let o = pfstorer(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "two inputs fail: {err}");
+    assert!(err.contains("2 done, 0 skipped, 2 failed"), "{err}");
+    assert!(err.contains("at least 8x8"), "{err}");
+    assert!(err.contains("20000x20000") && err.contains("more than the limit"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The crowd: at most 5 faces restored, the rest named as skipped.
+    let crowd_line = err
+        .lines()
+        .find(|l| l.contains("crowd.png ->"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let n: usize = crowd_line
+        .rsplit(", ")
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("face count in {crowd_line}"));
+    assert!(n <= 5, "{crowd_line}");
+    if err.contains("crowd.png: ") && n == 5 {
+        assert!(
+            err.contains("skipped: --max-faces 5 keeps the largest"),
+            "{err}"
+        );
+    }
+    let corner_out = image::open(out.join("corner_restored.png")).unwrap();
+    assert_eq!((corner_out.width(), corner_out.height()), (220, 200));
+    // Nothing but the two outputs was written.
+    let mut after = list(&dir);
+    after.retain(|p| !p.starts_with(&out));
+    assert_eq!(after, before);
+    assert_eq!(list(&out).len(), 2);
+}
+
+fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(list(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// CRC-32 (PNG's) of `bytes`.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
