@@ -438,7 +438,10 @@ fn crowds_corners_and_absurd_photos() {
     assert_eq!(o.status.code(), Some(1), "two inputs fail: {err}");
     assert!(err.contains("2 done, 0 skipped, 2 failed"), "{err}");
     assert!(err.contains("at least 8x8"), "{err}");
-    assert!(err.contains("20000x20000") && err.contains("more than the limit"), "{err}");
+    assert!(
+        err.contains("20000x20000") && err.contains("more than the limit"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     // The crowd: at most 5 faces restored, the rest named as skipped.
     let crowd_line = err
