@@ -186,7 +186,14 @@ impl Identity {
             None => return Err(corrupt(path, "no pfstorer identity metadata")),
         }
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| corrupt(path, &e.to_string()))?;
+            .map_err(|e| corrupt(path, &e.to_string()))?
+            .into_iter()
+            // f16 (identities since the faces work) and f32 (older ones) alike, in f32.
+            .map(|(k, t)| match t.dtype() {
+                DType::F16 | DType::BF16 => t.to_dtype(DType::F32).map(|t| (k, t)),
+                _ => Ok((k, t)),
+            })
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
         let identity = Identity { tensors, metadata };
         for host in identity.hosts()? {
             for spec in PersonalizationBlock::parameter_specs(host.dim) {
@@ -247,24 +254,48 @@ impl Identity {
         Ok(identity)
     }
 
-    /// Writes the identity atomically to `path`; refuses an existing file unless `force`.
+    /// Whether [`Identity::save`] writes the trained tensors in f16: a finished identity does
+    /// (half the file; the restore it gives stays within the f16 parity bound, see
+    /// `tests/personalize_model.rs`), a checkpoint keeps f32 so `--resume` continues bit for bit.
+    pub fn stores_half(&self) -> bool {
+        !self.metadata.contains_key("optimizer_steps")
+    }
+
+    /// Writes the identity atomically to `path` (see [`Identity::stores_half`]); refuses an
+    /// existing file unless `force`.
     pub fn save(&self, path: &Path, force: bool) -> Result<()> {
         crate::fsutil::check_overwrite(path, force)?;
         let mut names: Vec<&String> = self.tensors.keys().collect();
         names.sort();
         let mut buffers = Vec::with_capacity(names.len());
+        let half = self.stores_half();
         for name in &names {
-            let t = self.tensors[*name]
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?;
-            let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            buffers.push((name.to_string(), t.dims().to_vec(), bytes));
+            let t = self.tensors[*name].to_device(&Device::Cpu)?;
+            // The descriptors stay f32: they are small, and distances near 0.6 decide matches.
+            if half && !name.starts_with("id.") {
+                let values: Vec<half::f16> = t.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                buffers.push((
+                    name.to_string(),
+                    t.dims().to_vec(),
+                    bytes,
+                    safetensors::Dtype::F16,
+                ));
+            } else {
+                let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                buffers.push((
+                    name.to_string(),
+                    t.dims().to_vec(),
+                    bytes,
+                    safetensors::Dtype::F32,
+                ));
+            }
         }
         let views = buffers
             .iter()
-            .map(|(name, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+            .map(|(name, shape, bytes, dtype)| {
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
                     .map(|v| (name.clone(), v))
                     .map_err(|e| Error::Input(format!("identity tensor `{name}`: {e}")))
             })
