@@ -5,7 +5,6 @@
 use super::batch::{self, InputItem};
 use super::face_args::DetectionArgs;
 use super::usage;
-use crate::faces::align::{align, Template};
 use crate::faces::draw::draw_faces;
 use crate::faces::embed::Embedder;
 use crate::faces::retinaface::RetinaFace;
@@ -206,23 +205,15 @@ fn faces_of(
     })
 }
 
-/// The dlib-ID descriptor of each face: the 5 landmarks fitted onto dlib's 150x150 chip
-/// template, then the ResNet.
+/// The dlib-ID descriptor of each face, from its landmarks.
 pub fn embed_faces(
     embedder: &Embedder,
     rgb: &crate::imaging::ImageF32,
     faces: &[NumberedFace],
 ) -> crate::Result<Vec<Option<Vec<f32>>>> {
-    let template = Template::dlib_chip();
-    let chips = faces
-        .iter()
-        .map(|f| align(rgb, &f.detection.landmarks, &template, &[0.0]).map(|a| a.crop))
-        .collect::<crate::Result<Vec<_>>>()?;
-    if chips.is_empty() {
-        return Ok(Vec::new());
-    }
+    let landmarks: Vec<_> = faces.iter().map(|f| f.detection.landmarks).collect();
     Ok(embedder
-        .embed(&chips)?
+        .embed_at(rgb, &landmarks)?
         .into_iter()
         .map(|d| Some(d.to_vec()))
         .collect())

@@ -116,13 +116,7 @@ fn reference_face(
         &template,
         &crate::faces::align::FACEXLIB_BORDER_RGB,
     )?;
-    let chip = crate::faces::align::align(
-        rgb,
-        &face.detection.landmarks,
-        &crate::faces::align::Template::dlib_chip(),
-        &[0.0],
-    )?
-    .crop;
+    let chip = crate::faces::embed::chip_at(rgb, &face.detection.landmarks)?;
     let record = serde_json::json!({
         "aligned": format!("ffhq-{ALIGN_SIZE}"),
         "box": face.detection.bbox,
@@ -137,13 +131,10 @@ fn reference_face(
 fn aligned_reference_chip(
     rgb: &crate::imaging::ImageF32,
 ) -> crate::Result<crate::imaging::ImageF32> {
-    use crate::faces::align::{align, Template, FFHQ_512_POINTS, FFHQ_REFERENCE_SIZE};
     let side = rgb.width.min(rgb.height);
     let (x0, y0) = ((rgb.width - side) / 2, (rgb.height - side) / 2);
-    let f = side as f64 / FFHQ_REFERENCE_SIZE as f64;
-    let landmarks =
-        FFHQ_512_POINTS.map(|[x, y]| [(x0 as f64 + x * f) as f32, (y0 as f64 + y * f) as f32]);
-    Ok(align(rgb, &landmarks, &Template::dlib_chip(), &[0.0])?.crop)
+    let landmarks = crate::faces::align::Template::ffhq(side)?.landmarks_at(x0 as f64, y0 as f64);
+    crate::faces::embed::chip_at(rgb, &landmarks)
 }
 
 /// Names the references whose descriptor lies farther than dlib's same-person distance from the

@@ -66,6 +66,12 @@ impl Template {
     }
 
     /// dlib's 150×150 chip (border colour 0, RGB).
+    /// The template's points as landmarks shifted by `(x0, y0)`: where the five points of a face
+    /// aligned to this template lie in a crop placed at that offset.
+    pub fn landmarks_at(&self, x0: f64, y0: f64) -> Landmarks {
+        self.points.map(|[x, y]| [(x0 + x) as f32, (y0 + y) as f32])
+    }
+
     pub fn dlib_chip() -> Template {
         Template {
             points: DLIB_CHIP_POINTS,

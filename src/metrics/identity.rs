@@ -9,8 +9,7 @@
 
 use super::Metric;
 use crate::error::{Error, Result};
-use crate::faces::align::{align, Template};
-use crate::faces::embed::{descriptor_distance, Embedder};
+use crate::faces::embed::{chip_at, descriptor_distance, Embedder};
 use crate::faces::retinaface::{DetectOptions, RetinaFace};
 use crate::imaging::ImageF32;
 use candle_core::Device;
@@ -55,13 +54,13 @@ impl Metric for DlibIdDistance {
         if faces.is_empty() {
             return Ok(f64::NAN);
         }
-        let template = Template::dlib_chip();
         let mut total = 0.0;
         for face in &faces {
-            let chips = [reference, restored]
-                .map(|img| align(img, &face.landmarks, &template, &[0.0]).map(|a| a.crop));
-            let [a, b] = chips;
-            let d = self.embedder.embed(&[a?, b?])?;
+            let chips = [
+                chip_at(reference, &face.landmarks)?,
+                chip_at(restored, &face.landmarks)?,
+            ];
+            let d = self.embedder.embed(&chips)?;
             total += descriptor_distance(&d[0], &d[1]) as f64;
         }
         Ok(total / faces.len() as f64)

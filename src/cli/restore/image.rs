@@ -136,7 +136,6 @@ fn restored_distances(
     crops: &[ImageF32],
     assigned: &[Option<usize>],
 ) -> crate::Result<Vec<Option<f32>>> {
-    use crate::faces::align::{align, Template};
     let Some(embedder) = job.embedder else {
         return Ok(vec![None; crops.len()]);
     };
@@ -148,10 +147,8 @@ fn restored_distances(
             continue;
         };
         // The crop's landmarks are the template's.
-        let t = Template::ffhq(crop.width)?;
-        let lm = t.points.map(|[x, y]| [x as f32, y as f32]);
-        let chip = align(crop, &lm, &Template::dlib_chip(), &[0.0])?.crop;
-        let d = embedder.embed(&[chip])?;
+        let lm = crate::faces::align::Template::ffhq(crop.width)?.landmarks_at(0.0, 0.0);
+        let d = embedder.embed_at(crop, &[lm])?;
         out.push(Some(crate::faces::embed::descriptor_distance_slices(
             &d[0], mean,
         )));

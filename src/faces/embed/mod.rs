@@ -127,6 +127,31 @@ pub fn chips_to_input(chips: &[ImageF32], device: &Device) -> Result<Tensor> {
     )?)
 }
 
+/// The 150x150 chip of the face at `landmarks` in `img`: the similarity fit onto dlib's chip
+/// template (its mean face at padding 0.25), border 0, as the identity fixtures make them.
+pub fn chip_at(img: &ImageF32, landmarks: &crate::faces::align::Landmarks) -> Result<ImageF32> {
+    use crate::faces::align::{align, Template};
+    Ok(align(img, landmarks, &Template::dlib_chip(), &[0.0])?.crop)
+}
+
+impl Embedder {
+    /// The descriptors of the faces at `landmarks` in `img` ([`chip_at`], then [`Embedder::embed`]).
+    pub fn embed_at(
+        &self,
+        img: &ImageF32,
+        landmarks: &[crate::faces::align::Landmarks],
+    ) -> Result<Vec<Descriptor>> {
+        if landmarks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let chips = landmarks
+            .iter()
+            .map(|lm| chip_at(img, lm))
+            .collect::<Result<Vec<_>>>()?;
+        self.embed(&chips)
+    }
+}
+
 /// Euclidean distance between two descriptors (accumulated in f64, as dlib's `length`).
 pub fn descriptor_distance(a: &Descriptor, b: &Descriptor) -> f32 {
     descriptor_distance_slices(a, b)
