@@ -194,6 +194,36 @@ fn every_face_is_restored_and_pasted_over_the_lanczos_background() {
     }
     assert!(outside > 0);
 
+    // All faces in one UNet batch give the photo of one face a call (rounding aside).
+    assert!(
+        !err.contains("per UNet call"),
+        "one face a call on the CPU: {err}"
+    );
+    let batched = dir.join("batched.png");
+    let per_call = faces.len().to_string();
+    let o = pfstorer(&restore_args(
+        &photo,
+        &batched,
+        &["--tile-batch", &per_call],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("(up to {per_call} per UNet call)")),
+        "{}",
+        stderr(&o)
+    );
+    let together = quantized(&load_image(&batched).unwrap().rgb);
+    let worst = together
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 1,
+        "faces batched together differ by {worst} levels"
+    );
+
     // --face restricts: only face 1 differs from the background.
     let one = dir.join("one.png");
     let o = pfstorer(&restore_args(&photo, &one, &["--face", "1"]));

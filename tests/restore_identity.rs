@@ -417,3 +417,148 @@ fn id_ref_selects_a_stored_reference_and_rejects_out_of_range() {
         "{err}"
     );
 }
+
+/// The faces of one photo go through the UNet together (`Restorer::restore_crops` with several
+/// tiles per call): crops of one identity share a call, crops of another identity or of the
+/// base model never do, each crop gets what it gets alone, and the calls are the groups'.
+#[test]
+fn face_crops_share_unet_calls_only_with_their_own_identity() {
+    use pfstorer::config::CfwConfig;
+    use pfstorer::model::base::CfwModel;
+    use pfstorer::restore::{Conditioning, FaceCrop, RestoreSettings, Restorer};
+
+    let base = base();
+    let cfw_cfg = CfwConfig::from_yaml_file(&common::fixture("stablesr/cfw.yaml")).unwrap();
+    let (cfw, _) = CfwModel::load(
+        &common::fixture("stablesr/cfw.safetensors"),
+        cfw_cfg,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let fingerprint = base_fingerprint(
+        &TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let prepare = |identity: &Identity| {
+        Personalization::new(
+            identity,
+            &base,
+            &fingerprint,
+            DEFAULT_PROMPT,
+            DEFAULT_NEGATIVE_PROMPT,
+            1.0,
+        )
+        .unwrap()
+    };
+    // Two prepared identities with different gates: `anna` and `ben`.
+    let anna = prepare(&identity(&base, &fingerprint, true));
+    let ben_identity = identity(&base, &fingerprint, false);
+    let ben = prepare(&ben_identity);
+    let native = common::FAST_INPUT_SIZE;
+    let steps = 2;
+    const PER_CALL: usize = 3;
+    let restorer = |tile_batch: usize| {
+        let settings = RestoreSettings {
+            steps,
+            native_size: Some(native),
+            tile_overlap: native / base.config.vae.downsample_factor() / 2,
+            tile_batch: Some(tile_batch),
+            ..RestoreSettings::default()
+        };
+        let cond = Restorer::text_context(&base, DEFAULT_PROMPT).unwrap();
+        let uncond = Restorer::text_context(&base, DEFAULT_NEGATIVE_PROMPT).unwrap();
+        Restorer::new(&base, &cfw, settings, cond, uncond).unwrap()
+    };
+    let who = [
+        Conditioning::Base,
+        Conditioning::Identity(&anna),
+        Conditioning::Base,
+        Conditioning::Identity(&anna),
+        Conditioning::Identity(&ben),
+        Conditioning::Base,
+        Conditioning::Base,
+        Conditioning::Identity(&anna),
+    ];
+    let images: Vec<ImageF32> = (0..who.len())
+        .map(|k| reference_image(40 + k as u64, native))
+        .collect();
+    let crops: Vec<FaceCrop> = images
+        .iter()
+        .zip(who)
+        .enumerate()
+        .map(|(k, (image, conditioning))| FaceCrop {
+            image,
+            conditioning,
+            seed: 1000 + k as u64,
+        })
+        .collect();
+
+    let mut outputs = Vec::new();
+    for per_call in [1, PER_CALL] {
+        let r = restorer(per_call);
+        let mut progress = Vec::new();
+        let out = r
+            .restore_crops(&crops, &mut |done, total| progress.push((done, total)))
+            .unwrap();
+        // Base rows [0, 2, 5] then [6], anna [1, 3, 7], ben [4]: 4 calls a step in batches
+        // of 3 (guidance doubles the rows of a call, not the calls); 8 one at a time.
+        let groups = if per_call == 1 { who.len() } else { 4 };
+        assert_eq!(r.unet_calls(), groups * steps, "batches of {per_call}");
+        let total = who.len() * steps;
+        assert_eq!(
+            progress.last(),
+            Some(&(total, total)),
+            "progress ends complete"
+        );
+        assert!(
+            progress
+                .windows(2)
+                .all(|w| w[0].0 <= w[1].0 && w[1].1 == total),
+            "progress never goes back: {progress:?}"
+        );
+        outputs.push(out);
+    }
+    let mut worst = 0f32;
+    for (k, (alone, batched)) in outputs[0].iter().zip(&outputs[1]).enumerate() {
+        assert_eq!((alone.width, alone.height), (batched.width, batched.height));
+        let diff = alone
+            .data
+            .iter()
+            .zip(&batched.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // Latent rounding reaches the pixels times 1 / scale_factor (see the tile batches).
+        let bound = 1e-5 / base.config.diffusion.scale_factor as f32;
+        assert!(
+            diff <= bound,
+            "crop {k}: batched differs by {diff} (bound {bound})"
+        );
+        worst = worst.max(diff);
+    }
+    println!(
+        "{} face crops, batches of {PER_CALL}: max abs diff {worst:.3e} against one at a time",
+        who.len()
+    );
+    // The identities did reach their rows: an anna crop restored as the base model differs.
+    let as_base = restorer(PER_CALL)
+        .restore_crops(
+            &[FaceCrop {
+                image: &images[1],
+                conditioning: Conditioning::Base,
+                seed: 1001,
+            }],
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let moved = outputs[1][1]
+        .data
+        .iter()
+        .zip(&as_base[0].data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 1e-3,
+        "anna's crop restored like the base model ({moved})"
+    );
+}

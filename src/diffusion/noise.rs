@@ -92,6 +92,38 @@ impl NoiseSource for RecordedNoise {
     }
 }
 
+/// The rows of a batch, each drawing from its own source: a draw of `[n, ...]` is row `i`'s
+/// `[1, ...]` draw from source `i`, so samples batched together get the very numbers they get
+/// one by one.
+pub struct BatchedNoise {
+    rows: Vec<Box<dyn NoiseSource>>,
+}
+
+impl BatchedNoise {
+    pub fn new(rows: Vec<Box<dyn NoiseSource>>) -> Self {
+        BatchedNoise { rows }
+    }
+}
+
+impl NoiseSource for BatchedNoise {
+    fn next(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        if shape.first() != Some(&self.rows.len()) {
+            return Err(Error::Input(format!(
+                "a batch of {} noise sources was asked for a draw of shape {shape:?}",
+                self.rows.len()
+            )));
+        }
+        let mut row_shape = shape.to_vec();
+        row_shape[0] = 1;
+        let draws = self
+            .rows
+            .iter_mut()
+            .map(|row| row.next(&row_shape, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&draws, 0)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +154,42 @@ mod tests {
         assert!(rec.next(&[2, 1], &dev).is_err());
         let mut rec = RecordedNoise::new(vec![]);
         assert!(rec.next(&[1, 2], &dev).is_err());
+    }
+
+    #[test]
+    fn batched_noise_gives_each_row_its_own_sequence() {
+        let dev = Device::Cpu;
+        let seeds = [3u64, 11, 3];
+        let mut batch = BatchedNoise::new(
+            seeds
+                .iter()
+                .map(|&s| Box::new(SeededNoise::new(s)) as Box<dyn NoiseSource>)
+                .collect(),
+        );
+        let mut alone: Vec<SeededNoise> = seeds.iter().map(|&s| SeededNoise::new(s)).collect();
+        for _ in 0..2 {
+            let drawn = batch.next(&[3, 2, 5], &dev).unwrap();
+            for (i, source) in alone.iter_mut().enumerate() {
+                let own: Vec<f32> = source
+                    .next(&[1, 2, 5], &dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let row: Vec<f32> = drawn
+                    .get(i)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(row, own, "row {i}");
+            }
+        }
+        assert!(
+            batch.next(&[2, 2, 5], &dev).is_err(),
+            "rows must match the sources"
+        );
     }
 }

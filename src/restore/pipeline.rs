@@ -8,7 +8,7 @@ use super::settings::{
 };
 use crate::config::BaseModelConfig;
 use crate::diffusion::canvas::{CanvasSampler, Tiling};
-use crate::diffusion::noise::{NoiseSource, SeededNoise};
+use crate::diffusion::noise::{BatchedNoise, NoiseSource, SeededNoise};
 use crate::diffusion::sampler::{Branches, DdpmSampler, SampleOptions, StepProgress, VDenoiser};
 use crate::error::{Error, Result};
 use crate::imaging::patches::{patches, Patch, PatchBlender};
@@ -356,9 +356,10 @@ impl<'a> Restorer<'a> {
     /// Restores face crops (RGB, each at its own output size = its input size), each with its
     /// own conditioning and seed. Crops that fit one pixel patch go through the networks stage
     /// by stage together (every crop encoded, then every crop sampled, then every crop
-    /// decoded), so staged networks load once per photo, not once per face; larger crops
-    /// (`--face-size` above the patch size) take the tiled path one by one. `on_step(done,
-    /// total)` counts steps over all crops.
+    /// decoded), so staged networks load once per photo, not once per face, and crops of one
+    /// identity are sampled in one UNet batch as far as the tiles per call allow (see
+    /// `sampling_groups`); larger crops (`--face-size` above the patch size) take the tiled path
+    /// one by one. `on_step(done, total)` counts steps over all crops.
     pub fn restore_crops(
         &self,
         crops: &[FaceCrop],
@@ -393,21 +394,34 @@ impl<'a> Restorer<'a> {
                 }
                 self.count(t, |s| &mut s.encode);
             }
-            let mut latents = Vec::with_capacity(crops.len());
+            let mut latents: Vec<Option<Tensor>> = vec![None; crops.len()];
             {
                 let sampling = self.loaded(Stage::Sample, |n| n.sampling())?;
                 let t = Instant::now();
-                for (k, ((init, mut noise), crop)) in started.into_iter().zip(crops).enumerate() {
-                    latents.push(self.sample_piece(
+                let groups = self.sampling_groups(crops, &started)?;
+                let mut started: Vec<Option<(Tensor, Box<dyn NoiseSource>)>> =
+                    started.into_iter().map(Some).collect();
+                let mut finished = 0;
+                for group in groups {
+                    let (inits, sources): (Vec<Tensor>, Vec<Box<dyn NoiseSource>>) =
+                        group.iter().filter_map(|&i| started[i].take()).unzip();
+                    let n = group.len();
+                    let mut noise = BatchedNoise::new(sources);
+                    let latent = self.sample_piece(
                         &sampling,
-                        &init,
-                        noise.as_mut(),
-                        crop.conditioning,
-                        &mut |d| on_step(k * steps + d, total),
-                    )?);
+                        &Tensor::cat(&inits, 0)?,
+                        &mut noise,
+                        crops[group[0]].conditioning,
+                        &mut |d| on_step(finished * steps + n * d, total),
+                    )?;
+                    for (row, &i) in group.iter().enumerate() {
+                        latents[i] = Some(latent.narrow(0, row, 1)?);
+                    }
+                    finished += n;
                 }
                 self.count(t, |s| &mut s.sample);
             }
+            let latents = latents.into_iter().flatten().collect::<Vec<_>>();
             let cfw = self.loaded(Stage::Decode, |n| n.cfw())?;
             let t = Instant::now();
             for (latent, (plan, lq)) in latents.iter().zip(&prepared) {
@@ -439,6 +453,48 @@ impl<'a> Restorer<'a> {
             }
         }
         Ok(restored)
+    }
+
+    /// The identity a crop is sampled with (`None`: the base model).
+    fn identity_of<'s>(&'s self, who: Conditioning<'s>) -> Option<&'s Personalization> {
+        match who {
+            Conditioning::Configured => self.personalization.as_ref(),
+            Conditioning::Base => None,
+            Conditioning::Identity(p) => Some(p),
+        }
+    }
+
+    /// Which crops go through the UNet together, as indices into `crops`: crops with the same
+    /// identity and latent size that fit one latent tile, up to the tiles per UNet call that
+    /// the device's free memory allows (one on the CPU, where a batch saves no time but costs
+    /// memory); every other crop alone. Groups are in the order of their first crop.
+    fn sampling_groups<N>(
+        &self,
+        crops: &[FaceCrop],
+        started: &[(Tensor, N)],
+    ) -> Result<Vec<Vec<usize>>> {
+        let per_call = self.tiling.tiles_per_batch.max(1);
+        let mut groups: Vec<(Option<(usize, Vec<usize>)>, Vec<usize>)> = Vec::new();
+        for (i, (crop, (init, _))) in crops.iter().zip(started).enumerate() {
+            let (_, _, lh, lw) = init.dims4()?;
+            // An identity is told apart by its address: two crops share a batch only when
+            // they use the very same prepared identity.
+            let who = self
+                .identity_of(crop.conditioning)
+                .map_or(0, |p| p as *const Personalization as usize);
+            let key = self
+                .tiling
+                .fits_one_tile(lh, lw)
+                .then(|| (who, init.dims().to_vec()));
+            match groups
+                .iter_mut()
+                .find(|(k, members)| key.is_some() && *k == key && members.len() < per_call)
+            {
+                Some((_, members)) => members.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        Ok(groups.into_iter().map(|(_, members)| members).collect())
     }
 
     /// The tile script from its upscaled LQ `[1, 3, H, W]` in [-1, 1]: reflect-pads the bottom
@@ -542,7 +598,9 @@ impl<'a> Restorer<'a> {
             * base.config.diffusion.scale_factor)?)
     }
 
-    /// Samples a piece's latent over latent tiles; `on_step(done)` after every step.
+    /// Samples a piece's latent over latent tiles, or a batch of crops that each fit one tile
+    /// (`init_latent` of several rows, `noise` a [`BatchedNoise`]); `on_step(done)` after every
+    /// step.
     fn sample_piece(
         &self,
         base: &BaseModel,
@@ -554,11 +612,7 @@ impl<'a> Restorer<'a> {
         base.require(Network::Sampling)?;
         let mut base_denoiser;
         let mut personalized;
-        let identity = match who {
-            Conditioning::Configured => self.personalization.as_ref(),
-            Conditioning::Base => None,
-            Conditioning::Identity(p) => Some(p),
-        };
+        let identity = self.identity_of(who);
         let denoiser: &mut dyn VDenoiser = match identity {
             None => {
                 base_denoiser = ModelDenoiser {

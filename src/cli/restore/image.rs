@@ -295,11 +295,18 @@ pub fn restore_one(
         let (out_w, out_h) = target.output_size(loaded.rgb.width, loaded.rgb.height)?;
         let n = selected.chosen.len();
         let k = super::faces::paste_factor((loaded.rgb.width, loaded.rgb.height), (out_w, out_h));
+        // Faces of one identity share UNet calls as the device's memory allows.
+        let per_call = restorer.tiling().tiles_per_batch.min(n);
         say(format!(
-            "{name}: {out_w}x{out_h} output, {n} face{} x {} steps at {} px, {} background; {run_label}",
+            "{name}: {out_w}x{out_h} output, {n} face{} x {} steps at {} px{}, {} background; {run_label}",
             if n == 1 { "" } else { "s" },
             restorer.settings.steps,
             job.native,
+            if per_call > 1 {
+                format!(" (up to {per_call} per UNet call)")
+            } else {
+                String::new()
+            },
             match job.background {
                 super::faces::Background::Lanczos => "lanczos",
                 super::faces::Background::Model => "model (whole photo through the diffusion)",

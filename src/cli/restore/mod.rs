@@ -104,9 +104,9 @@ pub struct RestoreArgs {
     /// pixel). Also the largest input decoded.
     #[arg(long, default_value_t = 64.0, value_name = "MP")]
     pub max_megapixels: f64,
-    /// Latent tiles per UNet call (twice the rows with CFG); default: 1 on the CPU, on a GPU as
-    /// many as half its free memory holds (at most 8). Memory grows with it, the result does not
-    /// change.
+    /// Latent tiles, or face crops of one identity, per UNet call (twice the rows with CFG);
+    /// default: 1 on the CPU, on a GPU as many as half its free memory holds (at most 8).
+    /// Memory grows with it, the result does not change.
     #[arg(long, value_name = "N")]
     pub tile_batch: Option<usize>,
     /// Whether the networks stay loaded for the whole batch. staged: each image loads the VAE
