@@ -474,7 +474,9 @@ impl<'a> Restorer<'a> {
         started: &[(Tensor, N)],
     ) -> Result<Vec<Vec<usize>>> {
         let per_call = self.tiling.tiles_per_batch.max(1);
-        let mut groups: Vec<(Option<(usize, Vec<usize>)>, Vec<usize>)> = Vec::new();
+        // (identity address, latent shape) of crops that may share a call; `None`: alone.
+        type BatchKey = Option<(usize, Vec<usize>)>;
+        let mut groups: Vec<(BatchKey, Vec<usize>)> = Vec::new();
         for (i, (crop, (init, _))) in crops.iter().zip(started).enumerate() {
             let (_, _, lh, lw) = init.dims4()?;
             // An identity is told apart by its address: two crops share a batch only when
