@@ -1,8 +1,10 @@
 //! Whole photos end to end on the tiny model: `restore --faces each` finds every face, restores
 //! each on an aligned crop and pastes it back over the Lanczos background; `--face` restricts;
 //! a face-free photo is the background upscale with a note; `faces --json` lists what restore
-//! numbers; a face-free reference is refused by `personalize`. The photo is the fixture's
-//! image with the most faces (detect/detect.json), so another fixture set runs other photos.
+//! numbers; a face-free reference is refused by `personalize`; a face rotated by 30 degrees is
+//! cut upright; a photo of 500 small faces is bounded by --max-faces. The photo is the
+//! fixture's image with the most faces (detect/detect.json), and the synthetic photos are made
+//! from the fixture's face chip, so another fixture set runs other photos.
 
 mod common;
 
@@ -528,4 +530,197 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// The fixture's face chip as an RGB image in [0, 1], resized to `side`.
+fn chip_image(side: u32) -> pfstorer::imaging::ImageF32 {
+    let small = image::imageops::resize(
+        &face_chip(),
+        side,
+        side,
+        image::imageops::FilterType::Triangle,
+    );
+    let data = small
+        .pixels()
+        .flat_map(|p| p.0.map(|v| v as f32 / 255.0))
+        .collect();
+    pfstorer::imaging::ImageF32::new(side as usize, side as usize, 3, data)
+}
+
+/// A grey `width x height` photo.
+fn grey_photo(width: usize, height: usize) -> pfstorer::imaging::ImageF32 {
+    let grey = [128.0 / 255.0, 124.0 / 255.0, 120.0 / 255.0];
+    let data: Vec<f32> = (0..width * height).flat_map(|_| grey).collect();
+    pfstorer::imaging::ImageF32::new(width, height, 3, data)
+}
+
+/// Pastes `face` into `photo` with its top left corner at `(x0, y0)`.
+fn paste_at(
+    photo: &mut pfstorer::imaging::ImageF32,
+    face: &pfstorer::imaging::ImageF32,
+    x0: usize,
+    y0: usize,
+) {
+    for y in 0..face.height {
+        let from = y * face.width * 3;
+        let to = ((y0 + y) * photo.width + x0) * 3;
+        photo.data[to..to + face.width * 3]
+            .copy_from_slice(&face.data[from..from + face.width * 3]);
+    }
+}
+
+/// A rotated face is detected and its aligned crop is upright: the crop cut from the photo
+/// rotated by 30 degrees matches the upright photo's crop far better than the rotated photo
+/// cut with the upright face's transform does, and the fitted rotation is the photo's.
+/// `restore` then restores it like any face.
+#[test]
+fn a_rotated_face_is_aligned_upright_and_restored() {
+    use pfstorer::imaging::warp::{warp_affine, SourceCoords};
+    let (w, h) = (320usize, 300usize);
+    let mut upright = grey_photo(w, h);
+    paste_at(&mut upright, &chip_image(160), 80, 70);
+    let (cx, cy) = (160.0f64, 150.0f64);
+    let angle = 30f64.to_radians();
+    let (s, c) = angle.sin_cos();
+    // Destination = R (source - centre) + centre: the face turns by 30 degrees in the photo.
+    let rotation = [[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy]];
+    let grey = [128.0 / 255.0, 124.0 / 255.0, 120.0 / 255.0];
+    let rotated = warp_affine(&upright, &rotation, w, h, &grey, SourceCoords::F64).unwrap();
+
+    let detector = RetinaFace::load_embedded(&candle_core::Device::Cpu).unwrap();
+    let opts = DetectOptions {
+        score_threshold: 0.5,
+        ..DetectOptions::default()
+    };
+    let largest = |img: &pfstorer::imaging::ImageF32| {
+        let found = detector.detect(img, &opts).unwrap();
+        assert!(!found.is_empty(), "no face found");
+        found
+            .into_iter()
+            .max_by(|a, b| (a.bbox[2] - a.bbox[0]).total_cmp(&(b.bbox[2] - b.bbox[0])))
+            .unwrap()
+    };
+    let (face_up, face_rot) = (largest(&upright), largest(&rotated));
+    let template = Template::ffhq(128).unwrap();
+    let border = FACEXLIB_BORDER_RGB;
+    let crop_up = align(&upright, &face_up.landmarks, &template, &border).unwrap();
+    let crop_rot = align(&rotated, &face_rot.landmarks, &template, &border).unwrap();
+    let naive = warp_affine(
+        &rotated,
+        &crop_up.matrix,
+        128,
+        128,
+        &border,
+        SourceCoords::F32,
+    )
+    .unwrap();
+    let mad = |a: &pfstorer::imaging::ImageF32| {
+        a.data
+            .iter()
+            .zip(&crop_up.crop.data)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .sum::<f64>()
+            / a.data.len() as f64
+    };
+    let (aligned_diff, naive_diff) = (mad(&crop_rot.crop), mad(&naive));
+    let turn = |m: &[[f64; 3]; 2]| m[1][0].atan2(m[0][0]).to_degrees();
+    let fitted = turn(&crop_up.matrix) - turn(&crop_rot.matrix);
+    println!(
+        "rotated 30 deg: fitted turn {fitted:.1} deg; crop vs upright crop {aligned_diff:.4}, unaligned {naive_diff:.4}"
+    );
+    assert!(
+        (fitted - 30.0).abs() < 6.0,
+        "fitted rotation {fitted} degrees"
+    );
+    assert!(
+        aligned_diff < 0.5 * naive_diff,
+        "aligned crop {aligned_diff} vs unaligned {naive_diff}"
+    );
+
+    let dir = common::scratch("faces-rotated");
+    let input = dir.join("rotated.png");
+    let bytes: Vec<u8> = rotated.data.iter().map(|&v| quantize_u8(v)).collect();
+    image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .unwrap()
+        .save(&input)
+        .unwrap();
+    let out = dir.join("out.png");
+    let mut args = restore_args(&input, &out, &[]);
+    common::hostile::set_flag(&mut args, "-s", "1");
+    common::hostile::set_flag(&mut args, "--face-threshold", "0.5");
+    let o = pfstorer(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("1 face restored"), "{}", stderr(&o));
+    let restored = image::open(&out).unwrap();
+    assert_eq!(
+        (restored.width() as usize, restored.height() as usize),
+        (w, h)
+    );
+}
+
+/// A photo of 500 small faces: every one is found, the default --max-faces restores the largest
+/// and names how many it skipped, within the time and memory bounds of a tiny-model restore.
+#[test]
+fn a_crowd_of_five_hundred_small_faces_is_bounded() {
+    use pfstorer::cli::face_args::DEFAULT_MAX_FACES;
+    let (side, cols, rows) = (32usize, 25usize, 20usize);
+    let step = side + 4;
+    let (w, h) = (cols * step + 8, rows * step + 8);
+    let face = chip_image(side as u32);
+    let mut crowd = grey_photo(w, h);
+    for gy in 0..rows {
+        for gx in 0..cols {
+            paste_at(&mut crowd, &face, 4 + gx * step, 4 + gy * step);
+        }
+    }
+    let dir = common::scratch("faces-crowd");
+    let input = dir.join("crowd.png");
+    let bytes: Vec<u8> = crowd.data.iter().map(|&v| quantize_u8(v)).collect();
+    image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .unwrap()
+        .save(&input)
+        .unwrap();
+    let home = dir.join("home");
+    let mut args = vec![
+        "faces".to_string(),
+        input.display().to_string(),
+        "--json".into(),
+    ];
+    args.extend(common::hostile::strings(&[
+        "--face-threshold",
+        "0.5",
+        "--min-face",
+        "0",
+    ]));
+    let done = common::hostile::run_within(&home, &args, common::hostile::FULL_RUN);
+    assert!(done.output.status.success());
+    common::hostile::assert_peak_within(&done);
+    let json: serde_json::Value = serde_json::from_slice(&done.output.stdout).unwrap();
+    let found = json[0]["faces"].as_array().unwrap().len();
+    println!("{found} of {} faces found", cols * rows);
+    assert!(
+        found > DEFAULT_MAX_FACES,
+        "a crowd needs more than {DEFAULT_MAX_FACES} faces found: {found}"
+    );
+
+    let out = dir.join("out.png");
+    let mut args = restore_args(&input, &out, &[]);
+    common::hostile::set_flag(&mut args, "-s", "1");
+    common::hostile::set_flag(&mut args, "--face-threshold", "0.5");
+    common::hostile::set_flag(&mut args, "--max-faces", &DEFAULT_MAX_FACES.to_string());
+    let done = common::hostile::run_within(&home, &args, common::hostile::FULL_RUN);
+    let err = stderr(&done.output);
+    assert!(done.output.status.success(), "{err}");
+    common::hostile::assert_peak_within(&done);
+    assert!(
+        err.contains(&format!(
+            "{} more faces skipped: --max-faces {DEFAULT_MAX_FACES} keeps the largest",
+            found - DEFAULT_MAX_FACES
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{DEFAULT_MAX_FACES} faces restored")),
+        "{err}"
+    );
 }
