@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
     let settings = RestoreSettings {
         steps,
         native_size: Some(SIZE),
-        tile_overlap: 4,
+        tile_overlap: Some(4),
         ..RestoreSettings::default()
     };
 

@@ -467,3 +467,55 @@ fn personalize_reads_folders_checkpoints_and_ids_show_summarises() {
     );
     assert!(err.contains("matches"), "{err}");
 }
+
+/// The README's "Try it offline" command, run as written (the binary and `$T` aside, which
+/// point at this build and the fixture root): it must work without flags the README leaves out.
+#[test]
+fn the_readme_offline_command_runs_as_written() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let after = &readme[readme.find("**Try it offline**").expect("README section")..];
+    let block = after
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the section's sh block");
+    let joined = block.replace("\\\n", " ");
+    let mut variables: BTreeMap<String, String> = BTreeMap::new();
+    let mut command = None;
+    for line in joined.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("cargo ") {
+            continue; // this build is the one under test
+        }
+        if let Some((name, _)) = line.split_once('=').filter(|(n, _)| !n.contains(' ')) {
+            // `T=tests/fixtures/stablesr`: the fixture root in use (PFSTORER_FIXTURES too).
+            let model = common::fixture("stablesr/model.safetensors");
+            let value = model.parent().unwrap().display().to_string();
+            variables.insert(format!("${name}"), value);
+            continue;
+        }
+        command = Some(line.to_string());
+    }
+    let command = command.expect("a pfstorer command");
+    let mut words = command.split_whitespace();
+    assert!(words.next().unwrap().ends_with("pfstorer"), "{command}");
+    let args: Vec<String> = words
+        .map(|w| {
+            variables
+                .iter()
+                .fold(w.to_string(), |w, (name, value)| w.replace(name, value))
+        })
+        .collect();
+    let dir = common::scratch("readme-offline");
+    let input = args
+        .iter()
+        .find(|a| a.ends_with(".jpg") || a.ends_with(".png"))
+        .expect("an input photo in the command")
+        .clone();
+    gradient(96, 80).save(dir.join(&input)).unwrap();
+    let o = pfstorer(&dir.join("home"), &dir, &args);
+    assert!(o.status.success(), "{command}\n{}", stderr(&o));
+    let output = args[args.iter().position(|a| a == "-o").unwrap() + 1].clone();
+    let restored = image::open(dir.join(&output)).unwrap();
+    assert_eq!((restored.width(), restored.height()), (96, 80), "{command}");
+}

@@ -255,7 +255,7 @@ fn tile_script_canvas_run_through_the_restorer() {
             guidance: m["guidance"].parse().unwrap(),
             dec_w: m["dec_w"].parse().unwrap(),
             color_fix: fix,
-            tile_overlap: overlap,
+            tile_overlap: Some(overlap),
             native_size: Some(tile * base.config.vae.downsample_factor()),
             ..RestoreSettings::default()
         };
@@ -378,7 +378,7 @@ fn batched_tiles_match_one_at_a_time_and_the_planned_calls() {
     let settings = |tile_batch: usize, patch_size: usize| RestoreSettings {
         steps: 2,
         native_size: Some(native),
-        tile_overlap: tile / 2,
+        tile_overlap: Some(tile / 2),
         tile_batch: Some(tile_batch),
         patch_size,
         patch_stride: patch_size * 3 / 4,
@@ -539,7 +539,7 @@ fn staged_networks_restore_what_resident_ones_do() {
     let settings = |patch_size: usize| RestoreSettings {
         steps: 2,
         native_size: Some(native),
-        tile_overlap: tile / 2,
+        tile_overlap: Some(tile / 2),
         patch_size,
         patch_stride: (patch_size * 3 / 4).max(1),
         seed: 11,

@@ -462,7 +462,7 @@ fn face_crops_share_unet_calls_only_with_their_own_identity() {
         let settings = RestoreSettings {
             steps,
             native_size: Some(native),
-            tile_overlap: native / base.config.vae.downsample_factor() / 2,
+            tile_overlap: Some(native / base.config.vae.downsample_factor() / 2),
             tile_batch: Some(tile_batch),
             ..RestoreSettings::default()
         };

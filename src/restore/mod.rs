@@ -31,6 +31,7 @@ pub use denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
 pub use networks::{Networks, ResidencyPolicy, StagedNetworks, WeightSource};
 pub use pipeline::{Conditioning, FaceCrop, Restorer, Stage, StageSeconds};
 pub use settings::{
-    auto_tile_batch, bytes_per_unet_row, check_native_size, RestorePlan, RestoreSettings,
-    SamplingWork, TargetSize, BYTES_PER_PROCESSED_PIXEL, DEFAULT_MAX_PIXELS, MAX_NATIVE_SIZE,
+    auto_tile_batch, bytes_per_unet_row, check_native_size, default_tile_overlap, RestorePlan,
+    RestoreSettings, SamplingWork, TargetSize, BYTES_PER_PROCESSED_PIXEL, DEFAULT_MAX_PIXELS,
+    MAX_NATIVE_SIZE,
 };

@@ -3,8 +3,8 @@
 use super::denoisers::{ModelDenoiser, Personalization, PersonalizedDenoiser};
 use super::networks::{Held, Networks, StagedNetworks};
 use super::settings::{
-    auto_tile_batch, bytes_per_unet_row, check_native_size, RestorePlan, RestoreSettings,
-    SamplingWork, TargetSize,
+    auto_tile_batch, bytes_per_unet_row, check_native_size, default_tile_overlap, RestorePlan,
+    RestoreSettings, SamplingWork, TargetSize,
 };
 use crate::config::BaseModelConfig;
 use crate::diffusion::canvas::{CanvasSampler, Tiling};
@@ -178,10 +178,12 @@ impl<'a> Restorer<'a> {
                 config.vae.downsample_factor()
             )));
         }
-        if settings.tile_overlap >= tile {
+        let tile_overlap = settings
+            .tile_overlap
+            .unwrap_or_else(|| default_tile_overlap(tile));
+        if tile_overlap >= tile {
             return Err(Error::Input(format!(
-                "--tile-overlap {}: must be smaller than the latent tile ({tile})",
-                settings.tile_overlap
+                "--tile-overlap {tile_overlap}: must be smaller than the latent tile ({tile})"
             )));
         }
         if settings.patch_stride == 0
@@ -207,7 +209,7 @@ impl<'a> Restorer<'a> {
         });
         let tiling = Tiling {
             tile_size: tile,
-            tile_overlap: settings.tile_overlap,
+            tile_overlap,
             tiles_per_batch,
         };
         Ok(Restorer {

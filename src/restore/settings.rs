@@ -57,8 +57,8 @@ pub struct RestoreSettings {
     /// CFW fusion weight of the decoder.
     pub dec_w: f64,
     pub color_fix: ColorFix,
-    /// Overlap of latent tiles, in latents.
-    pub tile_overlap: usize,
+    /// Overlap of latent tiles, in latents; `None`: [`default_tile_overlap`] of the tile.
+    pub tile_overlap: Option<usize>,
     /// Pixel patch size and stride above which an image is processed in patches.
     pub patch_size: usize,
     pub patch_stride: usize,
@@ -187,6 +187,13 @@ pub fn bytes_per_unet_row(model_channels: usize, tile: usize) -> u64 {
     (FEATURE_MAPS_PER_ROW * model_channels * tile * tile * 4) as u64
 }
 
+/// The latent tile overlap when none is given: the tile script's 32 for the released model's
+/// 64-latent tiles, half the tile for smaller ones (`--input-size` below 512), so the default
+/// works at every native size.
+pub fn default_tile_overlap(tile: usize) -> usize {
+    32.min(tile / 2)
+}
+
 /// Tiles per UNet call: 1 without a free-memory figure (the CPU, where batching does not pay),
 /// else as many as half the free memory holds at `row_bytes` per row and `rows_per_tile` rows
 /// per tile, between 1 and [`MAX_AUTO_TILE_BATCH`]. Half, because the allocator fragments and
@@ -305,7 +312,7 @@ impl Default for RestoreSettings {
             seed: 42,
             dec_w: 0.5,
             color_fix: ColorFix::Adain,
-            tile_overlap: 32,
+            tile_overlap: None,
             patch_size: 1280,
             patch_stride: 1000,
             native_size: None,
@@ -366,6 +373,14 @@ mod tests {
             start += stride;
         }
         starts.len()
+    }
+
+    #[test]
+    fn default_tile_overlap_is_the_tile_scripts_or_half_a_small_tile() {
+        assert_eq!(default_tile_overlap(64), 32, "the released model's tiles");
+        assert_eq!(default_tile_overlap(160), 32);
+        assert_eq!(default_tile_overlap(8), 4, "--input-size 64");
+        assert_eq!(default_tile_overlap(1), 0);
     }
 
     #[test]
@@ -440,7 +455,7 @@ mod tests {
                 steps: 7,
                 patch_size: patch,
                 patch_stride: stride,
-                tile_overlap: overlap,
+                tile_overlap: Some(overlap),
                 native_size: Some(native),
                 ..RestoreSettings::default()
             };

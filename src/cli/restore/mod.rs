@@ -76,9 +76,10 @@ pub struct RestoreArgs {
     /// Negative prompt (the unconditional branch of CFG).
     #[arg(long, default_value = DEFAULT_NEGATIVE_PROMPT)]
     pub negative_prompt: String,
-    /// Overlap of the 64-latent tiles, in latents.
-    #[arg(long, default_value_t = 32)]
-    pub tile_overlap: usize,
+    /// Overlap of the latent tiles, in latents; default: 32 (StableSR's tile script, 64-latent
+    /// tiles), half the tile for a smaller --input-size.
+    #[arg(long, value_name = "LATENTS")]
+    pub tile_overlap: Option<usize>,
     /// The model's native size in pixels (StableSR's `--input_size`): short sides below it are
     /// processed at it, latent tiles are this size / 8 (the VAE's downsampling factor). Default: the config's image_size (512).
     #[arg(long, value_name = "PIXELS")]
