@@ -724,3 +724,38 @@ fn a_crowd_of_five_hundred_small_faces_is_bounded() {
         "{err}"
     );
 }
+
+/// `faces --show` never overwrites a picture without --force, says so on stderr (a script's
+/// log, not only the table on stdout) before reading the photo, and writes it with --force.
+#[test]
+fn faces_show_refuses_an_existing_picture_on_stderr() {
+    let (photo, _) = group_photo();
+    let dir = common::scratch("faces-show-exists");
+    let shown = dir.join("shown.png");
+    std::fs::write(&shown, b"keep me").unwrap();
+    let args = |force: bool| {
+        let mut a = vec![
+            "faces".to_string(),
+            photo.display().to_string(),
+            "--show".into(),
+            shown.display().to_string(),
+        ];
+        if force {
+            a.push("--force".into());
+        }
+        a
+    };
+    let o = pfstorer(&args(false));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("shown.png: already exists"), "{err}");
+    assert_eq!(std::fs::read(&shown).unwrap(), b"keep me");
+    let o = pfstorer(&args(true));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let drawn = image::open(&shown).unwrap();
+    let rgb = load_image(&photo).unwrap().rgb;
+    assert_eq!(
+        (drawn.width() as usize, drawn.height() as usize),
+        (rgb.width, rgb.height)
+    );
+}

@@ -79,14 +79,18 @@ pub fn run(args: FacesArgs) -> anyhow::Result<()> {
     for item in batch::expand_inputs(&args.inputs) {
         match item {
             InputItem::File(p) => files.push(p),
-            InputItem::Invalid { arg, reason } => records.push(PhotoRecord {
-                path: arg.display().to_string(),
-                width: 0,
-                height: 0,
-                faces: Vec::new(),
-                too_small: 0,
-                error: Some(reason),
-            }),
+            InputItem::Invalid { arg, reason } => {
+                // Errors go to stderr as they happen, whatever stdout is piped to.
+                eprintln!("{}: {reason}", printable_path(&arg));
+                records.push(PhotoRecord {
+                    path: arg.display().to_string(),
+                    width: 0,
+                    height: 0,
+                    faces: Vec::new(),
+                    too_small: 0,
+                    error: Some(reason),
+                });
+            }
         }
     }
     let many = files.len() > 1;
@@ -94,14 +98,18 @@ pub fn run(args: FacesArgs) -> anyhow::Result<()> {
     for path in &files {
         let record = match faces_of(&detector, embedder.as_ref(), path, &args, &opts, many) {
             Ok(r) => r,
-            Err(e) => PhotoRecord {
-                path: path.display().to_string(),
-                width: 0,
-                height: 0,
-                faces: Vec::new(),
-                too_small: 0,
-                error: Some(batch::reason_any(&e, path)),
-            },
+            Err(e) => {
+                let reason = batch::reason_any(&e, path);
+                eprintln!("{}: {reason}", printable_path(path));
+                PhotoRecord {
+                    path: path.display().to_string(),
+                    width: 0,
+                    height: 0,
+                    faces: Vec::new(),
+                    too_small: 0,
+                    error: Some(reason),
+                }
+            }
         };
         records.push(record);
     }
@@ -147,6 +155,25 @@ fn faces_of(
     opts: &crate::faces::retinaface::DetectOptions,
     many: bool,
 ) -> anyhow::Result<PhotoRecord> {
+    // Where the picture goes is checked before the photo is read.
+    let show = match &args.show {
+        Some(show) => {
+            let target = if many {
+                std::fs::create_dir_all(show).map_err(|e| crate::Error::io(show, e))?;
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "image".into());
+                show.join(format!("{stem}_faces.png"))
+            } else {
+                show.clone()
+            };
+            crate::fsutil::check_not_an_input(&target, std::iter::once(path))?;
+            crate::fsutil::check_overwrite(&target, args.force)?;
+            Some(target)
+        }
+        None => None,
+    };
     let loaded = load_image(path)?;
     let rgb = &loaded.rgb;
     let detections = detector.detect(rgb, opts)?;
@@ -155,18 +182,7 @@ fn faces_of(
         Some(e) => embed_faces(e, rgb, &numbered)?,
         None => vec![None; numbered.len()],
     };
-    if let Some(show) = &args.show {
-        let target = if many {
-            std::fs::create_dir_all(show).map_err(|e| crate::Error::io(show, e))?;
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image".into());
-            show.join(format!("{stem}_faces.png"))
-        } else {
-            show.clone()
-        };
-        crate::fsutil::check_not_an_input(&target, std::iter::once(path))?;
+    if let Some(target) = show {
         save_image(&target, &draw_faces(rgb, &numbered), None, args.force)?;
         if !args.quiet {
             eprintln!("{} -> {}", printable_path(path), printable_path(&target));
