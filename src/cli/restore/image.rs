@@ -222,10 +222,11 @@ fn step_progress<'a>(
         steps.set_position(done as u64);
         if done == 0 && started.is_none() {
             started = Some(Instant::now());
-        } else if done == 1 && !projected {
+        } else if done >= 1 && !projected {
             projected = true;
             if let Some(start) = started {
-                for line in project(start.elapsed().as_secs_f64()) {
+                // Faces sampled together finish their first step at once: `done` of them.
+                for line in project(start.elapsed().as_secs_f64() / done as f64) {
                     say(line);
                 }
             }
