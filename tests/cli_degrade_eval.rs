@@ -321,3 +321,63 @@ fn unknown_preset_and_missing_input() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// `degrade one.png -o lq.png` writes that file (as `restore -o` does), not a folder named
+/// `lq.png`; a JPEG name and several inputs for one file are one line each, before anything
+/// is written; each written file is one line on stderr.
+#[test]
+fn degrade_to_a_named_file() {
+    let root = scratch("degrade-file");
+    let input = root.join("photo.png");
+    face_like(40, 36).save(&input).unwrap();
+    let lq = root.join("sub").join("photo_lq.png");
+    let run = pfstorer(&["degrade", s(&input), "--preset", "light", "-o", s(&lq)]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(lq.is_file(), "{} is not a file", lq.display());
+    let img = image::open(&lq).unwrap();
+    assert_eq!((img.width(), img.height()), (40, 36));
+    assert!(
+        stderr.contains(&format!("{} -> {}", input.display(), lq.display())),
+        "one line per file: {stderr}"
+    );
+    // The same image as the folder form gives (its seed comes from the input's name).
+    let folder = root.join("folder");
+    let run = pfstorer(&[
+        "degrade",
+        s(&input),
+        "--preset",
+        "light",
+        "-o",
+        s(&folder),
+        "-q",
+    ]);
+    assert!(run.status.success());
+    assert_eq!(read(&folder.join("photo_light.png")), read(&lq));
+
+    let before: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let jpg = root.join("lq.jpg");
+    let run = pfstorer(&["degrade", s(&input), "--preset", "light", "-o", s(&jpg)]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("degrade writes PNG"));
+    let two = root.join("two.png");
+    let run = pfstorer(&[
+        "degrade",
+        s(&input),
+        s(&lq),
+        "--preset",
+        "light",
+        "-o",
+        s(&two),
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("names one file, but 2 inputs"));
+    let after: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(before, after, "nothing written by the refused runs");
+}

@@ -26,8 +26,14 @@ pub struct DegradeArgs {
     /// Base seed; each image's seed is derived from it and the image's file name.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output directory (created when missing).
-    #[arg(short = 'o', long = "output", alias = "out-dir", value_name = "DIR")]
+    /// Output directory (created when missing), or for a single input the output file
+    /// (`-o photo_lq.png`; always PNG: a JPEG would degrade the result again).
+    #[arg(
+        short = 'o',
+        long = "output",
+        alias = "out-dir",
+        value_name = "DIR|FILE.png"
+    )]
     pub out_dir: PathBuf,
     /// Replace existing outputs.
     #[arg(long)]
@@ -45,8 +51,20 @@ pub struct DegradeArgs {
 
 pub fn run(args: DegradeArgs) -> Result<()> {
     let preset = args.preset;
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let to_file = names_an_image_file(&args.out_dir);
+    if to_file {
+        let ext = args
+            .out_dir
+            .extension()
+            .unwrap_or_default()
+            .to_string_lossy();
+        if !ext.eq_ignore_ascii_case("png") {
+            anyhow::bail!(
+                "-o {}: degrade writes PNG (a {ext} file would be compressed again); name a .png file or a directory",
+                args.out_dir.display()
+            );
+        }
+    }
     let policy = ExistingPolicy::from_flags(args.force, args.skip_existing);
 
     let mut summary = Summary::default();
@@ -57,8 +75,26 @@ pub fn run(args: DegradeArgs) -> Result<()> {
             InputItem::Invalid { arg, reason } => summary.record(&arg, Outcome::Failed(reason)),
         }
     }
-    let suffix = format!("_{}", args.preset);
-    let outputs = output_paths(&files, &args.out_dir, &suffix, "png");
+    let outputs = if to_file {
+        let given = files.len() + summary.failed.len();
+        if given != 1 {
+            anyhow::bail!(
+                "-o {} names one file, but {given} inputs were given; give a directory",
+                args.out_dir.display()
+            );
+        }
+        vec![args.out_dir.clone()]
+    } else {
+        output_paths(&files, &args.out_dir, &format!("_{}", args.preset), "png")
+    };
+    let folder = match args.out_dir.parent() {
+        Some(parent) if to_file => parent.to_path_buf(),
+        _ => args.out_dir.clone(),
+    };
+    if !folder.as_os_str().is_empty() {
+        std::fs::create_dir_all(&folder)
+            .with_context(|| format!("cannot create {}", folder.display()))?;
+    }
 
     let mut checks = OutputChecks::new(&files, policy);
     let bar = progress_bar(files.len(), args.quiet);
@@ -70,6 +106,16 @@ pub fn run(args: DegradeArgs) -> Result<()> {
                 Ok(line) => {
                     if args.print_params {
                         bar.suspend(|| println!("{line}"));
+                    }
+                    // One line per finished file, for scripts that log stderr.
+                    if !args.quiet {
+                        bar.suspend(|| {
+                            eprintln!(
+                                "{} -> {}",
+                                crate::fsutil::printable_path(input),
+                                crate::fsutil::printable_path(output)
+                            )
+                        });
                     }
                     Outcome::Done
                 }
@@ -127,4 +173,14 @@ fn degrade_one(
     save_png(output, &degraded, alpha, false, &text, policy.overwrite())
         .map_err(|e| reason(&e, output))?;
     Ok(line)
+}
+
+/// Whether `-o` names an image file (an image extension, and not an existing directory)
+/// rather than a folder.
+fn names_an_image_file(out: &Path) -> bool {
+    !out.is_dir()
+        && out
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| crate::imaging::io::OutputFormat::from_extension(e).is_some())
 }
