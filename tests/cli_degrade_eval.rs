@@ -381,3 +381,57 @@ fn degrade_to_a_named_file() {
         .collect();
     assert_eq!(before, after, "nothing written by the refused runs");
 }
+
+/// `eval` of two images (not only two folders) gives their one row whatever the names; an image
+/// against a folder is one line; `--json` is `--format json`.
+#[test]
+fn eval_two_images_and_json() {
+    let root = scratch("eval-files");
+    let (a, b) = (root.join("restored_any_name.png"), root.join("truth.png"));
+    face_like(40, 36).save(&a).unwrap();
+    let mut other = face_like(40, 36);
+    other.put_pixel(3, 4, Rgb([0, 0, 0]));
+    other.save(&b).unwrap();
+    let run = pfstorer(&[
+        "eval",
+        "--restored",
+        s(&a),
+        "--gt",
+        s(&b),
+        "--metrics",
+        "psnr",
+        "-q",
+    ]);
+    assert!(run.status.success());
+    let csv = String::from_utf8_lossy(&run.stdout);
+    let row = csv
+        .lines()
+        .find(|l| l.starts_with("restored_any_name.png,truth.png,"))
+        .unwrap_or_else(|| panic!("{csv}"));
+    let psnr: f64 = row.rsplit(',').next().unwrap().parse().unwrap();
+    assert!(psnr.is_finite() && psnr > 20.0, "one changed pixel: {row}");
+
+    let run = pfstorer(&["eval", "--restored", s(&a), "--gt", s(&root), "-q"]);
+    assert_eq!(run.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("is a file and") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    let run = pfstorer(&[
+        "eval",
+        "--restored",
+        s(&a),
+        "--gt",
+        s(&b),
+        "--metrics",
+        "psnr",
+        "--json",
+        "-q",
+    ]);
+    assert!(run.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert!(json.is_object(), "{json}");
+    assert!(json.to_string().contains("restored_any_name.png"), "{json}");
+}

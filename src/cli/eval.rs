@@ -25,10 +25,10 @@ pub enum Format {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Directory of restored images.
+    /// Directory of restored images, or one restored image (with --gt an image).
     #[arg(long)]
     pub restored: PathBuf,
-    /// Directory of ground-truth images.
+    /// Directory of ground-truth images, or one ground-truth image.
     #[arg(long)]
     pub gt: PathBuf,
     /// Pixels removed on every side before measuring.
@@ -49,6 +49,9 @@ pub struct EvalArgs {
     /// Report format.
     #[arg(long, value_enum, default_value_t = Format::Csv)]
     pub format: Format,
+    /// The same as --format json (the spelling `faces` and `ids show` take).
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
     /// Write the report here instead of stdout (never over an existing file without --force,
     /// never over an input).
     #[arg(short, long)]
@@ -303,14 +306,36 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .map(|name| metric_by_name(name.trim(), options))
         .collect::<crate::Result<_>>()?;
     let names: Vec<&str> = metrics.iter().map(|m| m.name()).collect();
-    let restored = image_files(&args.restored)?;
-    let gt = image_files(&args.gt)?;
+    let (restored, gt) = match (args.restored.is_file(), args.gt.is_file()) {
+        // Two images: one pair, whatever their names.
+        (true, true) => (vec![args.restored.clone()], vec![args.gt.clone()]),
+        (false, false) => (image_files(&args.restored)?, image_files(&args.gt)?),
+        (r, _) => {
+            let (file, folder) = if r {
+                (&args.restored, &args.gt)
+            } else {
+                (&args.gt, &args.restored)
+            };
+            anyhow::bail!(
+                "{} is a file and {} is not: give --restored and --gt two images or two folders",
+                crate::fsutil::printable_path(file),
+                crate::fsutil::printable_path(folder)
+            );
+        }
+    };
     // Where the report goes is settled before any image is read.
     if let Some(out) = &args.output {
         crate::fsutil::check_not_an_input(out, restored.iter().chain(&gt).map(PathBuf::as_path))?;
         crate::fsutil::check_output_location(out, args.force)?;
     }
-    let pairing = pair_files(&restored, &gt);
+    let pairing = if args.restored.is_file() {
+        Pairing {
+            pairs: vec![(restored[0].clone(), gt[0].clone())],
+            ..Pairing::default()
+        }
+    } else {
+        pair_files(&restored, &gt)
+    };
 
     let bar = progress_bar(pairing.pairs.len(), args.quiet);
     let mut rows = Vec::new();
@@ -329,7 +354,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     bar.finish_and_clear();
 
-    let report = match args.format {
+    let format = if args.json { Format::Json } else { args.format };
+    let report = match format {
         Format::Csv => render_csv(&names, &rows),
         Format::Json => render_json(&args, &names, &rows, &pairing, &failed),
     };
