@@ -761,3 +761,53 @@ fn faces_show_refuses_an_existing_picture_on_stderr() {
         (rgb.width, rgb.height)
     );
 }
+
+/// `restore --show-faces` and `--save-faces` never replace a file without --force, and say so
+/// before any face is restored (the photo's output is not written either); with --force they do.
+#[test]
+fn restore_face_pictures_never_replace_files_without_force() {
+    let (photo, _) = group_photo();
+    let stem = photo.file_stem().unwrap().to_string_lossy().into_owned();
+    let dir = common::scratch("faces-pictures-exist");
+    let (out, shown, saved) = (
+        dir.join("out.png"),
+        dir.join("shown.png"),
+        dir.join("saved"),
+    );
+    let kept = saved.join("restored_faces").join(format!("{stem}_01.png"));
+    std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+    std::fs::write(&kept, b"keep me").unwrap();
+    std::fs::write(&shown, b"keep me too").unwrap();
+    let (shown_s, saved_s) = (shown.display().to_string(), saved.display().to_string());
+    let fresh = dir.join("fresh.png").display().to_string();
+    for (flags, name) in [
+        (vec!["--show-faces", &shown_s], "shown.png"),
+        (
+            vec!["--save-faces", &saved_s, "--show-faces", &fresh],
+            "_01.png",
+        ),
+    ] {
+        let mut extra = vec!["--face", "1"];
+        extra.extend(flags);
+        let o = pfstorer(&restore_args(&photo, &out, &extra));
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(name) && err.contains("already exists"),
+            "{err}"
+        );
+        assert!(!err.contains("first step"), "refused after sampling: {err}");
+        assert!(!out.exists(), "the photo was written");
+    }
+    assert_eq!(std::fs::read(&kept).unwrap(), b"keep me");
+    assert_eq!(std::fs::read(&shown).unwrap(), b"keep me too");
+    assert!(
+        !dir.join("fresh.png").exists(),
+        "nothing written by a refused photo"
+    );
+    let mut extra = vec!["--face", "1", "--force", "--save-faces", &saved_s];
+    extra.extend(["--show-faces", &shown_s]);
+    let o = pfstorer(&restore_args(&photo, &out, &extra));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(image::open(&kept).is_ok() && image::open(&shown).is_ok());
+}

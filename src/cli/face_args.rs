@@ -3,6 +3,7 @@
 use crate::faces::retinaface::DetectOptions;
 use crate::faces::select::FaceSelection;
 use clap::Args;
+use std::path::{Path, PathBuf};
 
 /// Default `--min-face`: faces narrower than this many pixels carry too little to restore.
 pub const DEFAULT_MIN_FACE: f32 = 16.0;
@@ -59,4 +60,38 @@ impl DetectionArgs {
             only_center,
         }
     }
+}
+
+/// Where `faces --show` / `restore --show-faces TARGET` puts the picture of `input`'s numbered
+/// faces: TARGET itself for a single input, else `TARGET/<stem>_faces.png`.
+pub fn faces_picture_path(target: &Path, input: &Path, many_inputs: bool) -> PathBuf {
+    if many_inputs {
+        target.join(format!("{}_faces.png", file_stem(input)))
+    } else {
+        target.to_path_buf()
+    }
+}
+
+/// `--save-faces DIR`: `DIR/cropped_faces/<stem>_<NN>.png` and `DIR/restored_faces/<stem>_<NN>.png`
+/// (GFPGAN's folder names), the aligned input crop and its restoration.
+pub fn saved_face_paths(dir: &Path, input: &Path, index: usize) -> [PathBuf; 2] {
+    let name = format!("{}_{index:02}.png", file_stem(input));
+    [
+        dir.join("cropped_faces").join(&name),
+        dir.join("restored_faces").join(name),
+    ]
+}
+
+/// Before any work on `input`: a file the face pictures will write is not an input, and exists
+/// only when `force` allows replacing it.
+pub fn check_face_output(path: &Path, input: &Path, force: bool) -> crate::Result<()> {
+    crate::fsutil::check_not_an_input(path, std::iter::once(input))?;
+    crate::fsutil::check_overwrite(path, force)
+}
+
+fn file_stem(input: &Path) -> String {
+    input
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
 }

@@ -158,18 +158,8 @@ fn faces_of(
     // Where the picture goes is checked before the photo is read.
     let show = match &args.show {
         Some(show) => {
-            let target = if many {
-                std::fs::create_dir_all(show).map_err(|e| crate::Error::io(show, e))?;
-                let stem = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "image".into());
-                show.join(format!("{stem}_faces.png"))
-            } else {
-                show.clone()
-            };
-            crate::fsutil::check_not_an_input(&target, std::iter::once(path))?;
-            crate::fsutil::check_overwrite(&target, args.force)?;
+            let target = super::face_args::faces_picture_path(show, path, many);
+            super::face_args::check_face_output(&target, path, args.force)?;
             Some(target)
         }
         None => None,
@@ -183,6 +173,9 @@ fn faces_of(
         None => vec![None; numbered.len()],
     };
     if let Some(target) = show {
+        if let Some(folder) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder).map_err(|e| crate::Error::io(folder, e))?;
+        }
         save_image(&target, &draw_faces(rgb, &numbered), None, args.force)?;
         if !args.quiet {
             eprintln!("{} -> {}", printable_path(path), printable_path(&target));

@@ -5,6 +5,7 @@
 //! The photo is pasted at an integer factor `k` (the facexlib paste-back the fixtures check);
 //! a fractional `--scale`, `--size` or `--long-side` resizes that result once with Lanczos.
 
+use crate::cli::face_args::{check_face_output, faces_picture_path, saved_face_paths};
 use crate::faces::align::{align, AlignedFace, Template, FACEXLIB_BORDER_RGB};
 use crate::faces::draw::draw_faces;
 use crate::faces::paste::{match_color, paste, upscale_background};
@@ -52,6 +53,8 @@ pub struct FaceJob<'a> {
     pub show_faces: Option<PathBuf>,
     /// Several inputs: `show_faces` is a folder.
     pub many_inputs: bool,
+    /// `--force`: the face pictures may replace existing files.
+    pub overwrite: bool,
 }
 
 /// What happens to one photo.
@@ -198,7 +201,7 @@ pub fn restore_faces<'p>(
         let matched = match_color(out, &a.crop)?;
         paste(&mut canvas, &matched, a, k)?;
         if let Some(dir) = &job.save_faces {
-            save_face_pair(dir, input, face.index, &a.crop, &matched)?;
+            save_face_pair(job, dir, input, face.index, &a.crop, &matched)?;
         }
         faces_out.push(matched);
     }
@@ -209,24 +212,44 @@ pub fn restore_faces<'p>(
     Ok((canvas, faces_out))
 }
 
-/// `--save-faces DIR`: `DIR/cropped_faces/<stem>_<NN>.png` and `DIR/restored_faces/<stem>_<NN>.png`
-/// (GFPGAN's folder names).
+/// `--save-faces`: the aligned input crop and its restoration of face `index`.
 fn save_face_pair(
+    job: &FaceJob,
     dir: &Path,
     input: &Path,
     index: usize,
     crop: &ImageF32,
     restored: &ImageF32,
 ) -> crate::Result<()> {
-    let stem = input
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    for (sub, img) in [("cropped_faces", crop), ("restored_faces", restored)] {
-        let folder = dir.join(sub);
-        std::fs::create_dir_all(&folder).map_err(|e| crate::Error::io(&folder, e))?;
-        let path = folder.join(format!("{stem}_{index:02}.png"));
-        crate::imaging::io::save_png(&path, img, None, false, &[], true)?;
+    for (path, img) in saved_face_paths(dir, input, index)
+        .iter()
+        .zip([crop, restored])
+    {
+        if let Some(folder) = path.parent() {
+            std::fs::create_dir_all(folder).map_err(|e| crate::Error::io(folder, e))?;
+        }
+        crate::imaging::io::save_png(path, img, None, false, &[], job.overwrite)?;
+    }
+    Ok(())
+}
+
+/// Before a photo's faces are restored: the `--show-faces` picture and the `--save-faces`
+/// files of `faces` may be written (not inputs; existing ones only with --force).
+pub fn check_face_outputs(
+    job: &FaceJob,
+    input: &Path,
+    faces: &[NumberedFace],
+) -> crate::Result<()> {
+    if let Some(target) = &job.show_faces {
+        let path = faces_picture_path(target, input, job.many_inputs);
+        check_face_output(&path, input, job.overwrite)?;
+    }
+    if let Some(dir) = &job.save_faces {
+        for face in faces {
+            for path in saved_face_paths(dir, input, face.index) {
+                check_face_output(&path, input, job.overwrite)?;
+            }
+        }
     }
     Ok(())
 }
@@ -241,17 +264,11 @@ pub fn show_faces(
     let Some(target) = &job.show_faces else {
         return Ok(());
     };
-    let path = if job.many_inputs {
-        std::fs::create_dir_all(target).map_err(|e| crate::Error::io(target, e))?;
-        let stem = input
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into());
-        target.join(format!("{stem}_faces.png"))
-    } else {
-        target.clone()
-    };
-    crate::imaging::io::save_image(&path, &draw_faces(rgb, faces), None, true)
+    let path = faces_picture_path(target, input, job.many_inputs);
+    if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(folder).map_err(|e| crate::Error::io(folder, e))?;
+    }
+    crate::imaging::io::save_image(&path, &draw_faces(rgb, faces), None, job.overwrite)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! One image of a restore batch: load it, say the cost before spending it, restore it, and
 //! write it in its output's format with the settings as metadata.
 
-use super::faces::{magnification, plan_photo, restore_faces, show_faces, FaceJob, PhotoPlan};
+use super::faces::{
+    check_face_outputs, magnification, plan_photo, restore_faces, show_faces, FaceJob, PhotoPlan,
+};
 use crate::cli::batch;
 use crate::cli::report::FaceRecord;
 use crate::faces::select::NumberedFace;
@@ -293,6 +295,8 @@ pub fn restore_one(
         None => PhotoPlan::Whole(None),
     };
     if let (PhotoPlan::Faces(selected), Some(job)) = (&photo_plan, face_job) {
+        // Where the face pictures go is settled before any face is restored.
+        check_face_outputs(job, input, &selected.chosen)?;
         let (out_w, out_h) = target.output_size(loaded.rgb.width, loaded.rgb.height)?;
         let n = selected.chosen.len();
         let k = super::faces::paste_factor((loaded.rgb.width, loaded.rgb.height), (out_w, out_h));

@@ -428,6 +428,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         save_faces: args.save_faces.clone(),
         show_faces: args.show_faces.clone(),
         many_inputs: items.len() > 1,
+        overwrite: policy.overwrite(),
     });
     let job = ImageJob {
         faces: face_job.as_ref(),
