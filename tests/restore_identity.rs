@@ -69,13 +69,34 @@ fn base_denoiser<'a>(base: &'a BaseModel, p: &Personalization) -> ModelDenoiser<
     }
 }
 
+/// The fingerprint of the fixture base model's weights.
+fn fixture_fingerprint() -> String {
+    base_fingerprint(&TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap())
+        .unwrap()
+}
+
+/// `identity` prepared for `base` with the default prompts.
+fn prepare(
+    base: &BaseModel,
+    identity: &Identity,
+    fingerprint: &str,
+    lambda: f64,
+) -> Personalization {
+    Personalization::new(
+        identity,
+        base,
+        fingerprint,
+        DEFAULT_PROMPT,
+        DEFAULT_NEGATIVE_PROMPT,
+        lambda,
+    )
+    .unwrap()
+}
+
 #[test]
 fn personalized_denoiser_against_the_base_denoiser() {
     let base = base();
-    let fingerprint = base_fingerprint(
-        &TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap(),
-    )
-    .unwrap();
+    let fingerprint = fixture_fingerprint();
     // A small latent keeps the UNet calls quick: 8, or the smallest side the fixture UNet and
     // time-aware encoder can halve down to their deepest level.
     let depth = base
@@ -88,17 +109,7 @@ fn personalized_denoiser_against_the_base_denoiser() {
     let lq = randn(1, &[1, 4, latent, latent]);
     let x = randn(2, &[2, 4, latent, latent]);
     let x1 = x.narrow(0, 0, 1).unwrap();
-    let prepare = |identity: &Identity, lambda: f64| {
-        Personalization::new(
-            identity,
-            &base,
-            &fingerprint,
-            DEFAULT_PROMPT,
-            DEFAULT_NEGATIVE_PROMPT,
-            lambda,
-        )
-        .unwrap()
-    };
+    let prepare = |identity: &Identity, lambda: f64| prepare(&base, identity, &fingerprint, lambda);
 
     // γ = 0: Eq. 3 leaves the features unchanged, the output is the base output.
     let zero = identity(&base, &fingerprint, false);
@@ -177,10 +188,7 @@ fn personalized_denoiser_against_the_base_denoiser() {
 #[test]
 fn personalized_denoiser_batches_tiles_like_single_calls() {
     let base = base();
-    let fingerprint = base_fingerprint(
-        &TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap(),
-    )
-    .unwrap();
+    let fingerprint = fixture_fingerprint();
     let depth = base
         .config
         .unet
@@ -192,15 +200,7 @@ fn personalized_denoiser_batches_tiles_like_single_calls() {
     let x = randn(7, &[TILES, 4, latent, latent]);
     let lq = randn(8, &[TILES, 4, latent, latent]);
     let gated = identity(&base, &fingerprint, true);
-    let p = Personalization::new(
-        &gated,
-        &base,
-        &fingerprint,
-        DEFAULT_PROMPT,
-        DEFAULT_NEGATIVE_PROMPT,
-        1.0,
-    )
-    .unwrap();
+    let p = prepare(&base, &gated, &fingerprint, 1.0);
     let mut denoiser = PersonalizedDenoiser::new(&base, &p).unwrap();
     let both = Tensor::cat(&[&x, &x], 0).unwrap();
     let batched = denoiser
@@ -383,15 +383,7 @@ fn restore_with_an_identity_from_the_command_line() {
 fn id_ref_selects_a_stored_reference_and_rejects_out_of_range() {
     let base = base();
     let identity = identity(&base, "fp", false);
-    let mut p = Personalization::new(
-        &identity,
-        &base,
-        "fp",
-        DEFAULT_PROMPT,
-        DEFAULT_NEGATIVE_PROMPT,
-        1.0,
-    )
-    .unwrap();
+    let mut p = prepare(&base, &identity, "fp", 1.0);
     let stored = identity.tensor("ref.latents").unwrap().clone();
     assert_eq!(
         stored.dim(0).unwrap(),
@@ -436,21 +428,8 @@ fn face_crops_share_unet_calls_only_with_their_own_identity() {
         &Device::Cpu,
     )
     .unwrap();
-    let fingerprint = base_fingerprint(
-        &TensorStore::open(&common::fixture("stablesr/model.safetensors")).unwrap(),
-    )
-    .unwrap();
-    let prepare = |identity: &Identity| {
-        Personalization::new(
-            identity,
-            &base,
-            &fingerprint,
-            DEFAULT_PROMPT,
-            DEFAULT_NEGATIVE_PROMPT,
-            1.0,
-        )
-        .unwrap()
-    };
+    let fingerprint = fixture_fingerprint();
+    let prepare = |identity: &Identity| prepare(&base, identity, &fingerprint, 1.0);
     // Two prepared identities with different gates: `anna` and `ben`.
     let anna = prepare(&identity(&base, &fingerprint, true));
     let ben_identity = identity(&base, &fingerprint, false);
