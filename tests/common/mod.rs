@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod faces;
 pub mod hostile;
 pub mod training;
 
