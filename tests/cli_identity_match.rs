@@ -130,12 +130,27 @@ fn faces_are_matched_to_their_identities() {
             .collect()
     };
 
-    let o = restore(&photo, &dir.join("r1.png"), &ids(&[&id_a, &id_b]));
+    let report = dir.join("r1.jsonl");
+    let mut args = ids(&[&id_a, &id_b]);
+    args.extend(["--report".to_string(), report.display().to_string()]);
+    let o = restore(&photo, &dir.join("r1.png"), &args);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("face 1 -> anna ("), "{err}");
     assert!(err.contains("face 2 -> ben ("), "{err}");
-    assert!(err.contains("face 1 restored: dlib-ID distance"), "{err}");
+    // The report carries each restored face's identity and its dlib-ID distance, the number
+    // the summary line prints.
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&report).unwrap().trim()).unwrap();
+    for (k, name) in ["anna", "ben"].iter().enumerate() {
+        let face = &line["faces"][k];
+        assert_eq!(face["identity"], *name, "{line}");
+        let d = face["dlib_id_distance"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{line}"));
+        let printed = format!("face {} restored: dlib-ID distance {d:.2} to {name}", k + 1);
+        assert!(err.contains(&printed), "{printed} not in {err}");
+    }
 
     // Only A given: B's face gets the base model, with its distance to A.
     let o = restore(&photo, &dir.join("r2.png"), &ids(&[&id_a]));

@@ -70,6 +70,10 @@ pub struct FaceRecord {
     /// The identity assigned to it, if any.
     #[serde(default)]
     pub identity: Option<String>,
+    /// The dlib-ID distance of the restored face to its identity's mean descriptor (when it
+    /// has an identity with descriptors).
+    #[serde(default)]
+    pub dlib_id_distance: Option<f32>,
 }
 
 /// One line of a report.
@@ -516,12 +520,14 @@ mod tests {
                 score: Some(0.9),
                 restored: true,
                 identity: None,
+                dlib_id_distance: None,
             },
             FaceRecord {
                 bbox: [20.0, 2.0, 30.0, 12.0],
                 score: None,
                 restored: false,
                 identity: Some("bob".into()),
+                dlib_id_distance: Some(0.41),
             },
         ]);
         let first = report(

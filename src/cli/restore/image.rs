@@ -363,12 +363,8 @@ pub fn restore_one(
             &mut on_step,
         )?;
         show_faces(job, input, &loaded.rgb, &selected.chosen)?;
-        for ((face, pick), d) in selected
-            .chosen
-            .iter()
-            .zip(&assigned)
-            .zip(restored_distances(job_all, &crops, &assigned)?)
-        {
+        let distances = restored_distances(job_all, &crops, &assigned)?;
+        for ((face, pick), &d) in selected.chosen.iter().zip(&assigned).zip(&distances) {
             if let (Some(i), Some(d)) = (pick, d) {
                 say(format!(
                     "{name}: face {} restored: dlib-ID distance {d:.2} to {}",
@@ -398,6 +394,7 @@ pub fn restore_one(
                     identity: pos
                         .and_then(|p| assigned[p])
                         .map(|i| identities[i].name.clone()),
+                    dlib_id_distance: pos.and_then(|p| distances[p]),
                 }
             })
             .collect();
