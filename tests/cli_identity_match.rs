@@ -152,6 +152,42 @@ fn faces_are_matched_to_their_identities() {
         assert!(err.contains(&printed), "{printed} not in {err}");
     }
 
+    // A face crop restored whole (auto): its face is matched, and its distance reported too.
+    let crop_report = dir.join("crop.jsonl");
+    let mut args = vec![
+        "restore".to_string(),
+        chip_a.display().to_string(),
+        "-o".into(),
+        dir.join("crop.png").display().to_string(),
+        "-s".into(),
+        "1".into(),
+        "--face-threshold".into(),
+        "0.5".into(),
+        "--report".into(),
+        crop_report.display().to_string(),
+    ];
+    args.extend(ids(&[&id_a]));
+    args.extend(common::fast_sampling_flags());
+    args.extend(common::model_flags());
+    let o = pfstorer(&args);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        !err.contains(" face x "),
+        "restored face by face, not whole: {err}"
+    );
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&crop_report).unwrap().trim()).unwrap();
+    let face = &line["faces"][0];
+    assert_eq!(face["identity"], "anna", "{line}");
+    let d = face["dlib_id_distance"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        err.contains(&format!("face 1 restored: dlib-ID distance {d:.2} to anna")),
+        "{err}"
+    );
+
     // Only A given: B's face gets the base model, with its distance to A.
     let o = restore(&photo, &dir.join("r2.png"), &ids(&[&id_a]));
     let err = stderr(&o);

@@ -274,7 +274,8 @@ pub fn check_existing(output: &Path, policy: ExistingPolicy) -> Option<Outcome> 
 #[derive(Debug)]
 pub struct Summary {
     pub done: usize,
-    /// Faces restored over the batch (whole-photo restores count none).
+    /// Faces restored over the batch (a face crop restored whole counts its face; a photo
+    /// restored whole without detection, none).
     pub faces: usize,
     pub skipped: Vec<(PathBuf, String)>,
     pub failed: Vec<(PathBuf, String)>,

@@ -414,29 +414,54 @@ pub fn restore_one(
     let mut on_step = step_progress(steps, &say, |seconds| {
         projection_lines(seconds, work.steps, work.patches, "patch", "patches")
     });
-    // A whole face crop with identities: its one face is matched like any other.
-    let who = match &photo_plan {
-        PhotoPlan::Whole(Some(sel))
-            if !job_all.identities.is_empty() && sel.numbered.len() == 1 =>
-        {
-            let (assigned, lines, _) = assign_faces(job_all, &loaded.rgb, &sel.numbered)?;
+    // A face crop restored whole: its one face is recorded, and matched to the identities like
+    // any other.
+    let single = match &photo_plan {
+        PhotoPlan::Whole(Some(sel)) if sel.numbered.len() == 1 => Some(sel.numbered[0]),
+        _ => None,
+    };
+    let (who, matched) = match single {
+        Some(face) if !job_all.identities.is_empty() => {
+            let (assigned, lines, _) = assign_faces(job_all, &loaded.rgb, &[face])?;
             for line in &lines {
                 say(format!("{name}: {line}"));
             }
-            match assigned[0] {
+            let who = match assigned[0] {
                 Some(i) => job_all.identities[i].who,
                 None => Conditioning::Base,
-            }
+            };
+            (who, Some((face, assigned[0])))
         }
-        _ if job_all.identities.len() > 1 => {
+        Some(face) => (Conditioning::Configured, Some((face, None))),
+        None if job_all.identities.len() > 1 => {
             say(format!(
                 "{name}: no single face to match to the identities: restored with the base model"
             ));
-            Conditioning::Base
+            (Conditioning::Base, None)
         }
-        _ => Conditioning::Configured,
+        None => (Conditioning::Configured, None),
     };
     let restored = restorer.restore_as(&loaded.rgb, target, who, &mut on_step)?;
+    let records = match matched {
+        Some((face, pick)) => {
+            let distance = whole_face_distance(job_all, &restored, &loaded.rgb, &face, pick)?;
+            if let (Some(i), Some(d)) = (pick, distance) {
+                say(format!(
+                    "{name}: face {} restored: dlib-ID distance {d:.2} to {}",
+                    face.index,
+                    crate::fsutil::printable(&job_all.identities[i].name)
+                ));
+            }
+            Some(vec![FaceRecord {
+                bbox: face.detection.bbox,
+                score: Some(face.detection.score),
+                restored: true,
+                identity: pick.map(|i| job_all.identities[i].name.clone()),
+                dlib_id_distance: distance,
+            }])
+        }
+        None => None,
+    };
     write_restored(
         restored,
         &loaded,
@@ -446,7 +471,31 @@ pub fn restore_one(
         quality,
         overwrite,
     )?;
-    Ok(None)
+    Ok(records)
+}
+
+/// The dlib-ID distance of the face of a photo restored whole to its identity's mean: the
+/// face's landmarks found in the input, scaled to the output.
+fn whole_face_distance(
+    job: &ImageJob,
+    restored: &ImageF32,
+    input: &ImageF32,
+    face: &NumberedFace,
+    pick: Option<usize>,
+) -> crate::Result<Option<f32>> {
+    let mean = pick.and_then(|i| job.identities[i].mean.as_ref());
+    let (Some(embedder), Some(mean)) = (job.embedder, mean) else {
+        return Ok(None);
+    };
+    let (sx, sy) = (
+        restored.width as f32 / input.width as f32,
+        restored.height as f32 / input.height as f32,
+    );
+    let landmarks = face.detection.landmarks.map(|[x, y]| [x * sx, y * sy]);
+    let d = embedder.embed_at(restored, &[landmarks])?;
+    Ok(Some(crate::faces::embed::descriptor_distance_slices(
+        &d[0], mean,
+    )))
 }
 
 /// Writes a restored RGB image with the input's alpha (resized), gray-ness and bit depth.
