@@ -306,6 +306,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .map(|name| metric_by_name(name.trim(), options))
         .collect::<crate::Result<_>>()?;
     let names: Vec<&str> = metrics.iter().map(|m| m.name()).collect();
+    let two_images = args.restored.is_file() && args.gt.is_file();
     let (restored, gt) = match (args.restored.is_file(), args.gt.is_file()) {
         // Two images: one pair, whatever their names.
         (true, true) => (vec![args.restored.clone()], vec![args.gt.clone()]),
@@ -328,7 +329,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         crate::fsutil::check_not_an_input(out, restored.iter().chain(&gt).map(PathBuf::as_path))?;
         crate::fsutil::check_output_location(out, args.force)?;
     }
-    let pairing = if args.restored.is_file() {
+    let pairing = if two_images {
         Pairing {
             pairs: vec![(restored[0].clone(), gt[0].clone())],
             ..Pairing::default()

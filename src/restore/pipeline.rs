@@ -423,7 +423,11 @@ impl<'a> Restorer<'a> {
                 }
                 self.count(t, |s| &mut s.sample);
             }
-            let latents = latents.into_iter().flatten().collect::<Vec<_>>();
+            // Every crop is in exactly one group (see `sampling_groups`).
+            let latents = latents
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .expect("every crop sampled");
             let cfw = self.loaded(Stage::Decode, |n| n.cfw())?;
             let t = Instant::now();
             for (latent, (plan, lq)) in latents.iter().zip(&prepared) {

@@ -294,6 +294,17 @@ pub fn restore_one(
         }
         None => PhotoPlan::Whole(None),
     };
+    let write = |restored: ImageF32| {
+        write_restored(
+            restored,
+            &loaded,
+            input,
+            (output, format),
+            metadata,
+            quality,
+            overwrite,
+        )
+    };
     if let (PhotoPlan::Faces(selected), Some(job)) = (&photo_plan, face_job) {
         // Where the face pictures go is settled before any face is restored.
         check_face_outputs(job, input, &selected.chosen)?;
@@ -366,22 +377,9 @@ pub fn restore_one(
         let distances = restored_distances(job_all, &crops, &assigned)?;
         for ((face, pick), &d) in selected.chosen.iter().zip(&assigned).zip(&distances) {
             if let (Some(i), Some(d)) = (pick, d) {
-                say(format!(
-                    "{name}: face {} restored: dlib-ID distance {d:.2} to {}",
-                    face.index,
-                    crate::fsutil::printable(&identities[*i].name)
-                ));
+                say(distance_line(&name, face.index, &identities[*i].name, d));
             }
         }
-        write_restored(
-            restored,
-            &loaded,
-            input,
-            (output, format),
-            metadata,
-            quality,
-            overwrite,
-        )?;
         let records = selected
             .numbered
             .iter()
@@ -398,6 +396,7 @@ pub fn restore_one(
                 }
             })
             .collect();
+        write(restored)?;
         return Ok(Some(records));
     }
     let (plan, work) = restorer.work(loaded.rgb.width, loaded.rgb.height, target)?;
@@ -446,10 +445,11 @@ pub fn restore_one(
         Some((face, pick)) => {
             let distance = whole_face_distance(job_all, &restored, &loaded.rgb, &face, pick)?;
             if let (Some(i), Some(d)) = (pick, distance) {
-                say(format!(
-                    "{name}: face {} restored: dlib-ID distance {d:.2} to {}",
+                say(distance_line(
+                    &name,
                     face.index,
-                    crate::fsutil::printable(&job_all.identities[i].name)
+                    &job_all.identities[i].name,
+                    d,
                 ));
             }
             Some(vec![FaceRecord {
@@ -462,16 +462,16 @@ pub fn restore_one(
         }
         None => None,
     };
-    write_restored(
-        restored,
-        &loaded,
-        input,
-        (output, format),
-        metadata,
-        quality,
-        overwrite,
-    )?;
+    write(restored)?;
     Ok(records)
+}
+
+/// The line saying how close a restored face came to its identity.
+fn distance_line(photo: &str, index: usize, identity: &str, distance: f32) -> String {
+    format!(
+        "{photo}: face {index} restored: dlib-ID distance {distance:.2} to {}",
+        crate::fsutil::printable(identity)
+    )
 }
 
 /// The dlib-ID distance of the face of a photo restored whole to its identity's mean: the
